@@ -1,0 +1,222 @@
+"""The caching and resume contract for stage outputs (DESIGN.md, "Caching and resuming").
+
+A stage's output lives in `<workdir>/artifacts/<stage>/<fingerprint>/`. The fingerprint hashes
+the stage name, its config section, the fingerprints of its inputs and the stage's code
+version, so the same inputs always land in the same folder: that folder *is* the cache.
+
+A stage writes into `<fingerprint>.partial/` (where long stages may resume), then
+`publish()` writes `manifest.json` (files, sizes, checksums of small files, row counts,
+metrics) and renames the folder into place in one atomic step. A folder without a manifest is
+never a result, and a published folder whose files are missing or damaged fails `verify()`
+and is recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+PARTIAL_SUFFIX = ".partial"
+# Files up to this size get a sha256 in the manifest that every verification checks; bigger
+# files are checked by size only, so a cache hit never re-reads gigabytes.
+CHECKSUM_MAX_BYTES = 8 * 1024 * 1024
+WORKDIR_ENV = "GEN2EMBED_HOME"
+
+
+def resolve_workdir(workdir: str | Path | None = None) -> Path:
+    """`--workdir`, else $GEN2EMBED_HOME, else ./data; returned absolute."""
+    chosen = workdir or os.environ.get(WORKDIR_ENV) or "data"
+    return Path(chosen).expanduser().resolve()
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _canonical(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def fingerprint(
+    stage: str,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    code_version: str,
+) -> str:
+    """Content key of a stage's output: 20 hex chars of sha256 over a canonical JSON."""
+    payload = json.dumps(
+        {
+            "stage": stage,
+            "config": _canonical(config),
+            "inputs": _canonical(inputs),
+            "code": code_version,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Manifest:
+    """What a published stage folder holds; stored as manifest.json inside it."""
+
+    stage: str
+    fingerprint: str
+    code_version: str
+    config: dict[str, Any]
+    inputs: dict[str, str]
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    created: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What an embedder stage function reports back about the files it wrote."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class ArtifactStore:
+    """Stage folders under `<workdir>/artifacts`."""
+
+    def __init__(self, workdir: str | Path | None = None) -> None:
+        self.workdir = resolve_workdir(workdir)
+        self.root = self.workdir / "artifacts"
+
+    def path(self, stage: str, fp: str) -> Path:
+        return self.root / stage / fp
+
+    def partial_path(self, stage: str, fp: str) -> Path:
+        return self.root / stage / f"{fp}{PARTIAL_SUFFIX}"
+
+    def open_partial(self, stage: str, fp: str, *, fresh: bool = False) -> Path:
+        """The folder a stage writes into. Kept across attempts so long stages can resume;
+        `fresh=True` empties it first (a forced recompute must not reuse half-done work)."""
+        partial = self.partial_path(stage, fp)
+        if fresh and partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True, exist_ok=True)
+        # A manifest left by a crash between writing it and the rename is stale.
+        (partial / MANIFEST).unlink(missing_ok=True)
+        return partial
+
+    def verify(self, stage: str, fp: str) -> list[str]:
+        """Problems with the published folder; empty when it can be trusted."""
+        return verify_folder(self.path(stage, fp))
+
+    def load(self, stage: str, fp: str) -> Manifest | None:
+        """The manifest of a published, verified result, or None."""
+        if self.verify(stage, fp):
+            return None
+        return Manifest.from_json((self.path(stage, fp) / MANIFEST).read_text())
+
+    def publish(
+        self,
+        stage: str,
+        fp: str,
+        *,
+        code_version: str,
+        config: Mapping[str, Any],
+        inputs: Mapping[str, str],
+        output: StageOutput,
+    ) -> Manifest:
+        """Write manifest.json into the partial folder and rename it into place.
+
+        A published folder already at the destination (a damaged one, or a forced recompute)
+        is moved aside first and deleted after the new one is in place.
+        """
+        partial = self.partial_path(stage, fp)
+        if not partial.is_dir():
+            raise FileNotFoundError(f"no partial folder to publish: {partial}")
+        files: dict[str, dict[str, Any]] = {}
+        for path in sorted(p for p in partial.rglob("*") if p.is_file()):
+            rel = path.relative_to(partial).as_posix()
+            if rel == MANIFEST:
+                continue
+            entry: dict[str, Any] = {"size": path.stat().st_size}
+            if entry["size"] <= CHECKSUM_MAX_BYTES:
+                entry["sha256"] = sha256_file(path)
+            files[rel] = entry
+        manifest = Manifest(
+            stage=stage,
+            fingerprint=fp,
+            code_version=code_version,
+            config=_canonical(dict(config)),
+            inputs=dict(inputs),
+            files=files,
+            rows=dict(output.rows),
+            metrics={k: float(v) for k, v in output.metrics.items()},
+            info=_canonical(dict(output.info)),
+            created=time.time(),
+        )
+        tmp = partial / f"{MANIFEST}.tmp"
+        tmp.write_text(manifest.to_json())
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(partial / MANIFEST)
+
+        final = self.path(stage, fp)
+        retired = None
+        if final.exists():
+            retired = final.with_name(f"{fp}.retired-{os.getpid()}-{time.time_ns()}")
+            final.rename(retired)
+        partial.rename(final)
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+        return manifest
+
+
+def verify_folder(folder: Path) -> list[str]:
+    """Check a published folder against its manifest: present, same size, same checksum."""
+    manifest_path = folder / MANIFEST
+    if not folder.is_dir():
+        return [f"{folder} does not exist"]
+    if not manifest_path.is_file():
+        return [f"{folder} has no {MANIFEST} (never published)"]
+    try:
+        manifest = Manifest.from_json(manifest_path.read_text())
+    except (ValueError, TypeError) as exc:
+        return [f"{manifest_path} is unreadable: {exc}"]
+    problems = []
+    for rel, entry in manifest.files.items():
+        path = folder / rel
+        if not path.is_file():
+            problems.append(f"{rel}: missing")
+            continue
+        size = path.stat().st_size
+        if size != entry["size"]:
+            problems.append(f"{rel}: size {size} != recorded {entry['size']}")
+        elif "sha256" in entry and sha256_file(path) != entry["sha256"]:
+            problems.append(f"{rel}: checksum differs from the recorded one")
+    return problems

@@ -1,0 +1,186 @@
+"""Pipeline configuration: one pydantic model per stage, a PipelineConfig holding them.
+
+Configs come from a named preset, optionally a YAML file on top, then dotted overrides
+(`ingest.on_bad_rows=skip`). Every model forbids unknown keys, so a typo is an error that
+names the key instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from embedder.errors import UserError
+
+STAGES: tuple[str, ...] = ("world", "ingest")
+"""Pipeline stages in run order. `world` only runs when ingest reads the miniature world."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration that cannot be used; the message names the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WorldConfig(_Section):
+    """The built-in miniature world (embedder.datasets.synthetic)."""
+
+    seed: int = 0
+    image_size: int = Field(64, ge=32, le=512, description="Side of the square scenes, px.")
+    train_pairs: int = Field(
+        400, ge=16, description="Training pairs per train subset (before planted false negatives)."
+    )
+    eval_queries: int = Field(100, ge=4, description="Queries per eval subset.")
+    eval_candidates: int = Field(
+        20, ge=4, description="Candidates per retrieval/VQA/grounding eval query (index 0 correct)."
+    )
+    same_category_negatives: int = Field(
+        5, ge=0, description="Eval negatives that share the main category but differ in details."
+    )
+    false_negative_share: float = Field(
+        0.15,
+        ge=0.0,
+        le=0.5,
+        description="Share of train pairs planted in false-negative groups (pairs whose "
+        "positives also fit each other's queries).",
+    )
+
+
+class IngestConfig(_Section):
+    """Where training and evaluation data come from and how bad rows are handled."""
+
+    source: Literal["world", "mmeb", "jsonl", "hub"] = "world"
+    train_dir: Path | None = Field(
+        None, description="Local MMEB-train copy: one folder per subset with <split>-*.parquet."
+    )
+    train_images: Path | None = Field(None, description="Images root for train image paths.")
+    eval_dir: Path | None = Field(
+        None, description="Local MMEB-eval copy: one folder per subset with test-*.parquet."
+    )
+    eval_images: Path | None = Field(None, description="Images root for eval image paths.")
+    jsonl_files: list[Path] = Field(
+        default_factory=list, description="JSONL files with MMEB-train columns (source=jsonl)."
+    )
+    jsonl_images: Path | None = Field(None, description="Images root for the JSONL files.")
+    hub_train: str = "TIGER-Lab/MMEB-train"
+    hub_eval: str = "TIGER-Lab/MMEB-eval"
+    train_splits: list[str] = Field(
+        default_factory=lambda: ["original"],
+        description="MMEB-train splits to read: original, diverse_instruction.",
+    )
+    train_subsets: list[str] | None = Field(None, description="Train subsets to keep (None: all).")
+    eval_subsets: list[str] | None = Field(None, description="Eval subsets to keep (None: all).")
+    on_bad_rows: Literal["error", "skip"] = Field(
+        "error",
+        description="error: fail naming the bad rows; skip: drop them into the rejects table.",
+    )
+    batch_rows: int = Field(2048, ge=1, description="Rows per streamed record batch.")
+    image_workers: int = Field(8, ge=1, description="Threads checking images in parallel.")
+
+    @model_validator(mode="after")
+    def _source_has_its_paths(self) -> IngestConfig:
+        needs: dict[str, list[str]] = {
+            "mmeb": ["train_dir", "train_images"],
+            "jsonl": ["jsonl_files", "jsonl_images"],
+        }
+        missing = [k for k in needs.get(self.source, []) if not getattr(self, k)]
+        if missing:
+            raise ValueError(
+                f"source={self.source} needs {', '.join('ingest.' + k for k in missing)}"
+            )
+        if self.eval_dir is not None and self.eval_images is None:
+            raise ValueError("ingest.eval_dir is set but ingest.eval_images is not")
+        return self
+
+
+class PipelineConfig(_Section):
+    """The whole pipeline: one section per stage that exists."""
+
+    preset: str = "tiny"
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+
+    def section(self, stage: str) -> BaseModel:
+        return getattr(self, stage)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The miniature world, sized so `make demo` stays within minutes on 2 CPU cores.
+    "tiny": {},
+}
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {'.'.join(keys[: i + 1])} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`ingest.on_bad_rows=skip` -> ("ingest.on_bad_rows", "skip"); values are parsed as YAML
+    so numbers, booleans, null and lists ([a, b]) work."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key, value
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {json.dumps(got, default=str)})"
+            lines.append(f"{where}: {err['msg']}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(
+    preset: str = "tiny",
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> PipelineConfig:
+    """Preset, then the YAML file at `path`, then dotted overrides; validated once at the end."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+    tree: dict[str, Any] = json.loads(json.dumps(PRESETS[preset]))
+    tree["preset"] = preset
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+        for section, values in loaded.items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    _set_dotted(tree, f"{section}.{key}", value)
+            else:
+                tree[section] = values
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None

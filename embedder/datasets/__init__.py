@@ -1,0 +1,1 @@
+"""Datasets: Arrow schemas, readers for MMEB dumps / JSONL / the hub, and the miniature world."""

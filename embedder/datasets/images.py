@@ -1,0 +1,95 @@
+"""Image checks for ingest: the path stays inside the images root, the file exists, decodes.
+
+MMEB ships images apart from its tables (zip files unpacked by hand), so missing files, half
+unpacked folders, macOS `._` metadata files and paths escaping the root are common; each gets
+a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from PIL import Image
+
+# Results are remembered for recently seen paths: eval candidate lists repeat images heavily.
+_MEMO_SIZE = 200_000
+
+
+def path_problem(root: Path, rel: str) -> str | None:
+    """Why `rel` may not be used as an image path under `root`, without touching the file."""
+    if (
+        PurePosixPath(rel).is_absolute()
+        or PureWindowsPath(rel).is_absolute()
+        or rel.startswith("~")
+    ):
+        return f"absolute path {rel!r} (image paths must be relative to the images root)"
+    parts = PurePosixPath(rel.replace("\\", "/")).parts
+    if ".." in parts:
+        return f"path {rel!r} contains '..' (must stay inside the images root)"
+    if PurePosixPath(rel).name.startswith("._"):
+        return f"{rel!r} is a macOS '._' metadata file, not an image"
+    full = (root / rel).resolve()
+    if not full.is_relative_to(root):
+        return f"path {rel!r} resolves outside the images root (symlink?)"
+    return None
+
+
+def check_image(root: Path, rel: str) -> str | None:
+    """None if `rel` is a readable image inside `root`, else the reason it is not."""
+    problem = path_problem(root, rel)
+    if problem:
+        return problem
+    full = root / rel
+    if not full.is_file():
+        return f"image {rel!r} not found under {root}"
+    try:
+        with Image.open(full) as im:
+            im.load()  # a full decode: truncated files pass open() but fail here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return f"image {rel!r} cannot be decoded ({type(exc).__name__}: {exc})"
+    return None
+
+
+class ImageChecker:
+    """Checks many images in parallel threads (Pillow releases the GIL while decoding)."""
+
+    def __init__(self, root: Path, workers: int = 8) -> None:
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"images root {self.root} does not exist or is not a folder")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgcheck")
+        self._memo: OrderedDict[str, str | None] = OrderedDict()
+        self.checked = 0
+
+    def check_many(self, paths: Iterable[str]) -> dict[str, str | None]:
+        """Map each non-empty path to its problem (None when fine)."""
+        wanted = {p for p in paths if p}
+        out: dict[str, str | None] = {}
+        todo = []
+        for p in wanted:
+            if p in self._memo:
+                self._memo.move_to_end(p)
+                out[p] = self._memo[p]
+            else:
+                todo.append(p)
+        for p, problem in zip(
+            todo, self._pool.map(lambda rel: check_image(self.root, rel), todo), strict=True
+        ):
+            out[p] = problem
+            self._memo[p] = problem
+        self.checked += len(todo)
+        while len(self._memo) > _MEMO_SIZE:
+            self._memo.popitem(last=False)
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> ImageChecker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

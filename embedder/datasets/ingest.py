@@ -1,0 +1,459 @@
+"""The ingest stage: raw training and evaluation tables -> validated Parquet tables.
+
+Writes into the stage's output folder:
+- `pairs.parquet` (PAIRS_SCHEMA): one row per training pair,
+- `eval.parquet` (EVAL_SCHEMA): one row per eval query with its candidate list,
+- `rejects.parquet` (REJECTS_SCHEMA): every bad row with its reason.
+
+Rows stream through in record batches (memory does not grow with the data); images are
+checked in parallel threads. With `on_bad_rows: error` a bad row fails the stage after the
+whole source was scanned, naming up to 20 rows and the total; with `skip` they go to the
+rejects table and the count is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedder.artifacts import StageOutput
+from embedder.config import IngestConfig
+from embedder.datasets import sources
+from embedder.datasets.catalog import SubsetInfo, read_sidecar, subset_info
+from embedder.datasets.images import ImageChecker
+from embedder.datasets.schema import EVAL_SCHEMA, PAIRS_SCHEMA, REJECTS_SCHEMA, row_id
+from embedder.errors import UserError
+
+log = logging.getLogger("gen2embed.ingest")
+
+CODE_VERSION = "ingest-1"
+MAX_NAMED_REJECTS = 20
+
+
+class BadRowsError(UserError, ValueError):
+    """Bad rows with `on_bad_rows: error`; the message names them."""
+
+
+@dataclass
+class _Rejects:
+    writer: pq.ParquetWriter
+    total: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def add(self, table: str, chunk: sources.Chunk, i: int, rid: str, reason: str) -> None:
+        row = chunk.start_row + i
+        self.writer.write_batch(
+            pa.record_batch(
+                [[table], [chunk.subset], [chunk.source], [row], [rid], [reason]],
+                schema=REJECTS_SCHEMA,
+            )
+        )
+        self.total += 1
+        if len(self.first) < MAX_NAMED_REJECTS:
+            self.first.append(f"{chunk.subset}/{chunk.source} row {row} [id {rid}]: {reason}")
+
+
+@dataclass(frozen=True)
+class _Table:
+    """How one kind of table (pairs or eval) is validated and converted."""
+
+    name: str
+    schema: pa.Schema
+    required: tuple[str, ...]
+    convert: Callable[
+        [dict[str, Any], SubsetInfo, str, int, dict[str, str | None]],
+        tuple[str, dict[str, Any] | None, str | None],
+    ]
+    image_paths: Callable[[dict[str, Any]], list[str]]
+
+
+def _as_text(v: Any) -> str:
+    return v if isinstance(v, str) else ""
+
+
+def _pair_images(row: dict[str, Any]) -> list[str]:
+    return [
+        v
+        for v in (row["qry_image_path"], row["pos_image_path"], row["neg_image_path"])
+        if isinstance(v, str)
+    ]
+
+
+def _convert_pair(
+    row: dict[str, Any], info: SubsetInfo, split: str, rownum: int, images: dict[str, str | None]
+) -> tuple[str, dict[str, Any] | None, str | None]:
+    qry, qimg = row["qry"], row["qry_image_path"]
+    pos, pimg = row["pos_text"], row["pos_image_path"]
+    neg, nimg = row["neg_text"], row["neg_image_path"]
+    rid = row_id(info.name, *(_as_text(v) for v in (qry, qimg, pos, pimg, neg, nimg)))
+    problems = [
+        p
+        for p in (
+            sources.text_problem(qry, "qry"),
+            sources.text_problem(pos, "pos_text"),
+            sources.text_problem("" if qimg is None else qimg, "qry_image_path"),
+            sources.text_problem("" if pimg is None else pimg, "pos_image_path"),
+            # Negatives are optional in MMEB-train: null means none.
+            sources.text_problem("" if neg is None else neg, "neg_text"),
+            sources.text_problem("" if nimg is None else nimg, "neg_image_path"),
+        )
+        if p
+    ]
+    for col in ("qry_image_path", "pos_image_path", "neg_image_path"):
+        path = row[col]
+        if isinstance(path, str) and path and images.get(path):
+            problems.append(f"{col}: {images[path]}")
+    if not problems:
+        if not qry and not qimg:
+            problems.append("query has neither text nor image")
+        if not pos and not pimg:
+            problems.append("positive has neither text nor image")
+    if problems:
+        return rid, None, "; ".join(problems)
+    group = row.get("fn_group")
+    return (
+        rid,
+        {
+            "id": rid,
+            "subset": info.name,
+            "meta_task": info.meta_task,
+            "split": split,
+            "row": rownum,
+            "qry_text": qry,
+            "qry_image": qimg or "",
+            "pos_text": pos,
+            "pos_image": pimg or "",
+            "neg_text": neg or "",
+            "neg_image": nimg or "",
+            "fn_group": group if isinstance(group, str) and group else None,
+        },
+        None,
+    )
+
+
+def _eval_images(row: dict[str, Any]) -> list[str]:
+    paths = [row["qry_img_path"]] if isinstance(row["qry_img_path"], str) else []
+    if isinstance(row["tgt_img_path"], list):
+        paths.extend(p for p in row["tgt_img_path"] if isinstance(p, str))
+    return paths
+
+
+def _convert_eval(
+    row: dict[str, Any], info: SubsetInfo, split: str, rownum: int, images: dict[str, str | None]
+) -> tuple[str, dict[str, Any] | None, str | None]:
+    qry, qimg = row["qry_text"], row["qry_img_path"]
+    texts, imgs = row["tgt_text"], row["tgt_img_path"]
+    rid = row_id(
+        info.name,
+        _as_text(qry),
+        _as_text(qimg),
+        [_as_text(t) for t in texts or []],
+        [_as_text(t) for t in imgs or []],
+    )
+    problems = [
+        p
+        for p in (
+            sources.text_problem(qry, "qry_text"),
+            sources.text_problem("" if qimg is None else qimg, "qry_img_path"),
+        )
+        if p
+    ]
+    if not isinstance(texts, list) or not isinstance(imgs, list):
+        problems.append("tgt_text and tgt_img_path must be lists")
+    elif len(texts) != len(imgs):
+        problems.append(f"tgt_text has {len(texts)} candidates but tgt_img_path {len(imgs)}")
+    elif not texts:
+        problems.append("no candidates")
+    else:
+        for j, (t, p) in enumerate(zip(texts, imgs, strict=True)):
+            bad = sources.text_problem(t, f"tgt_text[{j}]") or sources.text_problem(
+                "" if p is None else p, f"tgt_img_path[{j}]"
+            )
+            if bad:
+                problems.append(bad)
+            elif not t and not p:
+                problems.append(f"candidate {j} has neither text nor image")
+            elif p and images.get(p):
+                problems.append(f"tgt_img_path[{j}]: {images[p]}")
+    if isinstance(qimg, str) and qimg and images.get(qimg):
+        problems.append(f"qry_img_path: {images[qimg]}")
+    if not problems and not qry and not qimg:
+        problems.append("query has neither text nor image")
+    if problems:
+        return (
+            rid,
+            None,
+            "; ".join(problems[:5])
+            + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""),
+        )
+    return (
+        rid,
+        {
+            "id": rid,
+            "subset": info.name,
+            "meta_task": info.meta_task,
+            "distribution": info.distribution,
+            "row": rownum,
+            "qry_text": qry,
+            "qry_image": qimg or "",
+            "tgt_text": texts,
+            "tgt_image": [p or "" for p in imgs],
+        },
+        None,
+    )
+
+
+PAIRS = _Table("pairs", PAIRS_SCHEMA, sources.TRAIN_COLUMNS, _convert_pair, _pair_images)
+EVAL = _Table("eval", EVAL_SCHEMA, sources.EVAL_COLUMNS, _convert_eval, _eval_images)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One table to build: its sources, images root and subset descriptions."""
+
+    table: _Table
+    subsets: list[sources.SubsetSource]
+    images_root: Path
+    sidecar: dict[str, SubsetInfo]
+    reader: Callable[[sources.SubsetSource, tuple[str, ...], int], Iterator[sources.Chunk]]
+
+
+def resolve_sources(config: IngestConfig, world_dir: Path | None = None) -> IngestConfig:
+    """For `source: world`, point the MMEB readers at the published miniature world."""
+    if config.source != "world":
+        return config
+    if world_dir is None:
+        raise ValueError("ingest.source=world needs the published world folder")
+    return config.model_copy(
+        update={
+            "source": "mmeb",
+            "train_dir": world_dir / "train",
+            "train_images": world_dir / "train_images",
+            "eval_dir": world_dir / "eval",
+            "eval_images": world_dir / "eval_images",
+        }
+    )
+
+
+def _plans(config: IngestConfig) -> list[_Plan]:
+    plans: list[_Plan] = []
+    if config.source == "mmeb":
+        assert config.train_dir and config.train_images
+        plans.append(
+            _Plan(
+                PAIRS,
+                sources.discover_folder(
+                    config.train_dir, config.train_splits, config.train_subsets
+                ),
+                config.train_images,
+                read_sidecar(config.train_dir),
+                sources.read_source,
+            )
+        )
+    elif config.source == "jsonl":
+        assert config.jsonl_images
+        files = [Path(f) for f in config.jsonl_files]
+        sidecar: dict[str, SubsetInfo] = {}
+        for folder in sorted({f.parent for f in files}):
+            sidecar.update(read_sidecar(folder))
+        plans.append(
+            _Plan(
+                PAIRS,
+                sources.discover_jsonl(files),
+                config.jsonl_images,
+                sidecar,
+                sources.read_source,
+            )
+        )
+    elif config.source == "hub":
+        assert config.train_images
+        plans.append(
+            _Plan(
+                PAIRS,
+                sources.discover_hub(config.hub_train, config.train_splits, config.train_subsets),
+                config.train_images,
+                {},
+                sources.read_source,
+            )
+        )
+    if config.eval_dir is not None:
+        assert config.eval_images
+        plans.append(
+            _Plan(
+                EVAL,
+                sources.discover_folder(config.eval_dir, [sources.EVAL_SPLIT], config.eval_subsets),
+                config.eval_images,
+                read_sidecar(config.eval_dir),
+                sources.read_source,
+            )
+        )
+    elif config.source == "hub":
+        plans.append(
+            _Plan(
+                EVAL,
+                sources.discover_hub(config.hub_eval, [sources.EVAL_SPLIT], config.eval_subsets),
+                config.eval_images or config.train_images,  # type: ignore[arg-type]
+                {},
+                sources.read_source,
+            )
+        )
+    return plans
+
+
+def source_inputs(config: IngestConfig, world_fingerprint: str | None = None) -> dict[str, str]:
+    """What ingest's fingerprint depends on besides its config: the source files themselves.
+
+    Local tables enter by name, size and modification time, so new data landing in a source
+    folder changes the fingerprint and the next run re-ingests. Images are checked on ingest
+    but not fingerprinted (millions of files); pass `--force ingest` after replacing images.
+    """
+    if config.source == "world":
+        if world_fingerprint is None:
+            raise ValueError("ingest.source=world needs the world stage's fingerprint")
+        return {"world": world_fingerprint}
+    files: list[Path] = []
+    for root in (config.train_dir, config.eval_dir):
+        if root is not None and Path(root).is_dir():
+            files.extend(p for p in sorted(Path(root).rglob("*")) if p.is_file())
+    files.extend(Path(f) for f in config.jsonl_files if Path(f).is_file())
+    out = {}
+    for f in files:
+        st = f.stat()
+        out[str(f.resolve())] = f"{st.st_size}:{st.st_mtime_ns}"
+    if config.source == "hub":
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        for repo in (config.hub_train, config.hub_eval):
+            out[f"hub:{repo}"] = api.dataset_info(repo).sha or "unknown"
+    return out
+
+
+def ingest(config: IngestConfig, out_dir: Path, world_dir: Path | None = None) -> StageOutput:
+    """Build pairs / eval / rejects tables in `out_dir` (the stage's partial folder)."""
+    config = resolve_sources(config, world_dir)
+    started = time.perf_counter()
+    rows: dict[str, int] = {}
+    subsets_info: dict[str, dict[str, Any]] = {}
+    images_roots: dict[str, str] = {}
+    empty: list[str] = []
+    checked = 0
+    rejects = _Rejects(pq.ParquetWriter(out_dir / "rejects.parquet", REJECTS_SCHEMA))
+    try:
+        for plan in _plans(config):
+            root = Path(plan.images_root).resolve()
+            images_roots[plan.table.name] = str(root)
+            written, n_checked = _ingest_table(
+                plan, config, root, out_dir, rejects, subsets_info, empty
+            )
+            rows[plan.table.name] = written
+            checked += n_checked
+    finally:
+        rejects.writer.close()
+    elapsed = time.perf_counter() - started
+    total_rows = sum(rows.values())
+    if rejects.total and config.on_bad_rows == "error":
+        shown = "\n  ".join(rejects.first)
+        more = rejects.total - len(rejects.first)
+        raise BadRowsError(
+            f"{rejects.total} bad row(s) in the input; nothing was published.\n  {shown}"
+            + (f"\n  ... and {more} more" if more > 0 else "")
+            + f"\nAll reasons: {out_dir / 'rejects.parquet'}. Fix the data, or set "
+            "ingest.on_bad_rows=skip to leave these rows out."
+        )
+    if empty and config.on_bad_rows == "error":
+        raise BadRowsError(
+            f"empty subset(s) {', '.join(empty)}: no usable rows. Remove them from the source "
+            "(or list the others in ingest.train_subsets / ingest.eval_subsets), or set "
+            "ingest.on_bad_rows=skip to carry on without them."
+        )
+    if rejects.total:
+        log.warning("ingest: skipped %d bad row(s); see rejects.parquet", rejects.total)
+    rows["rejects"] = rejects.total
+    return StageOutput(
+        rows=rows,
+        metrics={
+            "rows": total_rows,
+            "rejected_rows": rejects.total,
+            "images_checked": checked,
+            "seconds": elapsed,
+            "rows_per_s": total_rows / elapsed if elapsed > 0 else 0.0,
+        },
+        info={"images_root": images_roots, "subsets": subsets_info, "empty_subsets": empty},
+    )
+
+
+def _ingest_table(
+    plan: _Plan,
+    config: IngestConfig,
+    root: Path,
+    out_dir: Path,
+    rejects: _Rejects,
+    subsets_info: dict[str, dict[str, Any]],
+    empty: list[str],
+) -> tuple[int, int]:
+    table = plan.table
+    written = 0
+    writer = pq.ParquetWriter(out_dir / f"{table.name}.parquet", table.schema)
+    per_subset: dict[str, int] = {}
+    try:
+        with ImageChecker(root, config.image_workers) as checker:
+            for source in plan.subsets:
+                t0 = time.perf_counter()
+                info = subset_info(source.subset, plan.sidecar)
+                kept = bad = 0
+                for chunk in plan.reader(source, table.required, config.batch_rows):
+                    records = [
+                        {c: chunk.columns[c][i] for c in chunk.columns} for i in range(len(chunk))
+                    ]
+                    images = checker.check_many(
+                        p
+                        for i, r in enumerate(records)
+                        if i not in chunk.row_errors
+                        for p in table.image_paths(r)
+                    )
+                    good = []
+                    for i, record in enumerate(records):
+                        if i in chunk.row_errors:
+                            rejects.add(table.name, chunk, i, "-", chunk.row_errors[i])
+                            bad += 1
+                            continue
+                        rid, out, reason = table.convert(
+                            record, info, source.split, chunk.start_row + i, images
+                        )
+                        if out is None:
+                            rejects.add(table.name, chunk, i, rid, reason or "invalid")
+                            bad += 1
+                        else:
+                            good.append(out)
+                    if good:
+                        writer.write_table(pa.Table.from_pylist(good, schema=table.schema))
+                    kept += len(good)
+                per_subset[source.subset] = per_subset.get(source.subset, 0) + kept
+                subsets_info[f"{table.name}:{source.label}"] = {
+                    "meta_task": info.meta_task,
+                    "distribution": info.distribution,
+                    "rows": kept,
+                    "rejected": bad,
+                }
+                written += kept
+                log.info(
+                    "ingest %s %s: %d rows kept, %d rejected (%.1fs)",
+                    table.name,
+                    source.label,
+                    kept,
+                    bad,
+                    time.perf_counter() - t0,
+                )
+            n_checked = checker.checked
+    finally:
+        writer.close()
+    empty.extend(f"{table.name}:{name}" for name, n in per_subset.items() if n == 0)
+    return written, n_checked

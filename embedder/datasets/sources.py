@@ -1,0 +1,221 @@
+"""Streaming readers for the raw tables: local MMEB dumps, JSONL files and the hub.
+
+Every reader yields `Chunk`s of at most `batch_rows` rows in source order, carrying where the
+rows came from so a bad row can be named by file and row number. Nothing holds a whole table.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedder.errors import UserError
+
+TRAIN_COLUMNS = (
+    "qry",
+    "qry_image_path",
+    "pos_text",
+    "pos_image_path",
+    "neg_text",
+    "neg_image_path",
+)
+EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
+# Carried through when present: the miniature world's false-negative ground truth.
+OPTIONAL_COLUMNS = ("fn_group",)
+EVAL_SPLIT = "test"
+
+
+class SourceError(UserError, ValueError):
+    """The source as a whole cannot be read (missing folder, wrong columns, corrupt file)."""
+
+
+@dataclass(frozen=True)
+class SubsetSource:
+    """One subset of one split and the files (or hub address) that hold it."""
+
+    subset: str
+    split: str
+    files: tuple[Path, ...] = ()
+    hub_repo: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.subset}/{self.split}"
+
+
+@dataclass
+class Chunk:
+    subset: str
+    split: str
+    source: str  # a file name or hub address, for messages
+    start_row: int  # row number of the first row within `source`
+    columns: dict[str, list[Any]]
+    # Rows that could not even be parsed (JSONL), by index within the chunk.
+    row_errors: dict[int, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(next(iter(self.columns.values()))) if self.columns else 0
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith((".", "_"))  # also catches macOS "._" files and "__MACOSX"
+
+
+def discover_folder(
+    root: Path, splits: Sequence[str], subsets: Sequence[str] | None
+) -> list[SubsetSource]:
+    """Subsets of an MMEB-layout folder: one sub-folder per subset, `<split>-*.parquet` inside.
+
+    A subset folder with no file for a split still yields a source (with no files) so that
+    an empty subset is reported rather than silently missing.
+    """
+    if not root.is_dir():
+        raise SourceError(f"dataset folder {root} does not exist")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(p.name))
+    names = [p.name for p in folders]
+    if subsets is not None:
+        unknown = [s for s in subsets if s not in names]
+        if unknown:
+            raise SourceError(
+                f"subsets {unknown} not found in {root}; it holds: {', '.join(names) or 'nothing'}"
+            )
+        folders = [p for p in folders if p.name in set(subsets)]
+    if not folders:
+        raise SourceError(f"{root} holds no subset folders")
+    return [
+        SubsetSource(
+            subset=folder.name,
+            split=split,
+            files=tuple(
+                sorted(f for f in folder.glob(f"{split}-*.parquet") if not _is_hidden(f.name))
+            ),
+        )
+        for folder in folders
+        for split in splits
+    ]
+
+
+def _check_columns(found: Sequence[str], required: Sequence[str], where: str) -> None:
+    missing = [c for c in required if c not in found]
+    if missing:
+        hints = []
+        for col in missing:
+            close = difflib.get_close_matches(col, [f for f in found if f not in required], n=1)
+            if close:
+                hints.append(f"{close[0]!r} -> {col!r}?")
+        hint = f"; did you mean {', '.join(hints)}" if hints else ""
+        raise SourceError(
+            f"{where} lacks column(s) {', '.join(missing)} (found: {', '.join(found)}){hint}"
+        )
+
+
+def read_parquet(source: SubsetSource, required: Sequence[str], batch_rows: int) -> Iterator[Chunk]:
+    for path in source.files:
+        try:
+            pf = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise SourceError(f"{path} is not a readable Parquet file: {exc}") from exc
+        names = pf.schema_arrow.names
+        _check_columns(names, required, str(path))
+        wanted = [*required, *(c for c in OPTIONAL_COLUMNS if c in names)]
+        start = 0
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted):
+            yield Chunk(source.subset, source.split, path.name, start, batch.to_pydict())
+            start += batch.num_rows
+
+
+def discover_jsonl(files: Sequence[Path]) -> list[SubsetSource]:
+    """One subset per JSONL file, named by the file's stem."""
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise SourceError(f"JSONL files not found: {', '.join(missing)}")
+    return [SubsetSource(subset=Path(f).stem, split="jsonl", files=(Path(f),)) for f in files]
+
+
+def read_jsonl(source: SubsetSource, required: Sequence[str], batch_rows: int) -> Iterator[Chunk]:
+    (path,) = source.files
+    wanted = [*required, *OPTIONAL_COLUMNS]
+    checked = False
+
+    def empty() -> dict[str, list[Any]]:
+        return {c: [] for c in wanted}
+
+    columns, errors, start, n = empty(), {}, 0, 0
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                obj, errors[n] = {}, f"line {lineno + 1} is not a JSON object ({exc})"
+            else:
+                if not checked:
+                    _check_columns(list(obj), required, f"{path} (first record)")
+                    checked = True
+            for c in wanted:
+                columns[c].append(obj.get(c))
+            n += 1
+            if n == batch_rows:
+                yield Chunk(source.subset, source.split, path.name, start, columns, errors)
+                columns, errors, start, n = empty(), {}, start + n, 0
+    if n:
+        yield Chunk(source.subset, source.split, path.name, start, columns, errors)
+
+
+def discover_hub(
+    repo: str, splits: Sequence[str], subsets: Sequence[str] | None
+) -> list[SubsetSource]:
+    """Subsets of a hub dataset (needs network; `pip install gen2embed[hub]`)."""
+    from datasets import get_dataset_config_names
+
+    names = list(get_dataset_config_names(repo))
+    if subsets is not None:
+        unknown = [s for s in subsets if s not in names]
+        if unknown:
+            raise SourceError(f"subsets {unknown} are not configs of {repo}: {', '.join(names)}")
+        names = [n for n in names if n in set(subsets)]
+    return [SubsetSource(subset=n, split=s, hub_repo=repo) for n in names for s in splits]
+
+
+def read_hub(source: SubsetSource, required: Sequence[str], batch_rows: int) -> Iterator[Chunk]:
+    from datasets import load_dataset
+
+    assert source.hub_repo is not None
+    ds = load_dataset(source.hub_repo, source.subset, split=source.split, streaming=True)
+    where = f"{source.hub_repo}:{source.subset}/{source.split}"
+    _check_columns(list(ds.features), required, where)
+    wanted = [*required, *(c for c in OPTIONAL_COLUMNS if c in ds.features)]
+    start = 0
+    for batch in ds.iter(batch_size=batch_rows):
+        yield Chunk(source.subset, source.split, where, start, {c: batch[c] for c in wanted})
+        start += len(batch[wanted[0]])
+
+
+def read_source(source: SubsetSource, required: Sequence[str], batch_rows: int) -> Iterator[Chunk]:
+    if source.hub_repo is not None:
+        return read_hub(source, required, batch_rows)
+    if source.split == "jsonl":
+        return read_jsonl(source, required, batch_rows)
+    return read_parquet(source, required, batch_rows)
+
+
+def text_problem(value: Any, column: str) -> str | None:
+    """Why a text cell cannot be used; None for a proper string (empty included)."""
+    if value is None:
+        return f"{column} is null"
+    if isinstance(value, float) and math.isnan(value):
+        return f"{column} is NaN"
+    if not isinstance(value, str):
+        return f"{column} is {type(value).__name__}, not text"
+    return None

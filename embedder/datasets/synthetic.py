@@ -1,0 +1,611 @@
+"""The miniature world: seeded Pillow-drawn scenes written in MMEB's on-disk layout.
+
+The world exists so the whole pipeline can run, and the paper's effects can be looked for, on
+a CPU in minutes. It is written exactly like an MMEB dump (one folder per subset with
+`original-*.parquet` / `test-*.parquet`, images under separate roots) and goes through the
+same readers as real data.
+
+Design (MINIATURE.md): the main object is a *category with a fixed look* (an apple is always
+a red circle), large and with a distinct silhouette, so a one-word summary is a category
+name. Details (size, position, small dots) vary and are mentioned by captions and answers,
+which open with the content-free "The image shows ...". Eval lists hold negatives of the same
+category that differ only in details. Train holds planted false negatives: groups of pairs
+drawn from one scene spec, phrased differently, so each positive also fits the others'
+queries; the group id is in the `fn_group` column so mining can be scored.
+
+Subsets (train = IND eval): ShapeClass (classification), ShapeVQA (vqa), ShapeCaps_t2i and
+ShapeCaps_i2t (retrieval), ShapeRef (grounding: referring expression -> crop). OOD eval
+subsets (Outline*) draw the same categories as outlines on striped backgrounds, a style never
+seen in train.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFilter
+
+from embedder.artifacts import StageOutput
+from embedder.config import WorldConfig
+
+CODE_VERSION = "world-1"
+
+
+@dataclass(frozen=True)
+class Category:
+    name: str
+    colour: str
+    rgb: tuple[int, int, int]
+    shape: str
+
+
+CATEGORIES: tuple[Category, ...] = (
+    Category("apple", "red", (210, 30, 30), "circle"),
+    Category("tyre", "black", (25, 25, 25), "ring"),
+    Category("lemon", "yellow", (240, 215, 20), "ellipse"),
+    Category("leaf", "green", (30, 140, 40), "triangle"),
+    Category("brick", "brown", (130, 70, 25), "rectangle"),
+    Category("star", "orange", (245, 125, 0), "star"),
+    Category("moon", "white", (250, 250, 250), "crescent"),
+    Category("heart", "pink", (240, 90, 170), "heart"),
+    Category("cross", "blue", (30, 70, 230), "plus"),
+    Category("kite", "purple", (120, 30, 170), "diamond"),
+    Category("house", "grey", (105, 105, 105), "house"),
+    Category("bucket", "teal", (0, 135, 135), "trapezoid"),
+)
+SIZES = ("small", "large")
+POSITIONS = ("left", "centre", "right")
+MARK_COLOURS: dict[str, tuple[int, int, int]] = {
+    "blue": (20, 40, 200),
+    "red": (200, 20, 20),
+    "green": (20, 150, 20),
+    "yellow": (230, 220, 0),
+    "purple": (130, 20, 160),
+    "black": (0, 0, 0),
+}
+NUMBER_WORDS = ("no", "one", "two", "three")
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What an image shows; rendering adds only noise and jitter."""
+
+    category: int
+    size: int  # index into SIZES
+    position: int  # index into POSITIONS
+    marks: int = 0  # number of small dots, 0-3
+    mark_colour: str = "blue"
+
+    @property
+    def cat(self) -> Category:
+        return CATEGORIES[self.category]
+
+
+# ---------------------------------------------------------------------------------- text
+
+
+def _marks_phrase(s: Scene, variant: int) -> str:
+    if s.marks == 0:
+        return ("", " and nothing else", ", alone")[variant]
+    n, dots = NUMBER_WORDS[s.marks], "dot" if s.marks == 1 else "dots"
+    return (
+        f" with {n} small {s.mark_colour} {dots}",
+        f" and {n} tiny {s.mark_colour} {dots}",
+        f", next to {n} little {s.mark_colour} {dots}",
+    )[variant]
+
+
+def caption(s: Scene, variant: int = 0) -> str:
+    """Three phrasings of the same content; all open with the content-free 'The image shows'."""
+    c = s.cat
+    size = (("small", "large"), ("little", "big"), ("small", "large"))[variant][s.size]
+    pos = (
+        ("on the left", "in the centre", "on the right"),
+        ("at the left side", "in the middle", "at the right side"),
+        ("to the left", "at the centre", "to the right"),
+    )[variant][s.position]
+    if variant == 2:
+        return (
+            f"The image shows one {c.colour} {c.name}, {size}, placed {pos}{_marks_phrase(s, 2)}."
+        )
+    return f"The image shows a {size} {c.colour} {c.name} {pos}{_marks_phrase(s, variant)}."
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+QUESTION_TYPES = ("category", "colour", "position", "size", "count", "mark_colour")
+
+
+def question(kind: str, s: Scene, variant: int = 0) -> str:
+    name = s.cat.name
+    return {
+        "category": ("What is the main object?", "Which object is shown?"),
+        "colour": (f"What colour is the {name}?", f"Which colour does the {name} have?"),
+        "position": (f"Where is the {name}?", f"In which part of the image is the {name}?"),
+        "size": (f"How big is the {name}?", f"What size is the {name}?"),
+        "count": ("How many small dots are there?", "What is the number of tiny dots?"),
+        "mark_colour": ("What colour are the small dots?", "Which colour do the tiny dots have?"),
+    }[kind][variant]
+
+
+def answer(kind: str, s: Scene, variant: int = 0) -> str:
+    c = s.cat
+    if kind == "category":
+        return (f"It is {article(c.name)} {c.name}.", f"The object is {article(c.name)} {c.name}.")[
+            variant
+        ]
+    if kind == "colour":
+        return (f"It is {c.colour}.", f"The {c.name} is {c.colour}.")[variant]
+    if kind == "position":
+        where = ("on the left", "in the centre", "on the right")[s.position]
+        return (f"It is {where}.", f"The {c.name} is {where}.")[variant]
+    if kind == "size":
+        return (f"It is {SIZES[s.size]}.", f"The {c.name} is {SIZES[s.size]}.")[variant]
+    if kind == "count":
+        n = NUMBER_WORDS[s.marks]
+        return (f"There are {n} dots.", f"I count {n} dots.")[variant]
+    return (f"They are {s.mark_colour}.", f"The dots are {s.mark_colour}.")[variant]
+
+
+def referring_expression(s: Scene) -> str:
+    return f"the {s.cat.colour} {s.cat.name} on the {('left', 'centre', 'right')[s.position]}"
+
+
+# ------------------------------------------------------------------------------ drawing
+
+
+def _shape_mask(shape: str, size_px: int, cx: float, cy: float, r: float) -> Image.Image:
+    mask = Image.new("L", (size_px, size_px), 0)
+    d = ImageDraw.Draw(mask)
+
+    def poly(points: list[tuple[float, float]]) -> None:
+        d.polygon([(cx + x * r, cy + y * r) for x, y in points], fill=255)
+
+    if shape == "circle":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif shape == "ring":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        d.ellipse((cx - 0.5 * r, cy - 0.5 * r, cx + 0.5 * r, cy + 0.5 * r), fill=0)
+    elif shape == "ellipse":
+        d.ellipse((cx - r, cy - 0.55 * r, cx + r, cy + 0.55 * r), fill=255)
+    elif shape == "triangle":
+        poly([(0, -1), (0.95, 0.8), (-0.95, 0.8)])
+    elif shape == "rectangle":
+        d.rectangle((cx - r, cy - 0.5 * r, cx + r, cy + 0.5 * r), fill=255)
+    elif shape == "star":
+        pts = []
+        for k in range(10):
+            rad = 1.0 if k % 2 == 0 else 0.42
+            ang = -np.pi / 2 + k * np.pi / 5
+            pts.append((rad * np.cos(ang), rad * np.sin(ang)))
+        poly(pts)
+    elif shape == "crescent":
+        d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        d.ellipse((cx - 0.35 * r, cy - 0.9 * r, cx + 1.45 * r, cy + 0.9 * r), fill=0)
+    elif shape == "heart":
+        d.ellipse((cx - r, cy - 0.8 * r, cx, cy + 0.2 * r), fill=255)
+        d.ellipse((cx, cy - 0.8 * r, cx + r, cy + 0.2 * r), fill=255)
+        poly([(-0.97, -0.15), (0.97, -0.15), (0, 1)])
+    elif shape == "plus":
+        d.rectangle((cx - r, cy - 0.3 * r, cx + r, cy + 0.3 * r), fill=255)
+        d.rectangle((cx - 0.3 * r, cy - r, cx + 0.3 * r, cy + r), fill=255)
+    elif shape == "diamond":
+        poly([(0, -1), (0.7, 0), (0, 1), (-0.7, 0)])
+    elif shape == "house":
+        poly([(0, -1), (0.9, -0.2), (0.9, 0.9), (-0.9, 0.9), (-0.9, -0.2)])
+    elif shape == "trapezoid":
+        poly([(-1, -0.7), (1, -0.7), (0.55, 0.8), (-0.55, 0.8)])
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return mask
+
+
+def _background(size_px: int, rng: np.random.Generator, style: str) -> np.ndarray:
+    tint = rng.integers(140, 205, size=3)
+    if style == "outline":
+        other = rng.integers(140, 205, size=3)
+        yy, xx = np.mgrid[0:size_px, 0:size_px]
+        width = max(3, size_px // 10)
+        stripes = ((xx + yy * int(rng.integers(0, 2))) // width) % 2
+        img = np.where(stripes[..., None] == 0, tint, other).astype(np.float32)
+    else:
+        img = np.broadcast_to(tint, (size_px, size_px, 3)).astype(np.float32)
+    img += rng.normal(0, 10, size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _paint(img: Image.Image, mask: Image.Image, rgb: tuple[int, int, int], style: str) -> None:
+    if style == "outline":
+        # Keep a band at the silhouette's edge: the same shape, never seen drawn this way.
+        mask = Image.fromarray(
+            np.asarray(mask) - np.asarray(mask.filter(ImageFilter.MinFilter(5))), mode="L"
+        )
+    img.paste(Image.new("RGB", img.size, rgb), (0, 0), mask)
+
+
+def _object_geometry(
+    s: Scene, size_px: int, rng: random.Random, centre_x: float | None = None
+) -> tuple[float, float, float]:
+    scale = size_px / 64
+    r = (rng.uniform(14, 15.5) if s.size == 0 else rng.uniform(18.5, 20)) * scale
+    cx = centre_x if centre_x is not None else (0.3, 0.5, 0.7)[s.position] * size_px
+    cx += rng.uniform(-1.5, 1.5) * scale
+    cy = size_px / 2 + rng.uniform(-2, 2) * scale
+    return cx, cy, r
+
+
+def _paint_marks(img: Image.Image, s: Scene, size_px: int, rng: random.Random) -> None:
+    if s.marks == 0:
+        return
+    d = ImageDraw.Draw(img)
+    scale = size_px / 64
+    y = (5.5 if rng.random() < 0.5 else 58.5) * scale
+    slots = rng.sample([10, 22, 34, 46, 56], s.marks)
+    for x in slots:
+        x *= scale
+        rad = 3 * scale
+        d.ellipse((x - rad, y - rad, x + rad, y + rad), fill=MARK_COLOURS[s.mark_colour])
+
+
+def render(s: Scene, size_px: int, seed: int, style: str = "filled") -> Image.Image:
+    """Draw one scene. Same scene and seed -> the same pixels."""
+    rng = random.Random(seed)
+    img = Image.fromarray(_background(size_px, np.random.default_rng(seed), style))
+    cx, cy, r = _object_geometry(s, size_px, rng)
+    _paint(img, _shape_mask(s.cat.shape, size_px, cx, cy, r), s.cat.rgb, style)
+    _paint_marks(img, s, size_px, rng)
+    return img
+
+
+def render_pair_scene(
+    left: Scene, right: Scene, size_px: int, seed: int, style: str = "filled"
+) -> tuple[Image.Image, tuple[Image.Image, Image.Image]]:
+    """A grounding scene with two objects side by side, and a crop around each."""
+    rng = random.Random(seed)
+    img = Image.fromarray(_background(size_px, np.random.default_rng(seed), style))
+    crops = []
+    boxes = []
+    for s, x in ((left, 0.27), (right, 0.73)):
+        # Smaller objects so two fit; size still distinguishes small from large.
+        scale = size_px / 64
+        r = (rng.uniform(10, 11) if s.size == 0 else rng.uniform(13, 14)) * scale
+        cx, cy = x * size_px + rng.uniform(-1, 1) * scale, size_px / 2
+        _paint(img, _shape_mask(s.cat.shape, size_px, cx, cy, r), s.cat.rgb, style)
+        half = 15 * scale
+        boxes.append((int(cx - half), int(cy - half), int(cx + half), int(cy + half)))
+    for box in boxes:
+        crops.append(img.crop(box).resize((size_px, size_px), Image.Resampling.BILINEAR))
+    return img, (crops[0], crops[1])
+
+
+# ------------------------------------------------------------------------------ subsets
+
+CLASS_QUERY = "<|image_1|>\nRepresent the given image for classification"
+VQA_QUERY = "<|image_1|>\nRepresent the given image with the following question: {q}"
+T2I_QUERY = "Find me an everyday image that matches the given caption: {c}"
+T2I_TARGET = "<|image_1|>\nRepresent the given image."
+I2T_QUERY = "<|image_1|>\nFind an image caption describing the given everyday image."
+REF_QUERY = '<|image_1|>\nSelect the portion of the image that isolates the object labeled as "{r}"'
+REF_TARGET = "<|image_1|>\nRepresent the given cropped image of the object"
+
+TRAIN_SUBSETS = {
+    "ShapeClass": "classification",
+    "ShapeVQA": "vqa",
+    "ShapeCaps_t2i": "retrieval",
+    "ShapeCaps_i2t": "retrieval",
+    "ShapeRef": "grounding",
+}
+OOD_PREFIX = ("Shape", "Outline")
+
+
+def all_scenes() -> list[Scene]:
+    out = []
+    for c in range(len(CATEGORIES)):
+        for size in range(len(SIZES)):
+            for pos in range(len(POSITIONS)):
+                out.append(Scene(c, size, pos, 0))
+                for n in range(1, 4):
+                    out.extend(Scene(c, size, pos, n, mc) for mc in MARK_COLOURS)
+    return out
+
+
+def _subset_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) & 0x7FFFFFFF
+
+
+class _Writer:
+    """Writes images below an images root and remembers relative paths."""
+
+    def __init__(self, root: Path, subset: str) -> None:
+        self.root = root
+        self.folder = root / subset
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.subset = subset
+        self.count = 0
+
+    def save(self, img: Image.Image, name: str) -> str:
+        img.save(self.folder / f"{name}.png", optimize=False)
+        self.count += 1
+        return f"{self.subset}/{name}.png"
+
+
+def _distinct_specs(rng: random.Random, n: int) -> list[Scene]:
+    """n scenes, distinct while the spec space lasts, so unplanted pairs are not accidental
+    false negatives of each other."""
+    pool = all_scenes()
+    out: list[Scene] = []
+    while len(out) < n:
+        rng.shuffle(pool)
+        out.extend(pool[: n - len(out)])
+    return out
+
+
+def _train_rows(name: str, cfg: WorldConfig, writer: _Writer) -> list[dict[str, Any]]:
+    rng = random.Random(_subset_seed(cfg.seed, name))
+    meta = TRAIN_SUBSETS[name]
+    n = cfg.train_pairs
+    # Planted false-negative groups (2-3 pairs from one spec), except in classification,
+    # where pairs of one label already share their positive (the owner map handles that).
+    n_planted = 0 if meta == "classification" else round(n * cfg.false_negative_share)
+    group_sizes: list[int] = []
+    while sum(group_sizes) < n_planted:
+        group_sizes.append(min(rng.choice((2, 3)), max(2, n_planted - sum(group_sizes))))
+    specs = _distinct_specs(rng, (n - sum(group_sizes)) + len(group_sizes))
+    units: list[tuple[Scene, str | None, int]] = []  # (scene, group, variant)
+    for g, size in enumerate(group_sizes):
+        spec = specs.pop()
+        units.extend((spec, f"{name}:g{g}", v) for v in range(size))
+    units.extend((s, None, 0) for s in specs)
+    rng.shuffle(units)
+    rows = []
+    for i, (scene, group, variant) in enumerate(units):
+        seed = rng.randrange(1 << 30)
+        row = {"neg_text": "", "neg_image_path": "", "fn_group": group}
+        if meta == "classification":
+            path = writer.save(render(scene, cfg.image_size, seed), f"{i:06d}")
+            row |= {
+                "qry": CLASS_QUERY,
+                "qry_image_path": path,
+                "pos_text": scene.cat.name,
+                "pos_image_path": "",
+            }
+        elif meta == "vqa":
+            kind = QUESTION_TYPES[(i if group is None else int(group.split("g")[-1])) % 6]
+            if kind in ("count", "mark_colour") and scene.marks == 0:
+                kind = "count"  # "no dots" is a fine answer; their colour is not
+            path = writer.save(render(scene, cfg.image_size, seed), f"{i:06d}")
+            v = variant % 2
+            row |= {
+                "qry": VQA_QUERY.format(q=question(kind, scene, v)),
+                "qry_image_path": path,
+                "pos_text": answer(kind, scene, v),
+                "pos_image_path": "",
+            }
+        elif name.endswith("t2i"):
+            path = writer.save(render(scene, cfg.image_size, seed), f"{i:06d}")
+            row |= {
+                "qry": T2I_QUERY.format(c=caption(scene, variant % 3)),
+                "qry_image_path": "",
+                "pos_text": T2I_TARGET,
+                "pos_image_path": path,
+            }
+        elif name.endswith("i2t"):
+            path = writer.save(render(scene, cfg.image_size, seed), f"{i:06d}")
+            row |= {
+                "qry": I2T_QUERY,
+                "qry_image_path": path,
+                "pos_text": caption(scene, variant % 3),
+                "pos_image_path": "",
+            }
+        else:  # grounding
+            other = _other_scene(scene, rng)
+            left, right = (scene, other) if rng.random() < 0.5 else (other, scene)
+            target = replace(scene, position=0 if left is scene else 2)
+            img, crops = render_pair_scene(
+                replace(left, position=0), replace(right, position=2), cfg.image_size, seed
+            )
+            qpath = writer.save(img, f"{i:06d}")
+            cpath = writer.save(crops[0 if left is scene else 1], f"{i:06d}_crop")
+            row |= {
+                "qry": REF_QUERY.format(r=referring_expression(target)),
+                "qry_image_path": qpath,
+                "pos_text": REF_TARGET,
+                "pos_image_path": cpath,
+            }
+        rows.append(row)
+    return rows
+
+
+def _other_scene(scene: Scene, rng: random.Random) -> Scene:
+    cat = rng.choice([k for k in range(len(CATEGORIES)) if k != scene.category])
+    return Scene(cat, rng.randrange(2), 0)
+
+
+def _same_category_variant(scene: Scene, rng: random.Random) -> Scene:
+    """Same category, different details: the negatives category alone cannot rule out."""
+    while True:
+        marks = rng.randrange(4)
+        other = Scene(
+            scene.category,
+            rng.randrange(2),
+            rng.randrange(3),
+            marks,
+            rng.choice(list(MARK_COLOURS)) if marks else "blue",
+        )
+        if other != scene:
+            return other
+
+
+def _eval_rows(name: str, cfg: WorldConfig, writer: _Writer, style: str) -> list[dict[str, Any]]:
+    rng = random.Random(_subset_seed(cfg.seed + 7919, name))
+    meta = TRAIN_SUBSETS[name.replace(OOD_PREFIX[1], OOD_PREFIX[0])]
+    n, k = cfg.eval_queries, cfg.eval_candidates
+    scenes = _distinct_specs(rng, n)
+    rows: list[dict[str, Any]] = []
+    save = writer.save
+
+    if meta == "classification":
+        labels = [c.name for c in CATEGORIES]
+        for i, s in enumerate(scenes):
+            path = save(render(s, cfg.image_size, rng.randrange(1 << 30), style), f"{i:05d}")
+            others = [lab for lab in labels if lab != s.cat.name]
+            rng.shuffle(others)
+            texts = [s.cat.name, *others]
+            rows.append(
+                {
+                    "qry_text": CLASS_QUERY,
+                    "qry_img_path": path,
+                    "tgt_text": texts,
+                    "tgt_img_path": [""] * len(texts),
+                }
+            )
+    elif meta == "vqa":
+        for i, s in enumerate(scenes):
+            kind = QUESTION_TYPES[i % 6]
+            if kind == "mark_colour" and s.marks == 0:
+                kind = "count"
+            path = save(render(s, cfg.image_size, rng.randrange(1 << 30), style), f"{i:05d}")
+            correct = answer(kind, s)
+            wrong = sorted({answer(kind, o) for o in all_scenes()} - {correct})
+            rng.shuffle(wrong)
+            texts = [correct, *wrong[: k - 1]]
+            rows.append(
+                {
+                    "qry_text": VQA_QUERY.format(q=question(kind, s)),
+                    "qry_img_path": path,
+                    "tgt_text": texts,
+                    "tgt_img_path": [""] * len(texts),
+                }
+            )
+    elif meta == "retrieval":
+        t2i = name.endswith("t2i")
+
+        def target(s: Scene, label: str) -> str:
+            if t2i:
+                return writer.save(render(s, cfg.image_size, rng.randrange(1 << 30), style), label)
+            return caption(s)
+
+        # Each query's own target plus same-category variants; the other negatives are other
+        # queries' targets, so candidates repeat across queries as they do in MMEB.
+        targets = [target(s, f"{i:05d}") for i, s in enumerate(scenes)]
+        for i, s in enumerate(scenes):
+            hard = [
+                target(_same_category_variant(s, rng), f"{i:05d}_h{j}")
+                for j in range(cfg.same_category_negatives)
+            ]
+            easy_idx = [j for j in range(n) if scenes[j].category != s.category]
+            easy = [targets[j] for j in rng.sample(easy_idx, min(len(easy_idx), k - 1 - len(hard)))]
+            cands = [targets[i], *hard, *easy]
+            if t2i:
+                rows.append(
+                    {
+                        "qry_text": T2I_QUERY.format(c=caption(s)),
+                        "qry_img_path": "",
+                        "tgt_text": [T2I_TARGET] * len(cands),
+                        "tgt_img_path": cands,
+                    }
+                )
+            else:
+                qimg = render(s, cfg.image_size, rng.randrange(1 << 30), style)
+                rows.append(
+                    {
+                        "qry_text": I2T_QUERY,
+                        "qry_img_path": writer.save(qimg, f"{i:05d}q"),
+                        "tgt_text": cands,
+                        "tgt_img_path": [""] * len(cands),
+                    }
+                )
+    else:  # grounding
+        crops: list[str] = []
+        pending = []
+        for i, s in enumerate(scenes):
+            other = _other_scene(s, rng)
+            target_left = rng.random() < 0.5
+            left, right = (s, other) if target_left else (other, s)
+            img, (lc, rc) = render_pair_scene(
+                replace(left, position=0),
+                replace(right, position=2),
+                cfg.image_size,
+                rng.randrange(1 << 30),
+                style,
+            )
+            qpath = save(img, f"{i:05d}")
+            tpath = save(lc if target_left else rc, f"{i:05d}_t")
+            opath = save(rc if target_left else lc, f"{i:05d}_o")
+            crops.append(tpath)
+            target = replace(s, position=0 if target_left else 2)
+            pending.append((i, s, qpath, tpath, opath, target))
+        for i, s, qpath, tpath, opath, target in pending:
+            hard = []
+            for j in range(cfg.same_category_negatives):
+                v = _same_category_variant(s, rng)
+                _, (lc, _) = render_pair_scene(
+                    replace(v, position=0),
+                    replace(_other_scene(v, rng), position=2),
+                    cfg.image_size,
+                    rng.randrange(1 << 30),
+                    style,
+                )
+                hard.append(save(lc, f"{i:05d}_h{j}"))
+            easy_idx = [j for j in range(n) if scenes[j].category != s.category]
+            easy = [crops[j] for j in rng.sample(easy_idx, min(len(easy_idx), k - 2 - len(hard)))]
+            cands = [tpath, opath, *hard, *easy]
+            rows.append(
+                {
+                    "qry_text": REF_QUERY.format(r=referring_expression(target)),
+                    "qry_img_path": qpath,
+                    "tgt_text": [REF_TARGET] * len(cands),
+                    "tgt_img_path": cands,
+                }
+            )
+    return rows
+
+
+def _write_table(folder: Path, file_name: str, rows: list[dict[str, Any]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / file_name)
+
+
+def build_world(config: WorldConfig, out_dir: Path) -> StageOutput:
+    """Write the miniature world into `out_dir` in MMEB's layout:
+
+    train/<Subset>/original-00000-of-00001.parquet, train_images/<Subset>/*.png,
+    eval/<Subset>/test-00000-of-00001.parquet, eval_images/<Subset>/*.png,
+    and train/subsets.json, eval/subsets.json describing meta-task and IND/OOD.
+    """
+    rows: dict[str, int] = {}
+    images = 0
+    train_meta: dict[str, dict[str, str]] = {}
+    for name, meta in TRAIN_SUBSETS.items():
+        writer = _Writer(out_dir / "train_images", name)
+        table = _train_rows(name, config, writer)
+        _write_table(out_dir / "train" / name, "original-00000-of-00001.parquet", table)
+        rows[f"train:{name}"] = len(table)
+        images += writer.count
+        train_meta[name] = {"meta_task": meta, "distribution": "ind"}
+    eval_meta: dict[str, dict[str, str]] = {}
+    for name, meta in TRAIN_SUBSETS.items():
+        for prefix, style, dist in (
+            (OOD_PREFIX[0], "filled", "ind"),
+            (OOD_PREFIX[1], "outline", "ood"),
+        ):
+            eval_name = name.replace(OOD_PREFIX[0], prefix)
+            writer = _Writer(out_dir / "eval_images", eval_name)
+            table = _eval_rows(eval_name, config, writer, style)
+            _write_table(out_dir / "eval" / eval_name, "test-00000-of-00001.parquet", table)
+            rows[f"eval:{eval_name}"] = len(table)
+            images += writer.count
+            eval_meta[eval_name] = {"meta_task": meta, "distribution": dist}
+    (out_dir / "train" / "subsets.json").write_text(json.dumps(train_meta, indent=2))
+    (out_dir / "eval" / "subsets.json").write_text(json.dumps(eval_meta, indent=2))
+    return StageOutput(rows=rows, metrics={"images": images}, info={"categories": len(CATEGORIES)})

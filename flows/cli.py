@@ -1,0 +1,120 @@
+"""`gen2embed`: run the pipeline, show stage fingerprints, start the local servers."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import Any
+
+from embedder.config import PRESETS, STAGES, load_config
+from embedder.errors import UserError
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--config", dest="config_file", help="YAML file with config sections")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set ingest.on_bad_rows=skip (repeatable)",
+    )
+    p.add_argument("--workdir", help="workspace (default: $GEN2EMBED_HOME or ./data)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gen2embed", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the pipeline (cached stages are reused)")
+    _config_args(run)
+    run.add_argument(
+        "--from", dest="from_stage", choices=STAGES, help="recompute this stage and all after it"
+    )
+    run.add_argument(
+        "--force",
+        action="append",
+        default=[],
+        choices=STAGES,
+        help="recompute this stage and everything downstream (repeatable)",
+    )
+
+    stages = sub.add_parser("stages", help="each stage's fingerprint and whether it is cached")
+    _config_args(stages)
+
+    up = sub.add_parser("up", help="start Prefect and MLflow servers on 127.0.0.1")
+    up.add_argument("--workdir", help="workspace (default: $GEN2EMBED_HOME or ./data)")
+    up.add_argument("--prefect-port", type=int, default=4200)
+    up.add_argument("--mlflow-port", type=int, default=5000)
+    return parser
+
+
+def _terminate_as_interrupt(_signum: int, _frame: Any) -> None:
+    # SIGTERM unwinds like Ctrl-C so open MLflow runs are ended as KILLED, not left RUNNING.
+    raise KeyboardInterrupt
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.environment import configure
+
+    workdir = configure(args.workdir)
+    load_config(args.preset, args.config_file, args.overrides)  # fail fast, before Prefect starts
+    from flows.pipeline import pipeline
+
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    paths = pipeline(
+        preset=args.preset,
+        config_file=args.config_file,
+        overrides=args.overrides,
+        from_stage=args.from_stage,
+        force=args.force,
+        workdir=str(workdir),
+    )
+    print("\nPublished stage folders:")
+    for stage, path in paths.items():
+        print(f"  {stage:8s} {path}")
+    return 0
+
+
+def cmd_stages(args: argparse.Namespace) -> int:
+    from flows.environment import configure
+
+    workdir = configure(args.workdir)
+    config = load_config(args.preset, args.config_file, args.overrides)
+    from embedder.artifacts import ArtifactStore
+    from tasks.stage import plan_stages
+    from tasks.stages import PIPELINE
+
+    print(f"workdir {workdir}")
+    print(f"{'stage':8s} {'fingerprint':22s} status")
+    for p in plan_stages(config, ArtifactStore(workdir), PIPELINE):
+        status = "cached" if p.cached else f"to compute ({p.problems[0]})"
+        print(f"{p.name:8s} {p.fingerprint:22s} {status}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from flows.environment import configure
+    from flows.services import serve
+
+    workdir = configure(args.workdir)
+    return serve(workdir, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "stages": cmd_stages, "up": cmd_up}[args.command](args)
+    except UserError as exc:
+        print(f"gen2embed: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gen2embed: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Process environment for Prefect and MLflow, set before either is imported.
+
+Prefect reads its settings when first imported, so the CLI calls `configure()` first and
+imports flows afterwards. Values the user already exported win.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from embedder.artifacts import WORKDIR_ENV, resolve_workdir
+
+SERVICES_FILE = "services.json"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_services(workdir: Path) -> dict[str, str] | None:
+    """URLs of the servers `gen2embed up` started for this workdir, if they still run."""
+    path = workdir / SERVICES_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if all(_alive(int(pid)) for pid in info.get("pids", [])):
+        return info
+    return None
+
+
+def configure(workdir: str | Path | None) -> Path:
+    root = resolve_workdir(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    os.environ[WORKDIR_ENV] = str(root)
+    defaults = {
+        "PREFECT_HOME": str(root / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # A fresh machine's first SQLite migration can take long (prefect#16397).
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+        # Show the embedder's own progress logs in Prefect's console and UI.
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "gen2embed",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+    services = running_services(root)
+    if services:
+        defaults["PREFECT_API_URL"] = services["prefect_api_url"]
+        defaults["MLFLOW_TRACKING_URI"] = services["mlflow_url"]
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    return root

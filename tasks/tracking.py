@@ -1,0 +1,146 @@
+"""MLflow bookkeeping: one parent run per pipeline run, one nested run per stage.
+
+Runs are driven through an explicit `MlflowClient` with explicit run ids rather than the
+fluent API, whose active-run stack is per thread (Prefect runs tasks in worker threads) and
+which `MLFLOW_RUN_ID` in the environment can silently redirect. Every run is ended in a
+`finally`: exceptions end it FAILED, interrupts KILLED, and runs left RUNNING by a process
+that died are swept to KILLED when the next pipeline starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.time import get_current_time_millis
+
+EXPERIMENT = "gen2embed"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def default_tracking_uri(workdir: Path) -> str:
+    """$MLFLOW_TRACKING_URI if set (e.g. a running server), else SQLite in the workdir."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def flatten_params(section: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in section.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, f"{name}."))
+        else:
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            out[name] = text[:6000]  # MLflow's limit on a param value
+    return out
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str, artifact_root: Path | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        if exp is None:
+            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+            self.experiment_id = self.client.create_experiment(
+                EXPERIMENT, artifact_location=location
+            )
+        else:
+            self.experiment_id = exp.experiment_id
+
+    @classmethod
+    def for_workdir(cls, workdir: Path, tracking_uri: str | None = None) -> Tracker:
+        uri = tracking_uri or default_tracking_uri(workdir)
+        artifacts = workdir / "mlartifacts" if uri.startswith("sqlite:") else None
+        return cls(uri, artifacts)
+
+    def run_url(self, run_id: str) -> str | None:
+        if self.tracking_uri.startswith("http"):
+            base = self.tracking_uri.rstrip("/")
+            return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return None
+
+    def sweep_stale_runs(self) -> list[str]:
+        """End as KILLED the RUNNING runs started on this host by processes that are gone."""
+        host = socket.gethostname()
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`gen2embed.host` = '{host}'",
+            max_results=1000,
+        )
+        swept = []
+        for run in runs:
+            pid = int(run.data.tags.get("gen2embed.pid", "0") or 0)
+            if pid and pid != os.getpid() and not _pid_alive(pid):
+                self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+                swept.append(run.info.run_id)
+        return swept
+
+    @contextmanager
+    def run(
+        self,
+        name: str,
+        *,
+        parent_run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> Iterator[str]:
+        """Open a run, yield its id, and end it with the status the block earned."""
+        all_tags = {
+            "gen2embed.host": socket.gethostname(),
+            "gen2embed.pid": str(os.getpid()),
+            **(tags or {}),
+        }
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run_id = run.info.run_id
+        status = RunStatus.FAILED
+        try:
+            if params:
+                self.log_params(run_id, params)
+            yield run_id
+            status = RunStatus.FINISHED
+        except (KeyboardInterrupt, SystemExit):
+            status = RunStatus.KILLED
+            raise
+        except BaseException as exc:
+            self.client.set_tag(run_id, "gen2embed.error", f"{type(exc).__name__}: {exc}"[:5000])
+            raise
+        finally:
+            self.client.set_terminated(run_id, RunStatus.to_string(status))
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        flat = flatten_params(params)
+        items = [Param(k, v) for k, v in flat.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = get_current_time_millis()
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_json(self, run_id: str, obj: dict[str, Any], name: str) -> None:
+        self.client.log_dict(run_id, obj, name)
