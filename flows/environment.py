@@ -7,6 +7,7 @@ imports flows afterwards. Values the user already exported win.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -58,4 +59,5 @@ def configure(workdir: str | Path | None) -> Path:
         defaults["MLFLOW_TRACKING_URI"] = services["mlflow_url"]
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    logging.getLogger("gen2embed").setLevel(logging.INFO)
     return root

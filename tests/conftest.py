@@ -1,0 +1,48 @@
+"""Shared fixtures: a small miniature world, and one real Prefect test server per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from embedder.config import WorldConfig
+from embedder.datasets.synthetic import build_world
+
+# Settings Prefect reads at import time; tests must never touch a user's ~/.prefect.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "gen2embed")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("PREFECT_API_URL", None)
+
+SMALL_WORLD = {
+    "train_pairs": 40,
+    "eval_queries": 8,
+    "eval_candidates": 6,
+    "same_category_negatives": 2,
+}
+SMALL_WORLD_OVERRIDES = [f"world.{k}={v}" for k, v in SMALL_WORLD.items()]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    home = Path(config.rootpath) / ".pytest_cache" / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["PREFECT_HOME"] = str(home)
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    build_world(WorldConfig(**SMALL_WORLD), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+
+from embedder.artifacts import MANIFEST, ArtifactStore, StageOutput, fingerprint, resolve_workdir
+
+
+def _publish(store: ArtifactStore, fp: str, payload: bytes = b"x" * 100) -> None:
+    partial = store.open_partial("demo", fp)
+    (partial / "table.bin").write_bytes(payload)
+    (partial / "sub").mkdir(exist_ok=True)
+    (partial / "sub" / "part.txt").write_text("hello")
+    store.publish(
+        "demo", fp, code_version="1", config={"a": 1}, inputs={}, output=StageOutput(rows={"t": 1})
+    )
+
+
+def test_fingerprint_is_stable_and_sensitive() -> None:
+    base = fingerprint("s", {"a": 1, "b": [1, 2]}, {"up": "f"}, "v1")
+    assert base == fingerprint("s", {"b": [1, 2], "a": 1}, {"up": "f"}, "v1")
+    assert base != fingerprint("s", {"a": 2, "b": [1, 2]}, {"up": "f"}, "v1")
+    assert base != fingerprint("s", {"a": 1, "b": [1, 2]}, {"up": "g"}, "v1")
+    assert base != fingerprint("s", {"a": 1, "b": [1, 2]}, {"up": "f"}, "v2")
+    assert base != fingerprint("t", {"a": 1, "b": [1, 2]}, {"up": "f"}, "v1")
+
+
+def test_workdir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GEN2EMBED_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_workdir() == tmp_path / "data"
+    monkeypatch.setenv("GEN2EMBED_HOME", str(tmp_path / "env"))
+    assert resolve_workdir() == tmp_path / "env"
+    assert resolve_workdir(tmp_path / "flag") == tmp_path / "flag"
+
+
+def test_crash_before_publish_leaves_no_result(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    partial = store.open_partial("demo", "fp1")
+    (partial / "table.bin").write_bytes(b"half written")
+    # ... the process dies here, before publish().
+    assert not store.path("demo", "fp1").exists()
+    assert not (partial / MANIFEST).exists()
+    assert store.load("demo", "fp1") is None
+    assert "does not exist" in store.verify("demo", "fp1")[0]
+
+
+def test_publish_then_verify(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    _publish(store, "fp1")
+    assert not store.partial_path("demo", "fp1").exists()
+    manifest = store.load("demo", "fp1")
+    assert manifest is not None
+    assert set(manifest.files) == {"table.bin", "sub/part.txt"}
+    assert manifest.files["table.bin"]["size"] == 100
+    assert manifest.rows == {"t": 1}
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "corrupt", "manifest"])
+def test_damaged_folder_fails_verification_and_is_replaced(tmp_path: Path, damage: str) -> None:
+    store = ArtifactStore(tmp_path)
+    _publish(store, "fp1")
+    folder = store.path("demo", "fp1")
+    if damage == "delete":
+        (folder / "sub" / "part.txt").unlink()
+    elif damage == "truncate":
+        (folder / "table.bin").write_bytes(b"x" * 10)
+    elif damage == "corrupt":
+        (folder / "table.bin").write_bytes(b"y" * 100)  # same size, other content
+    else:
+        (folder / MANIFEST).unlink()
+    assert store.verify("demo", "fp1")
+    assert store.load("demo", "fp1") is None
+    # Recomputing publishes over the damaged folder.
+    _publish(store, "fp1")
+    assert store.verify("demo", "fp1") == []
+    assert [p.name for p in (tmp_path / "artifacts" / "demo").iterdir()] == ["fp1"]
+
+
+def test_partial_is_kept_for_resume_unless_fresh(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    partial = store.open_partial("demo", "fp1")
+    (partial / "shard-0").write_text("done")
+    (partial / MANIFEST).write_text("{}")  # stale manifest from a crash mid-publish
+    again = store.open_partial("demo", "fp1")
+    assert (again / "shard-0").exists()
+    assert not (again / MANIFEST).exists()
+    fresh = store.open_partial("demo", "fp1", fresh=True)
+    assert list(fresh.iterdir()) == []

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from embedder.config import ConfigError, IngestConfig, load_config
+
+
+def test_preset_defaults() -> None:
+    cfg = load_config("tiny")
+    assert cfg.preset == "tiny"
+    assert cfg.ingest.source == "world"
+    assert cfg.ingest.on_bad_rows == "error"
+
+
+def test_yaml_then_overrides(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("world:\n  seed: 3\n  train_pairs: 50\ningest:\n  on_bad_rows: skip\n")
+    cfg = load_config("tiny", f, ["world.seed=7", "ingest.eval_subsets=[A, B]"])
+    assert cfg.world.seed == 7  # the override wins over the file
+    assert cfg.world.train_pairs == 50
+    assert cfg.ingest.on_bad_rows == "skip"
+    assert cfg.ingest.eval_subsets == ["A", "B"]
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("ingest.on_bad_row=skip", "ingest.on_bad_row: unknown key"),
+        ("ingest.on_bad_rows=maybe", "ingest.on_bad_rows"),
+        ("world.train_pairs=many", "world.train_pairs"),
+        ("nosuch.key=1", "nosuch: unknown key"),
+    ],
+)
+def test_bad_keys_and_types_are_named(override: str, named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", overrides=[override])
+    assert named in str(err.value)
+
+
+def test_malformed_override_and_unknown_preset(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("tiny", overrides=["ingest.on_bad_rows"])
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("huge")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("tiny", tmp_path / "nope.yaml")
+
+
+def test_source_needs_its_paths() -> None:
+    with pytest.raises(ValueError, match=r"ingest\.train_dir"):
+        IngestConfig(source="mmeb")
+    with pytest.raises(ConfigError, match=r"ingest\.jsonl_files"):
+        load_config("tiny", overrides=["ingest.source=jsonl"])

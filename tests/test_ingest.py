@@ -1,0 +1,262 @@
+"""Readers and the ingest stage on MMEB-layout folders the tests write themselves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from embedder.config import IngestConfig
+from embedder.datasets.ingest import BadRowsError, ingest
+from embedder.datasets.schema import EVAL_SCHEMA, PAIRS_SCHEMA, REJECTS_SCHEMA
+from embedder.datasets.sources import SourceError
+from tests.conftest import SMALL_WORLD
+
+
+def _world_config(world: Path, **kw: object) -> IngestConfig:
+    return IngestConfig(
+        source="mmeb",
+        train_dir=world / "train",
+        train_images=world / "train_images",
+        eval_dir=world / "eval",
+        eval_images=world / "eval_images",
+        **kw,
+    )
+
+
+def test_world_ingest_counts_schema_and_flags(world_dir: Path, tmp_path: Path) -> None:
+    out = ingest(_world_config(world_dir), tmp_path)
+    pairs = pq.read_table(tmp_path / "pairs.parquet")
+    evals = pq.read_table(tmp_path / "eval.parquet")
+    assert pairs.schema.equals(PAIRS_SCHEMA, check_metadata=False)
+    assert evals.schema.equals(EVAL_SCHEMA, check_metadata=False)
+    assert pq.read_table(tmp_path / "rejects.parquet").num_rows == 0
+    assert pairs.num_rows == 5 * SMALL_WORLD["train_pairs"] == out.rows["pairs"]
+    assert evals.num_rows == 10 * SMALL_WORLD["eval_queries"] == out.rows["eval"]
+    assert set(pairs["meta_task"].to_pylist()) == {"classification", "vqa", "retrieval", "grounding"}
+    dist = {(s, d) for s, d in zip(evals["subset"].to_pylist(), evals["distribution"].to_pylist())}
+    assert ("ShapeClass", "ind") in dist and ("OutlineClass", "ood") in dist
+    assert {d for _, d in dist} == {"ind", "ood"}
+    groups = [g for g in pairs["fn_group"].to_pylist() if g is not None]
+    assert groups, "the world plants false-negative groups"
+    assert out.metrics["rows_per_s"] > 0
+    assert out.info["images_root"]["pairs"] == str((world_dir / "train_images").resolve())
+
+
+def test_ids_are_stable_across_ingests_and_batch_sizes(world_dir: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    ingest(_world_config(world_dir), a)
+    ingest(_world_config(world_dir, batch_rows=7, image_workers=2), b)
+    for table in ("pairs", "eval"):
+        ta, tb = pq.read_table(a / f"{table}.parquet"), pq.read_table(b / f"{table}.parquet")
+        assert ta.equals(tb)
+    assert len(set(pq.read_table(a / "eval.parquet")["id"].to_pylist())) > 1
+
+
+# --------------------------------------------------------------- a hand-made, odd dump
+
+GOOD_ROW = {
+    "qry": "<|image_1|>\nRepresent the given image for classification",
+    "pos_text": "apple",
+    "pos_image_path": "",
+    "neg_text": "",
+    "neg_image_path": "",
+}
+
+
+def _png(path: Path, colour: str = "red") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (16, 16), colour).save(path)
+
+
+@pytest.fixture
+def odd_dump(tmp_path: Path) -> tuple[Path, Path]:
+    """An MMEB-train layout with one good subset, one with every kind of bad row, and an
+    empty one; plus macOS litter that must be ignored."""
+    root, images = tmp_path / "train", tmp_path / "images"
+    _png(images / "Odd" / "ok.png")
+    _png(images / "Odd" / "ok2.png", "blue")
+    (images / "Odd" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    truncated = images / "Odd" / "truncated.png"
+    _png(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    _png(images / "Odd" / "._ok.png")
+    _png(tmp_path / "outside.png")
+    (images / "Odd" / "escape.png").symlink_to(tmp_path / "outside.png")
+    rows = [
+        {**GOOD_ROW, "qry_image_path": "Odd/ok.png"},
+        {**GOOD_ROW, "qry_image_path": "Odd/ok2.png", "pos_text": "pear"},
+        {**GOOD_ROW, "qry_image_path": "Odd/missing.png"},
+        {**GOOD_ROW, "qry_image_path": "Odd/corrupt.png"},
+        {**GOOD_ROW, "qry_image_path": "Odd/truncated.png"},
+        {**GOOD_ROW, "qry_image_path": "../outside.png"},
+        {**GOOD_ROW, "qry_image_path": str(tmp_path / "outside.png")},
+        {**GOOD_ROW, "qry_image_path": "Odd/._ok.png"},
+        {**GOOD_ROW, "qry_image_path": "Odd/escape.png"},
+        {**GOOD_ROW, "qry_image_path": "Odd/ok.png", "pos_text": None},
+        {**GOOD_ROW, "qry": "", "qry_image_path": ""},
+    ]
+    table = pa.Table.from_pylist(rows)
+    (root / "Odd").mkdir(parents=True)
+    pq.write_table(table, root / "Odd" / "original-00000-of-00001.parquet")
+    (root / "Odd" / "._original-00000-of-00001.parquet").write_bytes(b"\x00\x05\x16\x07junk")
+    good = pa.Table.from_pylist([{**GOOD_ROW, "qry_image_path": "Odd/ok.png"}] * 3)
+    (root / "Good").mkdir()
+    pq.write_table(good, root / "Good" / "original-00000-of-00001.parquet")
+    (root / "Empty").mkdir()
+    pq.write_table(good.slice(0, 0), root / "Empty" / "original-00000-of-00001.parquet")
+    (root / "__MACOSX").mkdir()
+    (root / "._Good").write_bytes(b"junk")
+    meta = {n: {"meta_task": "classification"} for n in ("Odd", "Good", "Empty")}
+    (root / "subsets.json").write_text(json.dumps(meta))
+    return root, images
+
+
+EXPECTED_REASONS = {
+    2: "not found",
+    3: "cannot be decoded",
+    4: "cannot be decoded",
+    5: "contains '..'",
+    6: "absolute path",
+    7: "'._' metadata file",
+    8: "resolves outside the images root",
+    9: "pos_text is null",
+    10: "query has neither text nor image",
+}
+
+
+def test_bad_rows_fail_naming_every_row(odd_dump: tuple[Path, Path], tmp_path: Path) -> None:
+    root, images = odd_dump
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = IngestConfig(source="mmeb", train_dir=root, train_images=images)
+    with pytest.raises(BadRowsError) as err:
+        ingest(cfg, out)
+    msg = str(err.value)
+    assert f"{len(EXPECTED_REASONS)} bad row(s)" in msg
+    for row, reason in EXPECTED_REASONS.items():
+        line = next(ln for ln in msg.splitlines() if f"original-00000-of-00001.parquet row {row} " in ln)
+        assert reason in line, (row, line)
+    assert "on_bad_rows=skip" in msg
+
+
+def test_skip_writes_rejects_and_keeps_good_rows(odd_dump: tuple[Path, Path], tmp_path: Path) -> None:
+    root, images = odd_dump
+    cfg = IngestConfig(source="mmeb", train_dir=root, train_images=images, on_bad_rows="skip")
+    result = ingest(cfg, tmp_path)
+    pairs = pq.read_table(tmp_path / "pairs.parquet").to_pylist()
+    assert sorted((p["subset"], p["row"]) for p in pairs) == [
+        ("Good", 0), ("Good", 1), ("Good", 2), ("Odd", 0), ("Odd", 1)
+    ]
+    rejects = pq.read_table(tmp_path / "rejects.parquet")
+    assert rejects.schema.equals(REJECTS_SCHEMA, check_metadata=False)
+    got = {r["row"]: r["reason"] for r in rejects.to_pylist()}
+    assert set(got) == set(EXPECTED_REASONS)
+    for row, reason in EXPECTED_REASONS.items():
+        assert reason in got[row]
+    assert result.metrics["rejected_rows"] == len(EXPECTED_REASONS)
+    assert result.info["empty_subsets"] == ["pairs:Empty"]
+
+
+def test_empty_subset_is_an_error(odd_dump: tuple[Path, Path], tmp_path: Path) -> None:
+    root, images = odd_dump
+    cfg = IngestConfig(
+        source="mmeb", train_dir=root, train_images=images, train_subsets=["Good", "Empty"]
+    )
+    with pytest.raises(BadRowsError, match="empty subset.*pairs:Empty"):
+        ingest(cfg, tmp_path)
+
+
+def test_wrong_column_name_is_named(tmp_path: Path) -> None:
+    root = tmp_path / "train"
+    (root / "ImageNet_1K").mkdir(parents=True)
+    row = {**GOOD_ROW, "qry_image_path": "", "query": "x"}
+    del row["qry"]
+    pq.write_table(pa.Table.from_pylist([row]), root / "ImageNet_1K" / "original-0.parquet")
+    (tmp_path / "img").mkdir()
+    cfg = IngestConfig(source="mmeb", train_dir=root, train_images=tmp_path / "img")
+    with pytest.raises(SourceError, match=r"lacks column\(s\) qry .*'query' -> 'qry'"):
+        ingest(cfg, tmp_path)
+
+
+def test_unknown_subset_and_missing_root(tmp_path: Path) -> None:
+    root = tmp_path / "train"
+    (root / "MySet").mkdir(parents=True)
+    pq.write_table(
+        pa.Table.from_pylist([{**GOOD_ROW, "qry": "text", "qry_image_path": ""}]),
+        root / "MySet" / "original-0.parquet",
+    )
+    (tmp_path / "img").mkdir()
+    cfg = IngestConfig(source="mmeb", train_dir=root, train_images=tmp_path / "img")
+    with pytest.raises(ValueError, match="describe it in a subsets.json"):
+        ingest(cfg, tmp_path)
+    cfg = IngestConfig(source="mmeb", train_dir=root, train_images=tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="images root"):
+        ingest(cfg, tmp_path)
+    with pytest.raises(SourceError, match=r"subsets \['Other'\] not found"):
+        ingest(cfg.model_copy(update={"train_subsets": ["Other"]}), tmp_path)
+
+
+def test_mmeb_names_get_their_meta_task(tmp_path: Path) -> None:
+    root = tmp_path / "train"
+    for name in ("ImageNet_1K", "MSCOCO_t2i", "OK-VQA", "MSCOCO"):
+        (root / name).mkdir(parents=True)
+        pq.write_table(
+            pa.Table.from_pylist([{**GOOD_ROW, "qry": f"q {name}", "qry_image_path": ""}]),
+            root / name / "original-0.parquet",
+        )
+    (tmp_path / "img").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    ingest(IngestConfig(source="mmeb", train_dir=root, train_images=tmp_path / "img"), out)
+    got = {r["subset"]: r["meta_task"] for r in pq.read_table(out / "pairs.parquet").to_pylist()}
+    assert got == {
+        "ImageNet_1K": "classification", "MSCOCO_t2i": "retrieval",
+        "OK-VQA": "vqa", "MSCOCO": "grounding",
+    }
+
+
+def test_jsonl_reader(tmp_path: Path) -> None:
+    images = tmp_path / "img"
+    _png(images / "a.png")
+    f = tmp_path / "mine.jsonl"
+    lines = [
+        json.dumps({**GOOD_ROW, "qry_image_path": "a.png"}),
+        "{not json",
+        json.dumps({**GOOD_ROW, "qry_image_path": "a.png", "pos_text": float("nan")}),
+        "",
+        json.dumps({**GOOD_ROW, "qry_image_path": "a.png", "pos_text": "pear"}),
+    ]
+    f.write_text("\n".join(lines) + "\n")
+    (tmp_path / "subsets.json").write_text(json.dumps({"mine": {"meta_task": "classification"}}))
+    cfg = IngestConfig(
+        source="jsonl", jsonl_files=[f], jsonl_images=images, on_bad_rows="skip", batch_rows=2
+    )
+    ingest(cfg, tmp_path)
+    pairs = pq.read_table(tmp_path / "pairs.parquet").to_pylist()
+    assert [(p["subset"], p["pos_text"]) for p in pairs] == [("mine", "apple"), ("mine", "pear")]
+    reasons = [r["reason"] for r in pq.read_table(tmp_path / "rejects.parquet").to_pylist()]
+    assert any("not a JSON object" in r for r in reasons)
+    assert any("pos_text is NaN" in r for r in reasons)
+
+
+def test_eval_rows_check_every_candidate(world_dir: Path, tmp_path: Path) -> None:
+    world = tmp_path / "w"
+    shutil.copytree(world_dir, world)
+    table = pq.read_table(world / "eval" / "ShapeCaps_t2i" / "test-00000-of-00001.parquet")
+    victim = table["tgt_img_path"][1].as_py()[3]
+    (world / "eval_images" / victim).unlink()
+    users = sum(victim in lst for lst in table["tgt_img_path"].to_pylist())
+    out = tmp_path / "out"
+    out.mkdir()
+    result = ingest(_world_config(world, on_bad_rows="skip"), out)
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert len(rejects) == users == result.rows["rejects"]
+    assert all(r["table"] == "eval" and victim in r["reason"] for r in rejects)
