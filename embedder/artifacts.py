@@ -14,6 +14,7 @@ and is recomputed, never trusted.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 MANIFEST = "manifest.json"
@@ -65,6 +67,19 @@ def fingerprint(
         separators=(",", ":"),
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def code_version(*modules: ModuleType) -> str:
+    """A stage's code version: a hash of the source of the modules that shape its output.
+
+    Derived rather than bumped by hand, so an edit can never leave a stale cache behind; the
+    price is that a comment-only edit also recomputes the stage.
+    """
+    digest = hashlib.sha256()
+    for module in modules:
+        source = inspect.getsource(module)
+        digest.update(module.__name__.encode() + b"\0" + source.encode())
+    return digest.hexdigest()[:12]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

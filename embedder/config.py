@@ -88,6 +88,7 @@ class IngestConfig(_Section):
         needs: dict[str, list[str]] = {
             "mmeb": ["train_dir", "train_images"],
             "jsonl": ["jsonl_files", "jsonl_images"],
+            "hub": ["train_images"],
         }
         missing = [k for k in needs.get(self.source, []) if not getattr(self, k)]
         if missing:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from embedder.config import PRESETS, STAGES, load_config
@@ -73,10 +74,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         force=args.force,
         workdir=str(workdir),
     )
-    print("\nPublished stage folders:")
-    for stage, path in paths.items():
-        print(f"  {stage:8s} {path}")
+    print(run_summary(paths, workdir))
     return 0
+
+
+def run_summary(paths: dict[str, str], workdir: Path) -> str:
+    """What a run produced and where to look at it."""
+    from embedder.artifacts import MANIFEST, Manifest
+
+    lines = ["", "Published stage folders:"]
+    for stage, path in paths.items():
+        manifest = Manifest.from_json((Path(path) / MANIFEST).read_text())
+        rows = ", ".join(f"{k} {v:,}" for k, v in manifest.rows.items() if ":" not in k)
+        lines.append(f"  {stage:8s} {path}" + (f"  ({rows})" if rows else ""))
+    lines += [
+        "",
+        f"MLflow runs:  sqlite:///{workdir / 'mlflow.db'}   Prefect state: {workdir / 'prefect'}",
+        "Open the UIs: `make up` (or `gen2embed up --workdir ...`), then",
+        "  Prefect http://127.0.0.1:4200   MLflow http://127.0.0.1:5000",
+    ]
+    return "\n".join(lines)
 
 
 def cmd_stages(args: argparse.Namespace) -> int:

@@ -51,6 +51,7 @@ def configure(workdir: str | Path | None) -> Path:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
         # Show the embedder's own progress logs in Prefect's console and UI.
         "PREFECT_LOGGING_EXTRA_LOGGERS": "gen2embed",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
         "GIT_PYTHON_REFRESH": "quiet",
     }
     services = running_services(root)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from embedder.datasets.ingest import CODE_VERSION, ingest, source_inputs
+from embedder.artifacts import code_version
+from embedder.datasets import catalog, images, ingest, schema, sources
 from tasks.stage import StageDef, register
 
 STAGE = register(
     StageDef(
         name="ingest",
-        code_version=CODE_VERSION,
+        code_version=code_version(ingest, sources, images, catalog, schema),
         upstream=lambda config: ("world",) if config.ingest.source == "world" else (),
-        inputs=lambda section, upstream: source_inputs(section, upstream.get("world")),  # type: ignore[arg-type]
-        compute=lambda section, out, upstream: ingest(section, out, upstream.get("world")),  # type: ignore[arg-type]
+        inputs=lambda section, upstream: ingest.source_inputs(section, upstream.get("world")),  # type: ignore[arg-type]
+        compute=lambda section, out, upstream: ingest.ingest(section, out, upstream.get("world")),  # type: ignore[arg-type]
     )
 )

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from embedder.datasets.synthetic import CODE_VERSION, build_world
+from embedder.artifacts import code_version
+from embedder.datasets import synthetic
 from tasks.stage import StageDef, register
 
 STAGE = register(
     StageDef(
         name="world",
-        code_version=CODE_VERSION,
+        code_version=code_version(synthetic),
         upstream=lambda _config: (),
         inputs=lambda _section, _upstream: {},
-        compute=lambda section, out, _upstream: build_world(section, out),  # type: ignore[arg-type]
+        compute=lambda section, out, _upstream: synthetic.build_world(section, out),  # type: ignore[arg-type]
         enabled=lambda config: config.ingest.source == "world",
     )
 )

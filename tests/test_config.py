@@ -38,7 +38,7 @@ def test_bad_keys_and_types_are_named(override: str, named: str) -> None:
 
 
 def test_malformed_override_and_unknown_preset(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_config("tiny", overrides=["ingest.on_bad_rows"])
     with pytest.raises(ConfigError, match="unknown preset"):
         load_config("huge")

@@ -38,8 +38,16 @@ def test_world_ingest_counts_schema_and_flags(world_dir: Path, tmp_path: Path) -
     assert pq.read_table(tmp_path / "rejects.parquet").num_rows == 0
     assert pairs.num_rows == 5 * SMALL_WORLD["train_pairs"] == out.rows["pairs"]
     assert evals.num_rows == 10 * SMALL_WORLD["eval_queries"] == out.rows["eval"]
-    assert set(pairs["meta_task"].to_pylist()) == {"classification", "vqa", "retrieval", "grounding"}
-    dist = {(s, d) for s, d in zip(evals["subset"].to_pylist(), evals["distribution"].to_pylist())}
+    assert set(pairs["meta_task"].to_pylist()) == {
+        "classification",
+        "vqa",
+        "retrieval",
+        "grounding",
+    }
+    dist = {
+        (s, d)
+        for s, d in zip(evals["subset"].to_pylist(), evals["distribution"].to_pylist(), strict=True)
+    }
     assert ("ShapeClass", "ind") in dist and ("OutlineClass", "ood") in dist
     assert {d for _, d in dist} == {"ind", "ood"}
     groups = [g for g in pairs["fn_group"].to_pylist() if g is not None]
@@ -142,18 +150,26 @@ def test_bad_rows_fail_naming_every_row(odd_dump: tuple[Path, Path], tmp_path: P
     msg = str(err.value)
     assert f"{len(EXPECTED_REASONS)} bad row(s)" in msg
     for row, reason in EXPECTED_REASONS.items():
-        line = next(ln for ln in msg.splitlines() if f"original-00000-of-00001.parquet row {row} " in ln)
+        line = next(
+            ln for ln in msg.splitlines() if f"original-00000-of-00001.parquet row {row} " in ln
+        )
         assert reason in line, (row, line)
     assert "on_bad_rows=skip" in msg
 
 
-def test_skip_writes_rejects_and_keeps_good_rows(odd_dump: tuple[Path, Path], tmp_path: Path) -> None:
+def test_skip_writes_rejects_and_keeps_good_rows(
+    odd_dump: tuple[Path, Path], tmp_path: Path
+) -> None:
     root, images = odd_dump
     cfg = IngestConfig(source="mmeb", train_dir=root, train_images=images, on_bad_rows="skip")
     result = ingest(cfg, tmp_path)
     pairs = pq.read_table(tmp_path / "pairs.parquet").to_pylist()
     assert sorted((p["subset"], p["row"]) for p in pairs) == [
-        ("Good", 0), ("Good", 1), ("Good", 2), ("Odd", 0), ("Odd", 1)
+        ("Good", 0),
+        ("Good", 1),
+        ("Good", 2),
+        ("Odd", 0),
+        ("Odd", 1),
     ]
     rejects = pq.read_table(tmp_path / "rejects.parquet")
     assert rejects.schema.equals(REJECTS_SCHEMA, check_metadata=False)
@@ -170,7 +186,7 @@ def test_empty_subset_is_an_error(odd_dump: tuple[Path, Path], tmp_path: Path) -
     cfg = IngestConfig(
         source="mmeb", train_dir=root, train_images=images, train_subsets=["Good", "Empty"]
     )
-    with pytest.raises(BadRowsError, match="empty subset.*pairs:Empty"):
+    with pytest.raises(BadRowsError, match=r"empty subset.*pairs:Empty"):
         ingest(cfg, tmp_path)
 
 
@@ -195,7 +211,7 @@ def test_unknown_subset_and_missing_root(tmp_path: Path) -> None:
     )
     (tmp_path / "img").mkdir()
     cfg = IngestConfig(source="mmeb", train_dir=root, train_images=tmp_path / "img")
-    with pytest.raises(ValueError, match="describe it in a subsets.json"):
+    with pytest.raises(ValueError, match=r"describe it in a subsets\.json"):
         ingest(cfg, tmp_path)
     cfg = IngestConfig(source="mmeb", train_dir=root, train_images=tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="images root"):
@@ -218,8 +234,10 @@ def test_mmeb_names_get_their_meta_task(tmp_path: Path) -> None:
     ingest(IngestConfig(source="mmeb", train_dir=root, train_images=tmp_path / "img"), out)
     got = {r["subset"]: r["meta_task"] for r in pq.read_table(out / "pairs.parquet").to_pylist()}
     assert got == {
-        "ImageNet_1K": "classification", "MSCOCO_t2i": "retrieval",
-        "OK-VQA": "vqa", "MSCOCO": "grounding",
+        "ImageNet_1K": "classification",
+        "MSCOCO_t2i": "retrieval",
+        "OK-VQA": "vqa",
+        "MSCOCO": "grounding",
     }
 
 

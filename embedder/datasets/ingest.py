@@ -33,7 +33,6 @@ from embedder.errors import UserError
 
 log = logging.getLogger("gen2embed.ingest")
 
-CODE_VERSION = "ingest-1"
 MAX_NAMED_REJECTS = 20
 
 

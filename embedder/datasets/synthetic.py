@@ -36,8 +36,6 @@ from PIL import Image, ImageDraw, ImageFilter
 from embedder.artifacts import StageOutput
 from embedder.config import WorldConfig
 
-CODE_VERSION = "world-1"
-
 
 @dataclass(frozen=True)
 class Category:

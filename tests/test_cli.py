@@ -1,0 +1,61 @@
+"""The `gen2embed` command line, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BIN = Path(sys.executable).parent / "gen2embed"
+
+
+def _cli(*args: str, workdir: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "GEN2EMBED_HOME")}
+    return subprocess.run(
+        [str(BIN), *args, "--workdir", str(workdir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_stages_lists_fingerprints_and_cache_state(tmp_path: Path) -> None:
+    res = _cli("stages", "--set", "world.seed=3", workdir=tmp_path)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0] == f"workdir {tmp_path}"
+    world = next(ln for ln in lines if ln.startswith("world "))
+    ingest = next(ln for ln in lines if ln.startswith("ingest "))
+    assert "to compute" in world and "to compute" in ingest
+    other = _cli("stages", "--set", "world.seed=4", workdir=tmp_path)
+    assert other.stdout.splitlines()[2].split()[1] != world.split()[1]
+
+
+def test_bad_override_exits_2_naming_the_key(tmp_path: Path) -> None:
+    res = _cli("run", "--set", "ingest.on_bad_row=skip", workdir=tmp_path)
+    assert res.returncode == 2
+    assert "ingest.on_bad_row: unknown key" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "prefect").exists() or not any((tmp_path / "prefect").iterdir())
+
+
+def test_bad_data_exits_2_with_the_rows_and_no_traceback(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "VOC2007").mkdir(parents=True)
+    (src / "VOC2007" / "original-0.parquet").write_bytes(b"not parquet")
+    (tmp_path / "img").mkdir()
+    res = _cli(
+        "run",
+        "--set",
+        "ingest.source=mmeb",
+        "--set",
+        f"ingest.train_dir={src}",
+        "--set",
+        f"ingest.train_images={tmp_path / 'img'}",
+        workdir=tmp_path / "w",
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "is not a readable Parquet file" in res.stderr
+    assert "gen2embed: " in res.stderr

@@ -1,0 +1,171 @@
+"""The pipeline under real Prefect (one test server per session) and a real MLflow SQLite store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import SMALL_WORLD_OVERRIDES
+
+pytestmark = [pytest.mark.flow, pytest.mark.usefixtures("prefect_server")]
+
+
+def _run(workdir: Path, **kwargs: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """Run the flow; return (stage -> folder, stage -> Prefect state name of its task run)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import pipeline
+
+    overrides = [*SMALL_WORLD_OVERRIDES, *kwargs.pop("overrides", [])]
+    state = pipeline(workdir=str(workdir), overrides=overrides, return_state=True, **kwargs)
+    paths = state.result()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    return paths, {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def _mlflow(workdir: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def test_second_run_is_cached_and_mlflow_holds_nested_runs(tmp_path: Path) -> None:
+    paths, states = _run(tmp_path)
+    assert states == {"world": "Completed", "ingest": "Completed"}
+    ingest_dir = Path(paths["ingest"])
+    assert (ingest_dir / "manifest.json").is_file()
+    assert pq.read_table(ingest_dir / "pairs.parquet").num_rows == 200
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        summaries = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["ingest-summary"]))
+        )
+    assert summaries and "| pairs | 200 |" in str(summaries[0].data)
+
+    paths2, states2 = _run(tmp_path)
+    assert paths2 == paths
+    assert states2 == {"world": "Cached", "ingest": "Cached"}
+
+    client = _mlflow(tmp_path)
+    exp = client.get_experiment_by_name("gen2embed")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if r.info.run_name == "pipeline"]
+    assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)
+    first_children = [
+        r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    ]
+    ingest_run = next(r for r in first_children if r.info.run_name == "ingest")
+    assert ingest_run.data.params["on_bad_rows"] == "error"
+    assert ingest_run.data.metrics["rows_per_s"] > 0
+    assert ingest_run.data.metrics["rows.pairs"] == 200
+    assert ingest_run.data.tags["prefect.flow_run_id"]
+    assert "manifest.json" in [a.path for a in client.list_artifacts(ingest_run.info.run_id)]
+    cached = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
+    assert {r.info.run_name for r in cached} == {"world", "ingest"}
+    cached_ingest = next(r for r in cached if r.info.run_name == "ingest")
+    assert cached_ingest.data.tags["gen2embed.cached"] == "true"
+    assert cached_ingest.data.tags["gen2embed.source_run"] == ingest_run.info.run_id
+
+
+def test_damaged_or_deleted_result_is_recomputed(tmp_path: Path) -> None:
+    paths, _ = _run(tmp_path)
+    ingest_dir = Path(paths["ingest"])
+    table = ingest_dir / "pairs.parquet"
+    good = table.read_bytes()
+    table.write_bytes(good[: len(good) // 2])
+    _, states = _run(tmp_path)
+    assert states == {"world": "Cached", "ingest": "Completed"}
+    assert table.read_bytes() == good
+
+    import shutil
+
+    shutil.rmtree(ingest_dir)
+    _, states = _run(tmp_path)
+    assert states == {"world": "Cached", "ingest": "Completed"}
+    assert table.read_bytes() == good
+
+
+def test_from_and_force(tmp_path: Path) -> None:
+    from flows.pipeline import PipelineError, pipeline
+
+    with pytest.raises(PipelineError, match="needs published results of world"):
+        pipeline(workdir=str(tmp_path), overrides=SMALL_WORLD_OVERRIDES, from_stage="ingest")
+    _run(tmp_path)
+    _, states = _run(tmp_path, from_stage="ingest")
+    assert states == {"ingest": "Completed"}  # world is used, not run
+    _, states = _run(tmp_path, force=["world"])
+    assert states == {"world": "Completed", "ingest": "Completed"}
+
+
+def test_bad_data_fails_the_stage_and_publishes_nothing(tmp_path: Path) -> None:
+    from embedder.datasets.ingest import BadRowsError
+    from flows.pipeline import pipeline
+
+    root = tmp_path / "src"
+    (root / "train" / "ImageNet_1K").mkdir(parents=True)
+    (root / "img").mkdir()
+    import pyarrow as pa
+
+    row = {
+        "qry": "<|image_1|>\nx",
+        "qry_image_path": "gone.png",
+        "pos_text": "a",
+        "pos_image_path": "",
+        "neg_text": "",
+        "neg_image_path": "",
+    }
+    pq.write_table(
+        pa.Table.from_pylist([row]), root / "train" / "ImageNet_1K" / "original-0.parquet"
+    )
+    overrides = [
+        "ingest.source=mmeb",
+        f"ingest.train_dir={root / 'train'}",
+        f"ingest.train_images={root / 'img'}",
+    ]
+    work = tmp_path / "work"
+    with pytest.raises(BadRowsError, match=r"gone\.png"):
+        pipeline(workdir=str(work), overrides=overrides)
+    assert not any(
+        p.name != "manifest.json" and p.suffix != ".partial"
+        for p in (work / "artifacts" / "ingest").iterdir()
+    )
+    assert [p.suffix for p in (work / "artifacts" / "ingest").iterdir()] == [".partial"]
+    client = _mlflow(work)
+    exp = client.get_experiment_by_name("gen2embed")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert runs["ingest"].info.status == "FAILED"
+    assert "BadRowsError" in runs["ingest"].data.tags["gen2embed.error"]
+    assert runs["pipeline"].info.status == "FAILED"
+
+
+def test_flow_parameters_render_as_a_form() -> None:
+    from flows.pipeline import pipeline
+
+    props = pipeline.parameters.model_dump()["properties"]
+    assert set(props) == {"preset", "config_file", "overrides", "from_stage", "force", "workdir"}
+    # A one-value Literal renders as a const; more presets make it an enum.
+    assert props["preset"].get("enum", [props["preset"].get("const")]) == ["tiny"]
+    assert props["preset"]["default"] == "tiny"
+    assert all(p.get("description") for p in props.values()), "every field is documented"
+
+    def enum_of(schema: dict) -> list[str]:
+        for option in schema.get("anyOf", [schema]):
+            if "enum" in option:
+                return option["enum"]
+            if option.get("type") == "array":
+                return enum_of(option["items"])
+        raise AssertionError(schema)
+
+    assert enum_of(props["from_stage"]) == ["world", "ingest"]
+    assert enum_of(props["force"]) == ["world", "ingest"]

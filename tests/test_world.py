@@ -1,0 +1,98 @@
+"""The miniature world: deterministic, MMEB-shaped, all meta-tasks, planted false negatives."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from embedder.config import WorldConfig
+from embedder.datasets import synthetic
+from embedder.datasets.synthetic import CATEGORIES, Scene, build_world, caption, render
+from tests.conftest import SMALL_WORLD
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_seed_same_bytes_other_seed_differs(world_dir: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    build_world(WorldConfig(**SMALL_WORLD), again)
+    assert _digest(again) == _digest(world_dir)
+    other = tmp_path / "other"
+    build_world(WorldConfig(**{**SMALL_WORLD, "seed": 1}), other)
+    assert _digest(other) != _digest(world_dir)
+
+
+def test_layout_and_coverage(world_dir: Path) -> None:
+    train = json.loads((world_dir / "train" / "subsets.json").read_text())
+    evals = json.loads((world_dir / "eval" / "subsets.json").read_text())
+    assert {v["meta_task"] for v in train.values()} == {
+        "classification",
+        "vqa",
+        "retrieval",
+        "grounding",
+    }
+    for dist in ("ind", "ood"):
+        tasks = {v["meta_task"] for v in evals.values() if v["distribution"] == dist}
+        assert tasks == {"classification", "vqa", "retrieval", "grounding"}
+    for name in train:
+        assert (world_dir / "train" / name / "original-00000-of-00001.parquet").is_file()
+    for name in evals:
+        t = pq.read_table(world_dir / "eval" / name / "test-00000-of-00001.parquet")
+        assert t.column_names == ["qry_text", "qry_img_path", "tgt_text", "tgt_img_path"]
+        assert t.num_rows == SMALL_WORLD["eval_queries"]
+
+
+def test_eval_candidates_hold_hard_same_category_negatives(world_dir: Path) -> None:
+    t = pq.read_table(world_dir / "eval" / "ShapeCaps_i2t" / "test-00000-of-00001.parquet")
+    names = [c.name for c in CATEGORIES]
+    for texts in t["tgt_text"].to_pylist():
+        assert len(texts) == SMALL_WORLD["eval_candidates"]
+        assert len(set(texts)) == len(texts), "candidates are distinct"
+        correct_cat = next(n for n in names if f" {n} " in texts[0])
+        same = [x for x in texts[1:] if f" {correct_cat} " in x]
+        assert len(same) == SMALL_WORLD["same_category_negatives"]
+    cls = pq.read_table(world_dir / "eval" / "ShapeClass" / "test-00000-of-00001.parquet")
+    for texts in cls["tgt_text"].to_pylist():
+        assert sorted(texts) == sorted(names)
+
+
+def test_planted_false_negatives_are_distinct_but_interchangeable(world_dir: Path) -> None:
+    for name in ("ShapeCaps_i2t", "ShapeCaps_t2i", "ShapeVQA", "ShapeRef"):
+        rows = pq.read_table(
+            world_dir / "train" / name / "original-00000-of-00001.parquet"
+        ).to_pylist()
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for r in rows:
+            if r["fn_group"]:
+                groups[r["fn_group"]].append(r)
+        assert groups, name
+        for members in groups.values():
+            assert 2 <= len(members) <= 3
+            contents = {
+                (m["qry"], m["qry_image_path"], m["pos_text"], m["pos_image_path"]) for m in members
+            }
+            assert len(contents) == len(members), "group members are distinct pairs"
+    cls = pq.read_table(world_dir / "train" / "ShapeClass" / "original-00000-of-00001.parquet")
+    assert set(cls["fn_group"].to_pylist()) == {None}
+
+
+def test_captions_open_with_filler_and_render_is_deterministic() -> None:
+    s = Scene(0, 1, 2, 2, "blue")
+    for v in range(3):
+        assert caption(s, v).startswith("The image shows ")
+        assert "apple" in caption(s, v) and "two" in caption(s, v)
+    a, b = render(s, 64, seed=5), render(s, 64, seed=5)
+    assert a.tobytes() == b.tobytes()
+    assert render(s, 64, seed=6).tobytes() != a.tobytes()
+    assert len(synthetic.all_scenes()) == 12 * 2 * 3 * (1 + 3 * 6)
