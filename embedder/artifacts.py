@@ -13,17 +13,22 @@ and is recomputed, never trusted.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import inspect
 import json
+import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+log = logging.getLogger("gen2embed.artifacts")
 
 MANIFEST = "manifest.json"
 PARTIAL_SUFFIX = ".partial"
@@ -134,6 +139,23 @@ class ArtifactStore:
 
     def partial_path(self, stage: str, fp: str) -> Path:
         return self.root / stage / f"{fp}{PARTIAL_SUFFIX}"
+
+    @contextmanager
+    def lock(self, stage: str, fp: str) -> Iterator[None]:
+        """Exclusive right to compute one stage folder: a nightly run and a manual run of the
+        same fingerprint must not write into the same partial folder at once."""
+        path = self.root / stage / f"{fp}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("%s/%s: another process is computing it; waiting", stage, fp)
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def open_partial(self, stage: str, fp: str, *, fresh: bool = False) -> Path:
         """The folder a stage writes into. Kept across attempts so long stages can resume;

@@ -162,11 +162,37 @@ def execute_stage(
     recompute: bool,
 ) -> Manifest:
     """Compute (or reuse) one stage's published folder; the body of every stage task."""
+    with store.lock(stage.name, fingerprint_):
+        return _compute_locked(
+            stage,
+            config,
+            fingerprint_,
+            inputs,
+            upstream_paths,
+            store,
+            tracker,
+            parent_run_id,
+            recompute,
+        )
+
+
+def _compute_locked(
+    stage: StageDef,
+    config: PipelineConfig,
+    fingerprint_: str,
+    inputs: Mapping[str, str],
+    upstream_paths: Mapping[str, Path],
+    store: ArtifactStore,
+    tracker: Tracker,
+    parent_run_id: str | None,
+    recompute: bool,
+) -> Manifest:
     section = config.section(stage.name)
     if not recompute:
         existing = store.load(stage.name, fingerprint_)
         if existing is not None:
-            # Prefect had no cache record (a new Prefect home) but the folder is good.
+            # Prefect had no cache record (a new Prefect home), or another run published it
+            # while this one waited for the lock: the folder is good, reuse it.
             log.info("%s: reusing published %s", stage.name, store.path(stage.name, fingerprint_))
             log_cached_run(
                 stage.name, existing, tracker, parent_run_id, store.path(stage.name, fingerprint_)

@@ -86,3 +86,28 @@ def test_partial_is_kept_for_resume_unless_fresh(tmp_path: Path) -> None:
     assert not (again / MANIFEST).exists()
     fresh = store.open_partial("demo", "fp1", fresh=True)
     assert list(fresh.iterdir()) == []
+
+
+def test_lock_serialises_writers_of_one_folder(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    store = ArtifactStore(tmp_path)
+    order: list[str] = []
+    holding = threading.Event()
+
+    def first() -> None:
+        with store.lock("demo", "fp1"):
+            holding.set()
+            time.sleep(0.3)
+            order.append("first done")
+
+    t = threading.Thread(target=first)
+    t.start()
+    holding.wait()
+    with store.lock("demo", "fp1"):
+        order.append("second in")
+    t.join()
+    assert order == ["first done", "second in"]
+    with store.lock("demo", "other"):  # other folders are not blocked
+        pass
