@@ -1,0 +1,1 @@
+"""Backbones, prompt templates and batched embedding."""

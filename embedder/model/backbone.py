@@ -1,0 +1,265 @@
+"""Backbones: load a Qwen-VL-family generator and its processor, or build the tiny one.
+
+What differs between model families (the image token, the model class, how to reach the last
+hidden state) sits behind `FamilyAdapter`; adding a family (LLaVA-Next, Phi-3.5-V) is one
+subclass and one entry in `ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, Qwen2VLProcessor
+from transformers.processing_utils import ProcessorMixin
+
+log = logging.getLogger("gen2embed.backbone")
+
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|image_pad|>", "<|video_pad|>",
+)  # fmt: skip
+
+
+class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL's processor without the video processor.
+
+    The stock one builds a video processor that needs torchvision, which does not import
+    beside the CPU torch here; images are all an embedder needs. (AutoProcessor, on failing,
+    silently returns only the tokenizer, so the loader uses this class explicitly.)
+    """
+
+    def __init__(
+        self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None,
+        **_: Any,
+    ) -> None:  # fmt: skip
+        self.image_token = "<|image_pad|>"
+        self.video_token = "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+class FamilyAdapter:
+    """Qwen2-VL and its successors share the chat format and the `<|image_pad|>` token."""
+
+    model_types: tuple[str, ...] = ("qwen2_vl",)
+    image_token = "<|image_pad|>"
+    wrapped_image_token = "<|vision_start|><|image_pad|><|vision_end|>"
+
+    def model_class(self, model_type: str) -> type[PreTrainedModel]:
+        import transformers
+
+        names = {
+            "qwen2_vl": "Qwen2VLForConditionalGeneration",
+            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+            "qwen3_vl": "Qwen3VLForConditionalGeneration",
+        }
+        return getattr(transformers, names[model_type])
+
+    def load_processor(self, path: str, **kwargs: Any) -> ProcessorMixin:
+        from transformers import AutoProcessor
+
+        try:
+            proc = AutoProcessor.from_pretrained(path, **kwargs)
+        except (ImportError, ValueError, OSError) as exc:
+            log.info("AutoProcessor failed (%s); loading the image-only processor", exc)
+            proc = None
+        if not isinstance(proc, ProcessorMixin) or getattr(proc, "image_processor", None) is None:
+            proc = ImageOnlyQwenVLProcessor.from_pretrained(path, **kwargs)
+        return proc
+
+    def last_hidden_state(self, model: PreTrainedModel, inputs: dict[str, Any]) -> torch.Tensor:
+        """Last layer's hidden states, without computing the LM head over the vocabulary."""
+        return model.model(**inputs, use_cache=False).last_hidden_state
+
+
+class Qwen25VLAdapter(FamilyAdapter):
+    model_types = ("qwen2_5_vl",)
+
+
+class Qwen3VLAdapter(FamilyAdapter):
+    model_types = ("qwen3_vl",)
+
+
+ADAPTERS: dict[str, FamilyAdapter] = {
+    t: a for a in (FamilyAdapter(), Qwen25VLAdapter(), Qwen3VLAdapter()) for t in a.model_types
+}
+
+
+@dataclass
+class Backbone:
+    model: PreTrainedModel
+    processor: ProcessorMixin
+    adapter: FamilyAdapter
+    device: torch.device
+    dtype: torch.dtype
+    source: str
+
+    def image_token(self, wrapped: bool = False) -> str:
+        return self.adapter.wrapped_image_token if wrapped else self.adapter.image_token
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """bf16 on GPU, float32 on CPU, unless asked otherwise."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def pick_attention(attn: str, device: torch.device) -> str:
+    """flash-attention when installed and on GPU, else SDPA."""
+    if attn != "auto":
+        return attn
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_backbone(
+    name_or_path: str | Path,
+    *,
+    dtype: str = "auto",
+    attn: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> Backbone:
+    """A hub id (needs network) or a local folder holding config, weights and processor."""
+    source = str(name_or_path)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision:
+        kwargs["revision"] = revision
+    config: PretrainedConfig = AutoConfig.from_pretrained(source, **kwargs)
+    adapter = ADAPTERS.get(config.model_type)
+    if adapter is None:
+        raise ValueError(
+            f"{source}: model type {config.model_type!r} has no adapter; supported: "
+            f"{', '.join(sorted(ADAPTERS))}"
+        )
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    model = adapter.model_class(config.model_type).from_pretrained(
+        source, dtype=torch_dtype, attn_implementation=pick_attention(attn, dev), **kwargs
+    )
+    model.to(dev).eval()
+    processor = adapter.load_processor(source, **kwargs)
+    return Backbone(model, processor, adapter, dev, torch_dtype, source)
+
+
+# ------------------------------------------------------------------ the tiny generator
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of the tiny Qwen2-VL (MINIATURE.md: ~1.25M parameters learn the world on CPU)."""
+
+    vocab_size: int = 640
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 512
+    vision_depth: int = 2
+    vision_dim: int = 64
+    vision_heads: int = 4
+    patch: int = 8
+    image_size: int = 64
+    seed: int = 0
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """Byte-level BPE over the world's text plus Qwen2-VL's special tokens, as a Qwen2
+    tokenizer (same pre-tokenizer regex as the real one)."""
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+    tok.pad_token = "<|endoftext|>"
+    tok.eos_token = "<|im_end|>"
+    return tok
+
+
+def build_tiny(texts: Iterable[str], spec: TinySpec = TinySpec()) -> Backbone:
+    """A randomly initialised tiny Qwen2-VL with a tokenizer trained on `texts`; no network."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    tok = train_tokenizer(texts, spec.vocab_size)
+    ids = dict(zip(QWEN_SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS)),
+                   strict=True))  # fmt: skip
+    head_dim = spec.hidden // spec.heads
+    # M-RoPE splits the rotary half-dimensions over (time, height, width).
+    t = head_dim // 2 // 4
+    mrope = [t, (head_dim // 2 - t) // 2, head_dim // 2 - t - (head_dim // 2 - t) // 2]
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tok),
+            "hidden_size": spec.hidden,
+            "intermediate_size": spec.intermediate,
+            "num_hidden_layers": spec.layers,
+            "num_attention_heads": spec.heads,
+            "num_key_value_heads": spec.kv_heads,
+            "max_position_embeddings": 2048,
+            "rope_parameters": {"rope_type": "default", "mrope_section": mrope,
+                                "rope_theta": 10000.0},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config={
+            "depth": spec.vision_depth,
+            "embed_dim": spec.vision_dim,
+            "hidden_size": spec.hidden,
+            "num_heads": spec.vision_heads,
+            "patch_size": spec.patch,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "mlp_ratio": 4,
+        },
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )  # fmt: skip
+    torch.manual_seed(spec.seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.eval()
+    side = spec.image_size
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=spec.patch, merge_size=2, temporal_patch_size=2,
+        min_pixels=side * side, max_pixels=side * side,
+    )  # fmt: skip
+    processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tok)
+    return Backbone(model, processor, FamilyAdapter(), torch.device("cpu"), torch.float32, "tiny")
+
+
+def save_backbone(backbone: Backbone, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    backbone.model.save_pretrained(folder)
+    backbone.processor.save_pretrained(folder)

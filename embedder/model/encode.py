@@ -1,0 +1,289 @@
+"""Batched embedding with a generative backbone: the last layer's hidden state at the final
+token, L2-normalised (METHOD.md section 2).
+
+What makes it fast and safe:
+- identical inputs (same rendered prompt and image) are embedded once;
+- batches are built from items sorted by estimated length (text + image tokens), so padding
+  is small, and the result does not depend on that order (ids travel with vectors);
+- images are decoded and preprocessed in DataLoader worker processes;
+- `torch.inference_mode`, bf16 autocast on GPU;
+- output goes to shards (key, vector) written as they finish, each by an atomic rename; a
+  rerun skips finished shards and ends bit-for-bit equal to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from embedder.model.backbone import Backbone
+from embedder.model.images import ImageMode, load_image
+
+log = logging.getLogger("gen2embed.encode")
+
+PLAN_FILE = "plan.json"
+
+
+@dataclass(frozen=True)
+class EmbedItem:
+    """One input to embed: the rendered prompt and an image path ("" for none)."""
+
+    text: str
+    image: str = ""
+
+    @property
+    def key(self) -> str:
+        return item_key(self.text, self.image)
+
+
+def item_key(text: str, image: str) -> str:
+    return hashlib.blake2b(f"{text}\x1f{image}".encode(), digest_size=10).hexdigest()
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    batch_size: int = 32
+    shard_size: int = 4096
+    num_workers: int = 2
+    padding_side: str = "left"
+    image_mode: ImageMode = "fixed"
+    image_side: int = 448
+    out_dtype: str = "float32"  # or float16
+    progress: bool = True
+
+
+@dataclass
+class EncodeStats:
+    items: int = 0
+    unique: int = 0
+    encoded: int = 0  # unique items computed in this call (resumed shards excluded)
+    seconds: float = 0.0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    peak_memory_mib: float = 0.0
+    shards: int = 0
+    resumed_shards: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        sec = max(self.seconds, 1e-9)
+        return {
+            "items": self.items,
+            "unique_items": self.unique,
+            "items_per_s": self.encoded / sec,
+            "tokens_per_s": self.real_tokens / sec,
+            "padding_efficiency": self.real_tokens / max(1, self.padded_tokens),
+            "peak_memory_mib": self.peak_memory_mib,
+            "seconds": self.seconds,
+            "shards": self.shards,
+            "resumed_shards": self.resumed_shards,
+        }
+
+
+def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden state of each row's last real token, whatever the padding side."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (attention_mask.to(torch.long) * positions).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def image_tokens(backbone: Backbone, settings: EncodeSettings, size: tuple[int, int]) -> int:
+    """Tokens one image becomes, from its size (after our resize rule and the processor's)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    ip = backbone.processor.image_processor
+    patch, merge = ip.patch_size, ip.merge_size
+    w, h = size
+    if settings.image_mode == "fixed":
+        w = h = settings.image_side
+    elif settings.image_mode == "eval":
+        from embedder.model.images import eval_size
+
+        w, h = eval_size(w, h)
+    rh, rw = smart_resize(h, w, factor=patch * merge, min_pixels=ip.size["shortest_edge"],
+                          max_pixels=ip.size["longest_edge"])  # fmt: skip
+    return (rh // patch // merge) * (rw // patch // merge)
+
+
+def _estimate_lengths(
+    backbone: Backbone, items: Sequence[EmbedItem], images_root: Path, settings: EncodeSettings
+) -> list[int]:
+    tok = backbone.processor.tokenizer
+    text_lengths = [len(ids) for ids in tok([i.text for i in items])["input_ids"]]
+    cache: dict[str, int] = {}
+    out = []
+    for item, n in zip(items, text_lengths, strict=True):
+        if item.image:
+            if settings.image_mode == "fixed":
+                size = (settings.image_side, settings.image_side)
+            else:
+                from PIL import Image
+
+                with Image.open(images_root / item.image) as im:
+                    size = im.size
+            key = f"{size}"
+            if key not in cache:
+                cache[key] = image_tokens(backbone, settings, size)
+            n += cache[key] - 1  # the placeholder token is replaced by the patch tokens
+        out.append(n)
+    return out
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Each element is one whole batch, processed (images decoded) inside a worker."""
+
+    def __init__(self, batches: list[list[EmbedItem]], processor: Any, images_root: Path,
+                 settings: EncodeSettings) -> None:  # fmt: skip
+        self.batches = batches
+        self.processor = processor
+        self.images_root = images_root
+        self.settings = settings
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        items = self.batches[index]
+        images = [
+            load_image(
+                self.images_root, i.image, self.settings.image_mode, self.settings.image_side
+            )
+            for i in items
+            if i.image
+        ]
+        self.processor.tokenizer.padding_side = self.settings.padding_side
+        inputs = self.processor(
+            text=[i.text for i in items], images=images or None, padding=True, return_tensors="pt"
+        )
+        return dict(inputs)
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+def plan_shards(lengths: Sequence[int], batch_size: int, shard_size: int) -> list[list[list[int]]]:
+    """Indices grouped into batches (by ascending estimated length, ties in input order) and
+    batches into shards of about `shard_size` items."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    per_shard = max(1, shard_size // batch_size)
+    return [batches[i : i + per_shard] for i in range(0, len(batches), per_shard)]
+
+
+def _write_shard(path: Path, keys: list[str], vectors: np.ndarray) -> None:
+    dim = vectors.shape[1]
+    value_type = pa.float16() if vectors.dtype == np.float16 else pa.float32()
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=value_type), dim)
+    table = pa.table({"key": pa.array(keys, pa.string()), "embedding": emb})
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def encode(
+    backbone: Backbone,
+    items: Sequence[EmbedItem],
+    images_root: Path,
+    out_dir: Path,
+    settings: EncodeSettings = EncodeSettings(),
+    on_shard: Callable[[int], None] | None = None,
+) -> EncodeStats:
+    """Embed `items` into `out_dir/shard-*.parquet` (distinct keys only), resuming finished
+    shards. `on_shard(i)` runs after shard i is safely written."""
+    started = time.perf_counter()
+    stats = EncodeStats(items=len(items))
+    unique: dict[str, EmbedItem] = {}
+    for item in items:
+        unique.setdefault(item.key, item)
+    todo = list(unique.values())
+    stats.unique = len(todo)
+    lengths = _estimate_lengths(backbone, todo, images_root, settings)
+    shards = plan_shards(lengths, settings.batch_size, settings.shard_size)
+    stats.shards = len(shards)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan = {
+        "settings": asdict(settings) | {"progress": None},
+        "keys": hashlib.sha256("".join(i.key for i in todo).encode()).hexdigest(),
+        "model": backbone.source,
+        "shards": len(shards),
+    }
+    plan_path = out_dir / PLAN_FILE
+    if plan_path.exists() and json.loads(plan_path.read_text()) != plan:
+        log.warning("encode: %s holds shards of another plan; starting over", out_dir)
+        for old in out_dir.glob("shard-*.parquet"):
+            old.unlink()
+    plan_path.write_text(json.dumps(plan))
+
+    pending = [s for s in range(len(shards)) if not (out_dir / f"shard-{s:05d}.parquet").exists()]
+    stats.resumed_shards = len(shards) - len(pending)
+    model = backbone.model
+    on_gpu = backbone.device.type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(backbone.device)
+    bar = tqdm(total=len(todo), disable=not settings.progress, unit="item", desc="embed",
+               initial=sum(len(b) for s in range(len(shards)) if s not in pending
+                           for b in shards[s]))  # fmt: skip
+    for s in pending:
+        batches = [[todo[i] for i in batch] for batch in shards[s]]
+        loader = torch.utils.data.DataLoader(
+            _Batches(batches, backbone.processor, images_root, settings),
+            batch_size=None,
+            shuffle=False,
+            num_workers=settings.num_workers,
+            collate_fn=_identity,
+        )
+        keys: list[str] = []
+        vectors: list[np.ndarray] = []
+        with torch.inference_mode():
+            for batch_items, inputs in zip(batches, loader, strict=True):
+                mask = inputs["attention_mask"]
+                stats.real_tokens += int(mask.sum())
+                stats.padded_tokens += mask.numel()
+                inputs = {k: v.to(backbone.device) for k, v in inputs.items()}
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+                    hidden = backbone.adapter.last_hidden_state(model, inputs)
+                pooled = pool_last_token(hidden, inputs["attention_mask"]).float()
+                pooled = torch.nn.functional.normalize(pooled, dim=-1)
+                if not torch.isfinite(pooled).all():
+                    bad = [it.key for it, ok in zip(batch_items, torch.isfinite(pooled).all(1),
+                                                    strict=True) if not ok]  # fmt: skip
+                    raise FloatingPointError(f"non-finite embeddings for keys {bad[:5]}")
+                vectors.append(pooled.cpu().numpy().astype(settings.out_dtype))
+                keys.extend(it.key for it in batch_items)
+                stats.encoded += len(batch_items)
+                bar.update(len(batch_items))
+        _write_shard(out_dir / f"shard-{s:05d}.parquet", keys, np.concatenate(vectors))
+        if on_shard is not None:
+            on_shard(s)
+    bar.close()
+    stats.seconds = time.perf_counter() - started
+    if on_gpu:
+        stats.peak_memory_mib = torch.cuda.max_memory_allocated(backbone.device) / 2**20
+    else:
+        stats.peak_memory_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return stats
+
+
+def load_embeddings(out_dir: Path) -> tuple[list[str], np.ndarray]:
+    """All shards of an encode output: keys and a (n, d) float32 matrix, in shard order."""
+    tables = [pq.read_table(p) for p in sorted(out_dir.glob("shard-*.parquet"))]
+    if not tables:
+        return [], np.zeros((0, 0), dtype=np.float32)
+    table = pa.concat_tables(tables)
+    dim = table.schema.field("embedding").type.list_size
+    flat = table["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return table["key"].to_pylist(), flat.reshape(-1, dim).astype(np.float32)

@@ -1,0 +1,43 @@
+"""Image resolution rules of METHOD.md section 2, applied before the backbone's processor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+
+ImageMode = Literal["fixed", "eval", "native"]
+
+
+def eval_size(width: int, height: int, *, max_long: int = 992, min_short: int = 336,
+              max_ratio: float = 2.0) -> tuple[int, int]:  # fmt: skip
+    """Aspect ratio at most 2:1 (squashed, not cropped), long side at most 992 px, short side
+    never below 336 px (that rule wins)."""
+    w, h = float(width), float(height)
+    if w / h > max_ratio:
+        w = h * max_ratio
+    elif h / w > max_ratio:
+        h = w * max_ratio
+    scale = min(1.0, max_long / max(w, h))
+    w, h = w * scale, h * scale
+    short = min(w, h)
+    if short < min_short:
+        grow = min_short / short
+        w, h = w * grow, h * grow
+    return max(1, round(w)), max(1, round(h))
+
+
+def load_image(root: Path, rel: str, mode: ImageMode, side: int) -> Image.Image:
+    """Open, convert to RGB and resize: `fixed` = side x side (training, 448 in the paper),
+    `eval` = the evaluation rule above, `native` = untouched."""
+    with Image.open(root / rel) as im:
+        img = im.convert("RGB")
+    if mode == "fixed":
+        if img.size != (side, side):
+            img = img.resize((side, side), Image.Resampling.BICUBIC)
+    elif mode == "eval":
+        size = eval_size(*img.size)
+        if size != img.size:
+            img = img.resize(size, Image.Resampling.BICUBIC)
+    return img

@@ -1,0 +1,74 @@
+"""Prompt templates that turn an MMEB text (+ image) into the string the backbone reads.
+
+`hierarchical` is the paper's zero-shot embedding prompt (METHOD.md section 2): a system
+instruction asking for a one-word summary, the example's own text as the user turn, one more
+line for queries, and the generation prompt, so the final token is where the model would
+start its one-word answer. `plain` is the raw text (VLM2Vec V1 style); `chat` is the chat
+template with a generic system message and no embedding instruction, the ablation that
+separates the template's effect from the instruction's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
+HIERARCHICAL_SYSTEM = (
+    "Given an image, summarize the provided image in one word. "
+    "Given only text, describe the text in one word."
+)
+QUERY_SUFFIX_IMAGE = "\nRepresent the given text/image in one word."
+QUERY_SUFFIX_TEXT = "\nRepresent the given text in one word."
+GENERIC_SYSTEM = "You are a helpful assistant."
+
+TemplateName = Literal["hierarchical", "plain", "chat"]
+TEMPLATES: tuple[str, ...] = ("hierarchical", "plain", "chat")
+Role = Literal["query", "target"]
+
+
+@dataclass(frozen=True)
+class PromptStrings:
+    """The strings a template uses; configurable, defaulting to METHOD.md's exact text."""
+
+    system: str = HIERARCHICAL_SYSTEM
+    query_suffix_image: str = QUERY_SUFFIX_IMAGE
+    query_suffix_text: str = QUERY_SUFFIX_TEXT
+    generic_system: str = GENERIC_SYSTEM
+
+
+def chat(system: str | None, user: str) -> str:
+    """Qwen2-VL's chat format with the generation prompt added."""
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+    return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def render(
+    template: str,
+    text: str,
+    *,
+    has_image: bool,
+    role: Role,
+    image_token: str,
+    strings: PromptStrings = PromptStrings(),
+) -> str:
+    """The full input string for one example.
+
+    `image_token` replaces MMEB's `<|image_1|>` placeholder (Qwen2-VL: `<|image_pad|>`, which
+    the processor expands to the image's patch tokens). An image without a placeholder in the
+    text gets the token prepended, so the image is never silently dropped.
+    """
+    if has_image:
+        if MMEB_IMAGE_PLACEHOLDER in text:
+            text = text.replace(MMEB_IMAGE_PLACEHOLDER, image_token, 1)
+        else:
+            text = f"{image_token}\n{text}" if text else image_token
+    if template == "plain":
+        return text
+    if template == "chat":
+        return chat(strings.generic_system, text)
+    if template == "hierarchical":
+        if role == "query":
+            text += strings.query_suffix_image if has_image else strings.query_suffix_text
+        return chat(strings.system, text)
+    raise ValueError(f"unknown template {template!r}; known: {', '.join(TEMPLATES)}")
