@@ -15,9 +15,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from embedder.errors import UserError
+from embedder.model.prompts import (
+    GENERIC_SYSTEM,
+    HIERARCHICAL_SYSTEM,
+    QUERY_SUFFIX_IMAGE,
+    QUERY_SUFFIX_TEXT,
+)
 
-STAGES: tuple[str, ...] = ("world", "ingest")
-"""Pipeline stages in run order. `world` only runs when ingest reads the miniature world."""
+STAGES: tuple[str, ...] = ("world", "ingest", "pretrain", "embed", "zeroshot")
+"""Pipeline stages in run order. `world` and `zeroshot` run when ingest reads the miniature
+world, `pretrain` when the backbone is the built-in tiny generator."""
 
 
 class ConfigError(UserError, ValueError):
@@ -100,20 +107,100 @@ class IngestConfig(_Section):
         return self
 
 
+class ModelConfig(_Section):
+    """The backbone: `tiny` (built and pretrained here for the miniature world), a hub id
+    (e.g. Qwen/Qwen2-VL-2B-Instruct) or a local folder."""
+
+    backbone: str = "tiny"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU."
+    )
+    attn: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto", description="auto: flash-attention when installed on GPU, else SDPA."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    trust_remote_code: bool = False
+    revision: str | None = None
+    wrapped_image_token: bool = Field(
+        False,
+        description="Wrap the image token in <|vision_start|>/<|vision_end|> (Qwen's own "
+        "template) instead of the authors' bare <|image_pad|>.",
+    )
+
+
+class PretrainConfig(_Section):
+    """The tiny generator: architecture and next-token pretraining on the world's text."""
+
+    steps: int = Field(1200, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    warmup: int = Field(50, ge=0)
+    seed: int = 0
+    vocab_size: int = Field(640, ge=300)
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 512
+    vision_depth: int = 2
+    vision_dim: int = 64
+    patch: int = 8
+    exact_system_prompt: bool = Field(
+        False,
+        description="Train with the exact hierarchical system prompt too. Off by default so "
+        "the zero-shot check stays zero-shot (paraphrases are used).",
+    )
+    eval_per_type: int = Field(64, ge=1, description="Held-out VQA questions per type.")
+
+
+class EmbedConfig(_Section):
+    """Zero-shot embedding of the training pairs (and of the eval set by `zeroshot`)."""
+
+    template: Literal["hierarchical", "plain", "chat"] = "hierarchical"
+    batch_size: int = Field(32, ge=1)
+    shard_size: int = Field(4096, ge=1, description="Items per output shard (resume unit).")
+    num_workers: int = Field(2, ge=0, description="DataLoader processes decoding images.")
+    padding_side: Literal["left", "right"] = "left"
+    image_mode: Literal["fixed", "eval", "native"] = Field(
+        "fixed",
+        description="fixed: image_side x image_side (training, 448); eval: aspect <= 2:1, "
+        "long side <= 992, short side >= 336; native: untouched.",
+    )
+    image_side: int = Field(448, ge=16)
+    out_dtype: Literal["float32", "float16"] = "float32"
+    system: str = HIERARCHICAL_SYSTEM
+    query_suffix_image: str = QUERY_SUFFIX_IMAGE
+    query_suffix_text: str = QUERY_SUFFIX_TEXT
+    generic_system: str = GENERIC_SYSTEM
+
+
+class ZeroshotConfig(_Section):
+    """Precision@1 of zero-shot embeddings on the miniature eval, per template."""
+
+    templates: list[Literal["hierarchical", "plain", "chat"]] = Field(
+        default_factory=lambda: ["plain", "chat", "hierarchical"]
+    )
+    max_queries: int | None = Field(None, ge=1, description="Cap per eval subset (None: all).")
+
+
 class PipelineConfig(_Section):
     """The whole pipeline: one section per stage that exists."""
 
     preset: str = "tiny"
     world: WorldConfig = Field(default_factory=WorldConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    zeroshot: ZeroshotConfig = Field(default_factory=ZeroshotConfig)
 
     def section(self, stage: str) -> BaseModel:
         return getattr(self, stage)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The miniature world, sized so `make demo` stays within minutes on 2 CPU cores.
-    "tiny": {},
+    # The miniature world and its tiny generator, sized for minutes on 2 CPU cores.
+    "tiny": {"embed": {"image_side": 64}},
 }
 
 

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute this stage and everything downstream (repeatable)",
     )
 
+    run.add_argument("--until", choices=STAGES, help="stop after this stage")
+
     stages = sub.add_parser("stages", help="each stage's fingerprint and whether it is cached")
     _config_args(stages)
 
@@ -72,6 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         from_stage=args.from_stage,
         force=args.force,
+        until=args.until,
         workdir=str(workdir),
     )
     print(run_summary(paths, workdir))
@@ -83,10 +86,14 @@ def run_summary(paths: dict[str, str], workdir: Path) -> str:
     from embedder.artifacts import MANIFEST, Manifest
 
     lines = ["", "Published stage folders:"]
+    summaries = []
     for stage, path in paths.items():
         manifest = Manifest.from_json((Path(path) / MANIFEST).read_text())
         rows = ", ".join(f"{k} {v:,}" for k, v in manifest.rows.items() if ":" not in k)
         lines.append(f"  {stage:8s} {path}" + (f"  ({rows})" if rows else ""))
+        if manifest.info.get("summary"):
+            summaries += ["", *manifest.info["summary"]]
+    lines += summaries
     lines += [
         "",
         f"MLflow runs:  sqlite:///{workdir / 'mlflow.db'}   Prefect state: {workdir / 'prefect'}",

@@ -26,7 +26,7 @@ from tasks.tracking import Tracker
 
 log = logging.getLogger("gen2embed.pipeline")
 
-StageName = Literal["world", "ingest"]
+StageName = Literal["world", "ingest", "pretrain", "embed", "zeroshot"]
 PresetName = Literal["tiny"]
 assert set(StageName.__args__) == set(STAGES), "StageName must list embedder.config.STAGES"
 assert set(PresetName.__args__) == set(PRESETS), "PresetName must list embedder.config.PRESETS"
@@ -73,6 +73,7 @@ def pipeline(
     overrides: list[str] | None = None,
     from_stage: StageName | None = None,
     force: list[StageName] | None = None,
+    until: StageName | None = None,
     workdir: str | None = None,
 ) -> dict[str, str]:
     """Run the gen2embed pipeline; returns each stage's published folder.
@@ -83,6 +84,7 @@ def pipeline(
         overrides: dotted settings, e.g. ["ingest.on_bad_rows=skip"].
         from_stage: recompute this stage and all after it; earlier ones must be cached.
         force: recompute these stages and everything downstream.
+        until: stop after this stage (e.g. ingest only, to check new data).
         workdir: workspace folder (default $GEN2EMBED_HOME or ./data).
     """
     config = load_config(preset, config_file, overrides or [])
@@ -92,6 +94,11 @@ def pipeline(
     if swept:
         log.warning("marked %d MLflow run(s) of dead processes as KILLED", len(swept))
     plan = plan_stages(config, store, PIPELINE)
+    if until is not None:
+        names = [p.name for p in plan]
+        if until not in names:
+            raise PipelineError(f"--until {until}: not part of this pipeline ({', '.join(names)})")
+        plan = plan[: names.index(until) + 1]
     recompute, first_run = stages_to_recompute(plan, from_stage, list(force or []))
     by_name = {s.name: s for s in PIPELINE}
     result_dir = store.workdir / "prefect" / "results"

@@ -10,8 +10,11 @@ STAGE = register(
     StageDef(
         name="ingest",
         code_version=code_version(ingest, sources, images, catalog, schema),
+        sections=("ingest",),
         upstream=lambda config: ("world",) if config.ingest.source == "world" else (),
-        inputs=lambda section, upstream: ingest.source_inputs(section, upstream.get("world")),  # type: ignore[arg-type]
-        compute=lambda section, out, upstream: ingest.ingest(section, out, upstream.get("world")),  # type: ignore[arg-type]
+        inputs=lambda config, upstream: ingest.source_inputs(config.ingest, upstream.get("world")),
+        compute=lambda config, out, upstream: ingest.ingest(
+            config.ingest, out, upstream.get("world")
+        ),
     )
 )

@@ -23,7 +23,6 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import get_run_context
 from prefect.states import State
-from pydantic import BaseModel
 
 from embedder.artifacts import ArtifactStore, Manifest, StageOutput, fingerprint
 from embedder.config import PipelineConfig
@@ -38,14 +37,22 @@ class StageDef:
 
     name: str
     code_version: str
+    # Config sections the stage reads: they enter its fingerprint and its MLflow params.
+    sections: tuple[str, ...]
     # Upstream stages whose published folders this stage reads, given the config.
     upstream: Callable[[PipelineConfig], tuple[str, ...]]
+    compute: Callable[[PipelineConfig, Path, Mapping[str, Path]], StageOutput]
     # Extra fingerprint inputs beyond upstream fingerprints (e.g. source files for ingest).
-    inputs: Callable[[BaseModel, Mapping[str, str]], dict[str, str]]
-    compute: Callable[[BaseModel, Path, Mapping[str, Path]], StageOutput]
+    inputs: Callable[[PipelineConfig, Mapping[str, str]], dict[str, str]] = (
+        lambda _config, _upstream: {}
+    )
     enabled: Callable[[PipelineConfig], bool] = lambda _config: True
     # Long stages resume inside their partial folder; others start it afresh.
     resumable: bool = False
+
+    def config_of(self, config: PipelineConfig) -> dict[str, Any]:
+        """The part of the config this stage depends on, as plain JSON."""
+        return {s: config.section(s).model_dump(mode="json") for s in self.sections}
 
 
 @dataclass(frozen=True)
@@ -70,10 +77,9 @@ def plan_stages(
         if not stage.enabled(config):
             continue
         upstream = stage.upstream(config)
-        section = config.section(stage.name)
         upstream_fps = {name: fps[name] for name in upstream}
-        inputs = {**upstream_fps, **stage.inputs(section, upstream_fps)}
-        fp = fingerprint(stage.name, section.model_dump(mode="json"), inputs, stage.code_version)
+        inputs = {**upstream_fps, **stage.inputs(config, upstream_fps)}
+        fp = fingerprint(stage.name, stage.config_of(config), inputs, stage.code_version)
         fps[stage.name] = fp
         problems = tuple(store.verify(stage.name, fp))
         planned.append(
@@ -187,7 +193,7 @@ def _compute_locked(
     parent_run_id: str | None,
     recompute: bool,
 ) -> Manifest:
-    section = config.section(stage.name)
+    params = stage.config_of(config)
     if not recompute:
         existing = store.load(stage.name, fingerprint_)
         if existing is not None:
@@ -204,14 +210,12 @@ def _compute_locked(
         "gen2embed.fingerprint": fingerprint_,
         "prefect.flow_run_id": flow_run_id,
     }
-    with tracker.run(
-        stage.name, parent_run_id=parent_run_id, tags=tags, params=section.model_dump(mode="json")
-    ) as run_id:
+    with tracker.run(stage.name, parent_run_id=parent_run_id, tags=tags, params=params) as run_id:
         partial = store.open_partial(
             stage.name, fingerprint_, fresh=recompute or not stage.resumable
         )
         log.info("%s: computing into %s", stage.name, partial)
-        output = stage.compute(section, partial, upstream_paths)
+        output = stage.compute(config, partial, upstream_paths)
         output = StageOutput(
             rows=output.rows,
             metrics=output.metrics,
@@ -221,7 +225,7 @@ def _compute_locked(
             stage.name,
             fingerprint_,
             code_version=stage.code_version,
-            config=section.model_dump(mode="json"),
+            config=params,
             inputs=inputs,
             output=output,
         )

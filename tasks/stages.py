@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from tasks import ingest, world
+from tasks import ingest, model_stages, world
 from tasks.stage import StageDef
 
-PIPELINE: list[StageDef] = [world.STAGE, ingest.STAGE]
+PIPELINE: list[StageDef] = [
+    world.STAGE,
+    ingest.STAGE,
+    model_stages.PRETRAIN,
+    model_stages.EMBED,
+    model_stages.ZEROSHOT,
+]

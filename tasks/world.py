@@ -10,9 +10,9 @@ STAGE = register(
     StageDef(
         name="world",
         code_version=code_version(synthetic),
+        sections=("world",),
         upstream=lambda _config: (),
-        inputs=lambda _section, _upstream: {},
-        compute=lambda section, out, _upstream: synthetic.build_world(section, out),  # type: ignore[arg-type]
+        compute=lambda config, out, _upstream: synthetic.build_world(config.world, out),
         enabled=lambda config: config.ingest.source == "world",
     )
 )

@@ -26,6 +26,14 @@ SMALL_WORLD = {
     "same_category_negatives": 2,
 }
 SMALL_WORLD_OVERRIDES = [f"world.{k}={v}" for k, v in SMALL_WORLD.items()]
+# Seconds-long model stages: enough to exercise every code path, not to learn anything.
+TINY_MODEL_OVERRIDES = [
+    "pretrain.steps=3",
+    "pretrain.batch_size=8",
+    "pretrain.eval_per_type=2",
+    "embed.num_workers=0",
+    "zeroshot.max_queries=3",
+]
 
 
 def pytest_configure(config: pytest.Config) -> None:

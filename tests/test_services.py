@@ -81,6 +81,8 @@ def test_up_serves_both_and_a_run_uses_them(tmp_path: Path) -> None:
                 "run",
                 "--workdir",
                 str(work),
+                "--until",
+                "ingest",
                 *[a for o in SMALL_WORLD_OVERRIDES for a in ("--set", o)],
             ],
             env=_clean_env(),

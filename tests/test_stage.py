@@ -17,8 +17,9 @@ from tasks.stages import PIPELINE
 def test_plan_chains_fingerprints(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
     plan = plan_stages(load_config("tiny"), store, PIPELINE)
-    assert [p.name for p in plan] == ["world", "ingest"]
+    assert [p.name for p in plan] == ["world", "ingest", "pretrain", "embed", "zeroshot"]
     assert plan[1].inputs == {"world": plan[0].fingerprint}
+    assert plan[3].inputs == {"ingest": plan[1].fingerprint, "pretrain": plan[2].fingerprint}
     assert not any(p.cached for p in plan)
     other = plan_stages(load_config("tiny", overrides=["world.seed=9"]), store, PIPELINE)
     assert other[0].fingerprint != plan[0].fingerprint
@@ -44,7 +45,7 @@ def test_real_sources_are_fingerprinted_by_their_files(tmp_path: Path) -> None:
     )
     store = ArtifactStore(tmp_path / "w")
     plan = plan_stages(cfg, store, PIPELINE)
-    assert [p.name for p in plan] == ["ingest"], "no world when reading real data"
+    assert [p.name for p in plan] == ["ingest", "pretrain", "embed"], "no world, no zeroshot"
     table.write_bytes(b"v2 with new rows")
     assert plan_stages(cfg, store, PIPELINE)[0].fingerprint != plan[0].fingerprint
 

@@ -23,9 +23,14 @@ from transformers.processing_utils import ProcessorMixin
 log = logging.getLogger("gen2embed.backbone")
 
 QWEN_SPECIAL_TOKENS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
-)  # fmt: skip
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 
 
 class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
@@ -37,9 +42,12 @@ class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
     """
 
     def __init__(
-        self, image_processor: Any = None, tokenizer: Any = None, chat_template: Any = None,
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        chat_template: Any = None,
         **_: Any,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.image_token = "<|image_pad|>"
         self.video_token = "<|video_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
@@ -211,8 +219,9 @@ def build_tiny(texts: Iterable[str], spec: TinySpec = TinySpec()) -> Backbone:
     )
 
     tok = train_tokenizer(texts, spec.vocab_size)
-    ids = dict(zip(QWEN_SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS)),
-                   strict=True))  # fmt: skip
+    ids = dict(
+        zip(QWEN_SPECIAL_TOKENS, tok.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS)), strict=True)
+    )
     head_dim = spec.hidden // spec.heads
     # M-RoPE splits the rotary half-dimensions over (time, height, width).
     t = head_dim // 2 // 4
@@ -226,8 +235,11 @@ def build_tiny(texts: Iterable[str], spec: TinySpec = TinySpec()) -> Backbone:
             "num_attention_heads": spec.heads,
             "num_key_value_heads": spec.kv_heads,
             "max_position_embeddings": 2048,
-            "rope_parameters": {"rope_type": "default", "mrope_section": mrope,
-                                "rope_theta": 10000.0},
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": mrope,
+                "rope_theta": 10000.0,
+            },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
@@ -246,15 +258,18 @@ def build_tiny(texts: Iterable[str], spec: TinySpec = TinySpec()) -> Backbone:
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
-    )  # fmt: skip
+    )
     torch.manual_seed(spec.seed)
     model = Qwen2VLForConditionalGeneration(config)
     model.eval()
     side = spec.image_size
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=spec.patch, merge_size=2, temporal_patch_size=2,
-        min_pixels=side * side, max_pixels=side * side,
-    )  # fmt: skip
+        patch_size=spec.patch,
+        merge_size=2,
+        temporal_patch_size=2,
+        min_pixels=side * side,
+        max_pixels=side * side,
+    )
     processor = ImageOnlyQwenVLProcessor(image_processor=image_processor, tokenizer=tok)
     return Backbone(model, processor, FamilyAdapter(), torch.device("cpu"), torch.float32, "tiny")
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import resource
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -113,8 +114,13 @@ def image_tokens(backbone: Backbone, settings: EncodeSettings, size: tuple[int, 
         from embedder.model.images import eval_size
 
         w, h = eval_size(w, h)
-    rh, rw = smart_resize(h, w, factor=patch * merge, min_pixels=ip.size["shortest_edge"],
-                          max_pixels=ip.size["longest_edge"])  # fmt: skip
+    rh, rw = smart_resize(
+        h,
+        w,
+        factor=patch * merge,
+        min_pixels=ip.size["shortest_edge"],
+        max_pixels=ip.size["longest_edge"],
+    )
     return (rh // patch // merge) * (rw // patch // merge)
 
 
@@ -145,8 +151,13 @@ def _estimate_lengths(
 class _Batches(torch.utils.data.Dataset):
     """Each element is one whole batch, processed (images decoded) inside a worker."""
 
-    def __init__(self, batches: list[list[EmbedItem]], processor: Any, images_root: Path,
-                 settings: EncodeSettings) -> None:  # fmt: skip
+    def __init__(
+        self,
+        batches: list[list[EmbedItem]],
+        processor: Any,
+        images_root: Path,
+        settings: EncodeSettings,
+    ) -> None:
         self.batches = batches
         self.processor = processor
         self.images_root = images_root
@@ -234,9 +245,14 @@ def encode(
     on_gpu = backbone.device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(backbone.device)
-    bar = tqdm(total=len(todo), disable=not settings.progress, unit="item", desc="embed",
-               initial=sum(len(b) for s in range(len(shards)) if s not in pending
-                           for b in shards[s]))  # fmt: skip
+    bar = tqdm(
+        total=len(todo),
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,  # logs, not a flood, when piped
+        disable=not settings.progress,
+        unit="item",
+        desc="embed",
+        initial=sum(len(b) for s in range(len(shards)) if s not in pending for b in shards[s]),
+    )
     for s in pending:
         batches = [[todo[i] for i in batch] for batch in shards[s]]
         loader = torch.utils.data.DataLoader(
@@ -259,8 +275,11 @@ def encode(
                 pooled = pool_last_token(hidden, inputs["attention_mask"]).float()
                 pooled = torch.nn.functional.normalize(pooled, dim=-1)
                 if not torch.isfinite(pooled).all():
-                    bad = [it.key for it, ok in zip(batch_items, torch.isfinite(pooled).all(1),
-                                                    strict=True) if not ok]  # fmt: skip
+                    bad = [
+                        it.key
+                        for it, ok in zip(batch_items, torch.isfinite(pooled).all(1), strict=True)
+                        if not ok
+                    ]
                     raise FloatingPointError(f"non-finite embeddings for keys {bad[:5]}")
                 vectors.append(pooled.cpu().numpy().astype(settings.out_dtype))
                 keys.extend(it.key for it in batch_items)

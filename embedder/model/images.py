@@ -10,8 +10,9 @@ from PIL import Image
 ImageMode = Literal["fixed", "eval", "native"]
 
 
-def eval_size(width: int, height: int, *, max_long: int = 992, min_short: int = 336,
-              max_ratio: float = 2.0) -> tuple[int, int]:  # fmt: skip
+def eval_size(
+    width: int, height: int, *, max_long: int = 992, min_short: int = 336, max_ratio: float = 2.0
+) -> tuple[int, int]:
     """Aspect ratio at most 2:1 (squashed, not cropped), long side at most 992 px, short side
     never below 336 px (that rule wins)."""
     w, h = float(width), float(height)
