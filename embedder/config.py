@@ -201,6 +201,12 @@ class PipelineConfig(_Section):
 PRESETS: dict[str, dict[str, Any]] = {
     # The miniature world and its tiny generator, sized for minutes on 2 CPU cores.
     "tiny": {"embed": {"image_side": 64}},
+    # The paper's backbone on a local MMEB-train copy (set ingest.train_dir / train_images).
+    "qwen2vl-2b": {
+        "model": {"backbone": "Qwen/Qwen2-VL-2B-Instruct"},
+        "ingest": {"source": "mmeb"},
+        "embed": {"batch_size": 64, "num_workers": 8, "image_side": 448},
+    },
 }
 
 

@@ -51,3 +51,13 @@ def test_source_needs_its_paths() -> None:
         IngestConfig(source="mmeb")
     with pytest.raises(ConfigError, match=r"ingest\.jsonl_files"):
         load_config("tiny", overrides=["ingest.source=jsonl"])
+
+
+def test_paper_preset_names_what_it_needs() -> None:
+    with pytest.raises(ConfigError, match=r"ingest\.train_dir, ingest\.train_images"):
+        load_config("qwen2vl-2b")
+    cfg = load_config(
+        "qwen2vl-2b", overrides=["ingest.train_dir=/data/mmeb", "ingest.train_images=/data/img"]
+    )
+    assert cfg.model.backbone == "Qwen/Qwen2-VL-2B-Instruct"
+    assert cfg.embed.image_side == 448

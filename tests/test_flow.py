@@ -165,8 +165,7 @@ def test_flow_parameters_render_as_a_form() -> None:
         "until",
         "workdir",
     }
-    # A one-value Literal renders as a const; more presets make it an enum.
-    assert props["preset"].get("enum", [props["preset"].get("const")]) == ["tiny"]
+    assert props["preset"]["enum"] == ["tiny", "qwen2vl-2b"]
     assert props["preset"]["default"] == "tiny"
     assert all(p.get("description") for p in props.values()), "every field is documented"
 
