@@ -29,10 +29,10 @@ from embedder.model.encode import (
     EmbedItem,
     EncodeSettings,
     encode,
-    load_embeddings,
 )
 from embedder.model.pretrain import corpus_texts
 from embedder.model.prompts import render
+from embedder.model.shards import load_embeddings
 
 
 def corpus(world: Path) -> list[EmbedItem]:

@@ -33,9 +33,10 @@ from embedder.model.backbone import (
     ImageOnlyQwenVLProcessor,
     train_tokenizer,
 )
-from embedder.model.encode import EmbedItem, EncodeSettings, encode, load_embeddings
+from embedder.model.encode import EmbedItem, EncodeSettings, encode
 from embedder.model.pretrain import corpus_texts
 from embedder.model.prompts import render
+from embedder.model.shards import load_embeddings
 
 # Qwen2-VL-2B-Instruct's published config.json (architecture fields).
 QWEN2VL_2B = {

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from embedder.artifacts import Manifest, StageOutput
 from embedder.config import PipelineConfig
 from embedder.embed import make_item, open_backbone, settings_of, strings_of
-from embedder.model.encode import encode, load_embeddings
+from embedder.model.encode import encode
+from embedder.model.shards import load_embeddings
 
 log = logging.getLogger("gen2embed.zeroshot")
 TIE_EPS = 1e-6

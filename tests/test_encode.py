@@ -14,13 +14,13 @@ from embedder.model.encode import (
     EmbedItem,
     EncodeSettings,
     encode,
-    load_embeddings,
     plan_shards,
     pool_last_token,
 )
 from embedder.model.images import eval_size
 from embedder.model.pretrain import corpus_texts
 from embedder.model.prompts import render
+from embedder.model.shards import load_embeddings
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import pytest
 
 from embedder.model import pretrain as pt
 from embedder.model.backbone import build_tiny, load_backbone, save_backbone
-from embedder.model.encode import EmbedItem, EncodeSettings, encode, load_embeddings
+from embedder.model.encode import EmbedItem, EncodeSettings, encode
+from embedder.model.shards import load_embeddings
 
 
 def test_examples_hold_out_the_exact_prompts() -> None:

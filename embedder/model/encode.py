@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -26,13 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from embedder.model.backbone import Backbone
 from embedder.model.images import ImageMode, load_image
+from embedder.model.shards import write_shard
 
 log = logging.getLogger("gen2embed.encode")
 
@@ -195,16 +193,6 @@ def plan_shards(lengths: Sequence[int], batch_size: int, shard_size: int) -> lis
     return [batches[i : i + per_shard] for i in range(0, len(batches), per_shard)]
 
 
-def _write_shard(path: Path, keys: list[str], vectors: np.ndarray) -> None:
-    dim = vectors.shape[1]
-    value_type = pa.float16() if vectors.dtype == np.float16 else pa.float32()
-    emb = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=value_type), dim)
-    table = pa.table({"key": pa.array(keys, pa.string()), "embedding": emb})
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
 def encode(
     backbone: Backbone,
     items: Sequence[EmbedItem],
@@ -285,7 +273,7 @@ def encode(
                 keys.extend(it.key for it in batch_items)
                 stats.encoded += len(batch_items)
                 bar.update(len(batch_items))
-        _write_shard(out_dir / f"shard-{s:05d}.parquet", keys, np.concatenate(vectors))
+        write_shard(out_dir / f"shard-{s:05d}.parquet", keys, np.concatenate(vectors))
         if on_shard is not None:
             on_shard(s)
     bar.close()
@@ -295,14 +283,3 @@ def encode(
     else:
         stats.peak_memory_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return stats
-
-
-def load_embeddings(out_dir: Path) -> tuple[list[str], np.ndarray]:
-    """All shards of an encode output: keys and a (n, d) float32 matrix, in shard order."""
-    tables = [pq.read_table(p) for p in sorted(out_dir.glob("shard-*.parquet"))]
-    if not tables:
-        return [], np.zeros((0, 0), dtype=np.float32)
-    table = pa.concat_tables(tables)
-    dim = table.schema.field("embedding").type.list_size
-    flat = table["embedding"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return table["key"].to_pylist(), flat.reshape(-1, dim).astype(np.float32)
