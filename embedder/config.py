@@ -22,7 +22,15 @@ from embedder.model.prompts import (
     QUERY_SUFFIX_TEXT,
 )
 
-STAGES: tuple[str, ...] = ("world", "ingest", "pretrain", "embed", "zeroshot")
+STAGES: tuple[str, ...] = (
+    "world",
+    "ingest",
+    "pretrain",
+    "embed",
+    "zeroshot",
+    "retrieve",
+    "mine",
+)
 """Pipeline stages in run order. `world` and `zeroshot` run when ingest reads the miniature
 world, `pretrain` when the backbone is the built-in tiny generator."""
 
@@ -183,6 +191,52 @@ class ZeroshotConfig(_Section):
     max_queries: int | None = Field(None, ge=1, description="Cap per eval subset (None: all).")
 
 
+class RetrieveConfig(_Section):
+    """FAISS candidate retrieval: each query's top-R positives of its own subset."""
+
+    top_r: int | None = Field(
+        None, ge=1, description="Candidates per query; None: R = 2*k*m from the mine section."
+    )
+    index: Literal["exact", "ivf", "hnsw"] = Field(
+        "exact", description="exact (IndexFlatIP), or approximate for pools of millions."
+    )
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="auto: faiss-gpu when it passes a probe, torch on CUDA, else CPU."
+    )
+    batch_queries: int = Field(8192, ge=1, description="Queries searched per batch.")
+    recall_sample: int = Field(2000, ge=1, description="Queries checked against exact search.")
+    ivf_nlist: int = Field(1024, ge=1)
+    ivf_nprobe: int = Field(32, ge=1)
+    hnsw_m: int = Field(32, ge=4)
+    hnsw_ef: int = Field(256, ge=1)
+
+
+class MineConfig(_Section):
+    """Hard negative mining into clusters (METHOD.md section 3)."""
+
+    strategy: Literal["saha", "topk", "topk_margin", "in_batch"] = "saha"
+    recipe: Literal["paper", "code", "custom"] = Field(
+        "paper", description="paper: k=15, m=3; code: k=7, m=5 (the authors' code); custom: k, m."
+    )
+    k: int = Field(15, ge=1, description="Negatives per cluster (used when recipe=custom).")
+    m: int = Field(3, ge=1, description="Over-retrieval factor (used when recipe=custom).")
+    seed: int = 0
+    shuffle: bool = Field(False, description="Visit anchors in a seeded shuffle, not data order.")
+    margin: float = Field(0.95, gt=0, description="topk_margin: drop scores above margin x own.")
+    compare_strategies: bool = Field(
+        True, description="Also mine with every other strategy, for the diagnostics only."
+    )
+
+    @model_validator(mode="after")
+    def _apply_recipe(self) -> MineConfig:
+        recipes = {"paper": (15, 3), "code": (7, 5)}
+        if self.recipe in recipes:
+            k, m = recipes[self.recipe]
+            object.__setattr__(self, "k", k)
+            object.__setattr__(self, "m", m)
+        return self
+
+
 class PipelineConfig(_Section):
     """The whole pipeline: one section per stage that exists."""
 
@@ -193,6 +247,12 @@ class PipelineConfig(_Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     zeroshot: ZeroshotConfig = Field(default_factory=ZeroshotConfig)
+    retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
+    mine: MineConfig = Field(default_factory=MineConfig)
+
+    @property
+    def top_r(self) -> int:
+        return self.retrieve.top_r or 2 * self.mine.k * self.mine.m
 
     def section(self, stage: str) -> BaseModel:
         return getattr(self, stage)
@@ -206,6 +266,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"backbone": "Qwen/Qwen2-VL-2B-Instruct"},
         "ingest": {"source": "mmeb"},
         "embed": {"batch_size": 64, "num_workers": 8, "image_side": 448},
+        "mine": {"compare_strategies": False},
     },
 }
 

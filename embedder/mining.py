@@ -26,11 +26,17 @@ grows with the pool.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+import polars as pl
+
+from embedder.artifacts import StageOutput
+from embedder.model.shards import load_embeddings
 
 log = logging.getLogger("gen2embed.mining")
 
@@ -102,8 +108,9 @@ class MineTrace:
     filtered: list[float] = field(default_factory=list)
 
 
-def _walk(pool: SubsetPool, a: int, limit: int, taken: np.ndarray, drop_above: float | None
-          ) -> tuple[list[int], list[float]]:  # fmt: skip
+def _walk(
+    pool: SubsetPool, a: int, limit: int, taken: np.ndarray, drop_above: float | None
+) -> tuple[list[int], list[float]]:
     """Map the anchor's retrieved positives (rank order) to owners; see step 4."""
     own = set(pool.own_positives(a).tolist())
     qa = pool.queries[a]
@@ -130,8 +137,9 @@ def _walk(pool: SubsetPool, a: int, limit: int, taken: np.ndarray, drop_above: f
     return chosen, chosen_scores
 
 
-def mine_subset(pool: SubsetPool, strategy: Strategy, params: MineParams,
-                trace: MineTrace | None = None) -> list[Cluster]:  # fmt: skip
+def mine_subset(
+    pool: SubsetPool, strategy: Strategy, params: MineParams, trace: MineTrace | None = None
+) -> list[Cluster]:
     """Clusters for one subset (cluster members as query indices)."""
     n_rows, n_q = len(pool.row_query), len(pool.queries)
     k, m = params.k, params.m
@@ -139,9 +147,11 @@ def mine_subset(pool: SubsetPool, strategy: Strategy, params: MineParams,
         rng = np.random.default_rng(params.seed)
         distinct = np.unique(pool.row_query)
         order = rng.permutation(distinct)
-        return [Cluster(int(c[0]), [int(x) for x in c[1:]], 0)
-                for c in np.array_split(order, max(1, int(np.ceil(len(order) / (k + 1)))))
-                if len(c)]  # fmt: skip
+        return [
+            Cluster(int(c[0]), [int(x) for x in c[1:]], 0)
+            for c in np.array_split(order, max(1, int(np.ceil(len(order) / (k + 1)))))
+            if len(c)
+        ]
     visit = np.arange(n_rows)
     if params.shuffle:
         visit = np.random.default_rng(params.seed).permutation(n_rows)
@@ -196,8 +206,7 @@ class Diagnostics:
     planted_fn_rate: float
 
 
-def diagnose(pool: SubsetPool, clusters: list[Cluster], fn_groups: list[str | None]
-             ) -> Diagnostics:  # fmt: skip
+def diagnose(pool: SubsetPool, clusters: list[Cluster], fn_groups: list[str | None]) -> Diagnostics:
     """Coverage, phase-2 share, sizes and the planted false-negative rate: the share of
     ground-truth false-negative row pairs (same `fn_group`) that land in one cluster, i.e.
     that were used as negatives of each other."""
@@ -229,4 +238,184 @@ def diagnose(pool: SubsetPool, clusters: list[Cluster], fn_groups: list[str | No
         size_histogram=dict(sorted(sizes.items())),
         planted_fn_pairs=total,
         planted_fn_rate=together / total if total else float("nan"),
+    )
+
+
+# ------------------------------------------------------------------------- the stage
+
+
+def load_pools(retrieve_dir: Path, shards_dir: Path) -> list[tuple[SubsetPool, pl.DataFrame]]:
+    """Rebuild each subset's pool (and its rows table) from the retrieve stage's output."""
+    rows = pl.read_parquet(retrieve_dir / "rows.parquet")
+    queries = pl.read_parquet(retrieve_dir / "queries.parquet")
+    positives = pl.read_parquet(retrieve_dir / "positives.parquet")
+    cands = pl.read_parquet(retrieve_dir / "candidates.parquet")
+    keys, matrix = load_embeddings(shards_dir)
+    position = {k: i for i, k in enumerate(keys)}
+    out = []
+    for subset in rows["subset"].unique(maintain_order=True).to_list():
+        r = rows.filter(pl.col("subset") == subset).sort("row")
+        q = queries.filter(pl.col("subset") == subset).sort("q")
+        p = positives.filter(pl.col("subset") == subset).sort("p")
+        c = cands.filter(pl.col("subset") == subset).sort("q")
+        width = max((len(x) for x in c["cand"].to_list()), default=0)
+        cand = np.full((len(q), width), -1, dtype=np.int64)
+        score = np.zeros((len(q), width), dtype=np.float32)
+        for i, (ci, si) in enumerate(zip(c["cand"].to_list(), c["score"].to_list(), strict=True)):
+            cand[i, : len(ci)] = ci
+            score[i, : len(si)] = si
+        pool = SubsetPool(
+            name=subset,
+            classification=r["meta_task"][0] == "classification",
+            row_query=r["q"].to_numpy().astype(np.int64),
+            row_positive=r["p"].to_numpy().astype(np.int64),
+            query_row=q["row"].to_numpy().astype(np.int64),
+            queries=matrix[[position[k] for k in q["qry_key"].to_list()]],
+            positives=matrix[[position[k] for k in p["pos_key"].to_list()]],
+            candidates=cand,
+            scores=score,
+        )
+        out.append((pool, r))
+    return out
+
+
+def _score_plot(traces: dict[str, MineTrace], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(traces), figsize=(5 * len(traces), 3.5), squeeze=False)
+    for ax, (name, t) in zip(axes[0], traces.items(), strict=True):
+        bins = np.linspace(-1, 1, 81)
+        for values, label in (
+            (t.anchor_positive, "anchor's positive"),
+            (t.kept, "kept negatives"),
+            (t.filtered, "filtered candidates"),
+        ):
+            if values:
+                ax.hist(
+                    values, bins=bins, alpha=0.55, label=f"{label} ({len(values)})", density=True
+                )
+        ax.set_title(name)
+        ax.set_xlabel("cosine(query, positive)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def mine_clusters(
+    retrieve_dir: Path,
+    shards_dir: Path,
+    out_dir: Path,
+    *,
+    strategy: Strategy,
+    params: MineParams,
+    compare: bool,
+) -> StageOutput:
+    """Clusters for `strategy` (clusters.parquet), diagnostics for it and, with `compare`,
+    for every strategy (the planted false-negative rate side by side)."""
+    pools = load_pools(retrieve_dir, shards_dir)
+    strategies = list(STRATEGIES) if compare else [strategy]
+    if strategy in strategies:
+        strategies.remove(strategy)
+    strategies.insert(0, strategy)
+    report: dict[str, dict[str, Any]] = {}
+    traces: dict[str, MineTrace] = {}
+    frames = []
+    for name in strategies:
+        trace = MineTrace()
+        per_subset = {}
+        totals = {
+            "rows": 0,
+            "covered": 0.0,
+            "clusters": 0,
+            "phase2": 0,
+            "fn_pairs": 0,
+            "fn_together": 0.0,
+        }
+        next_id = 0
+        for pool, rows in pools:
+            clusters = mine_subset(pool, name, params, trace)  # type: ignore[arg-type]
+            diag = diagnose(pool, clusters, rows["fn_group"].to_list())
+            per_subset[pool.name] = diag.__dict__
+            n = len(pool.row_query)
+            totals["rows"] += n
+            totals["covered"] += diag.coverage * n
+            totals["clusters"] += diag.clusters
+            totals["phase2"] += round(diag.phase2_share * diag.clusters)
+            if diag.planted_fn_pairs:
+                totals["fn_pairs"] += diag.planted_fn_pairs
+                totals["fn_together"] += diag.planted_fn_rate * diag.planted_fn_pairs
+            if name == strategy:
+                ids = rows["id"].to_list()
+                for c in clusters:
+                    members = [c.anchor, *c.members]
+                    frames.append(
+                        {
+                            "cluster": [next_id] * len(members),
+                            "subset": [pool.name] * len(members),
+                            "phase": [c.phase] * len(members),
+                            "position": list(range(len(members))),
+                            "id": [ids[pool.query_row[q]] for q in members],
+                            "role": ["anchor"] + ["negative"] * (len(members) - 1),
+                        }
+                    )
+                    next_id += 1
+        traces[name] = trace
+        report[name] = {
+            "coverage": totals["covered"] / max(1, totals["rows"]),
+            "clusters": totals["clusters"],
+            "phase2_share": totals["phase2"] / max(1, totals["clusters"]),
+            "planted_fn_pairs": totals["fn_pairs"],
+            "planted_fn_rate": (
+                totals["fn_together"] / totals["fn_pairs"] if totals["fn_pairs"] else float("nan")
+            ),
+            "subsets": per_subset,
+        }
+    columns = {
+        k: [x for f in frames for x in f[k]]
+        for k in ("cluster", "subset", "phase", "position", "id", "role")
+    }
+    pl.DataFrame(
+        columns,
+        schema={
+            "cluster": pl.Int64,
+            "subset": pl.String,
+            "phase": pl.Int8,
+            "position": pl.Int16,
+            "id": pl.String,
+            "role": pl.String,
+        },
+    ).write_parquet(out_dir / "clusters.parquet")
+    (out_dir / "diagnostics.json").write_text(json.dumps(report, indent=2, default=float))
+    _score_plot({k: traces[k] for k in strategies if k != "in_batch"}, out_dir / "scores.png")
+    summary = [
+        f"Mining (k={params.k}, m={params.m}): clusters and planted false negatives "
+        "(share of ground-truth FN pairs that became negatives of each other)",
+        f"{'strategy':12s} {'coverage':>9s} {'clusters':>9s} {'phase 2':>8s} "
+        f"{'planted FN rate':>16s}",
+    ]
+    for name, r in report.items():
+        summary.append(
+            f"{name:12s} {r['coverage']:9.3f} {r['clusters']:9d} "
+            f"{r['phase2_share']:8.3f} {r['planted_fn_rate']:16.3f}"
+        )
+    if report[strategy]["planted_fn_pairs"]:
+        summary.append(f"({report[strategy]['planted_fn_pairs']} planted FN pairs)")
+    log.info("\n".join(summary))
+    chosen = report[strategy]
+    metrics = {
+        "coverage": chosen["coverage"],
+        "clusters": chosen["clusters"],
+        "phase2_share": chosen["phase2_share"],
+    }
+    for name, r in report.items():
+        metrics[f"planted_fn_rate.{name}"] = r["planted_fn_rate"]
+        metrics[f"coverage.{name}"] = r["coverage"]
+    return StageOutput(
+        rows={"cluster_members": len(columns["id"]), "clusters": chosen["clusters"]},
+        metrics=metrics,
+        info={"summary": summary, "strategy": strategy},
     )

@@ -26,7 +26,7 @@ from tasks.tracking import Tracker
 
 log = logging.getLogger("gen2embed.pipeline")
 
-StageName = Literal["world", "ingest", "pretrain", "embed", "zeroshot"]
+StageName = Literal["world", "ingest", "pretrain", "embed", "zeroshot", "retrieve", "mine"]
 PresetName = Literal["tiny", "qwen2vl-2b"]
 assert set(StageName.__args__) == set(STAGES), "StageName must list embedder.config.STAGES"
 assert set(PresetName.__args__) == set(PRESETS), "PresetName must list embedder.config.PRESETS"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks import ingest, model_stages, world
+from tasks import ingest, mining_stages, model_stages, world
 from tasks.stage import StageDef
 
 PIPELINE: list[StageDef] = [
@@ -11,4 +11,6 @@ PIPELINE: list[StageDef] = [
     model_stages.PRETRAIN,
     model_stages.EMBED,
     model_stages.ZEROSHOT,
+    mining_stages.RETRIEVE,
+    mining_stages.MINE,
 ]

@@ -33,6 +33,9 @@ TINY_MODEL_OVERRIDES = [
     "pretrain.eval_per_type=2",
     "embed.num_workers=0",
     "zeroshot.max_queries=3",
+    "mine.recipe=custom",
+    "mine.k=3",
+    "mine.m=2",
 ]
 
 

@@ -177,7 +177,7 @@ def test_flow_parameters_render_as_a_form() -> None:
                 return enum_of(option["items"])
         raise AssertionError(schema)
 
-    stages = ["world", "ingest", "pretrain", "embed", "zeroshot"]
+    stages = ["world", "ingest", "pretrain", "embed", "zeroshot", "retrieve", "mine"]
     assert enum_of(props["from_stage"]) == stages
     assert enum_of(props["force"]) == stages
     assert enum_of(props["until"]) == stages
@@ -201,5 +201,15 @@ def test_full_tiny_pipeline_reports_zero_shot_p1(tmp_path: Path) -> None:
     emb = runs["embed"].data.metrics
     assert emb["items_per_s"] > 0 and 0 < emb["padding_efficiency"] <= 1
     assert (Path(paths["zeroshot"]) / "report.md").read_text().count("hierarchical") == 1
+    mine = runs["mine"].data.metrics
+    for strategy in ("saha", "topk", "topk_margin", "in_batch"):
+        assert 0.0 <= mine[f"planted_fn_rate.{strategy}"] <= 1.0
+    assert 0 < mine["coverage"] <= 1
+    assert runs["retrieve"].data.metrics["queries"] > 0
+    import polars as pl
+
+    clusters = pl.read_parquet(Path(paths["mine"]) / "clusters.parquet")
+    assert set(clusters["role"].unique()) == {"anchor", "negative"}
+    assert (Path(paths["mine"]) / "scores.png").stat().st_size > 0
     _, again = _run(tmp_path, overrides=TINY_MODEL_OVERRIDES, until=None)
     assert set(again.values()) == {"Cached"}

@@ -17,7 +17,15 @@ from tasks.stages import PIPELINE
 def test_plan_chains_fingerprints(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
     plan = plan_stages(load_config("tiny"), store, PIPELINE)
-    assert [p.name for p in plan] == ["world", "ingest", "pretrain", "embed", "zeroshot"]
+    assert [p.name for p in plan] == [
+        "world",
+        "ingest",
+        "pretrain",
+        "embed",
+        "zeroshot",
+        "retrieve",
+        "mine",
+    ]
     assert plan[1].inputs == {"world": plan[0].fingerprint}
     assert plan[3].inputs == {"ingest": plan[1].fingerprint, "pretrain": plan[2].fingerprint}
     assert not any(p.cached for p in plan)
@@ -45,7 +53,8 @@ def test_real_sources_are_fingerprinted_by_their_files(tmp_path: Path) -> None:
     )
     store = ArtifactStore(tmp_path / "w")
     plan = plan_stages(cfg, store, PIPELINE)
-    assert [p.name for p in plan] == ["ingest", "pretrain", "embed"], "no world, no zeroshot"
+    names = ["ingest", "pretrain", "embed", "retrieve", "mine"]
+    assert [p.name for p in plan] == names, "no world, no zeroshot"
     table.write_bytes(b"v2 with new rows")
     assert plan_stages(cfg, store, PIPELINE)[0].fingerprint != plan[0].fingerprint
 
