@@ -111,29 +111,36 @@ class MineTrace:
 def _walk(
     pool: SubsetPool, a: int, limit: int, taken: np.ndarray, drop_above: float | None
 ) -> tuple[list[int], list[float]]:
-    """Map the anchor's retrieved positives (rank order) to owners; see step 4."""
+    """Map the anchor's retrieved positives (rank order) to owners; see step 4.
+
+    `taken` is the caller's boolean mask of unavailable queries; the anchor and the owners
+    chosen so far are masked in it for the duration of the walk (and unmasked after), so each
+    candidate costs one vectorised look at its owners."""
     own = set(pool.own_positives(a).tolist())
     qa = pool.queries[a]
     chosen: list[int] = []
     chosen_scores: list[float] = []
-    in_chosen = set()
-    for p, score in zip(pool.candidates[a].tolist(), pool.scores[a].tolist(), strict=True):
-        if p < 0 or p in own:
-            continue
-        if drop_above is not None and score > drop_above:
-            continue
-        owners = pool.owners(p)
-        free = owners[~taken[owners] & (owners != a)]
-        if in_chosen and len(free):
-            free = free[[o not in in_chosen for o in free.tolist()]]
-        if len(free) == 0:
-            continue
-        o = int(free[0]) if len(free) == 1 else int(free[np.argmax(pool.queries[free] @ qa)])
-        chosen.append(o)
-        chosen_scores.append(score)
-        in_chosen.add(o)
-        if len(chosen) == limit:
-            break
+    was_taken = bool(taken[a])
+    taken[a] = True
+    try:
+        for p, score in zip(pool.candidates[a].tolist(), pool.scores[a].tolist(), strict=True):
+            if p < 0 or p in own:
+                continue
+            if drop_above is not None and score > drop_above:
+                continue
+            owners = pool.owners(p)
+            free = owners[~taken[owners]]
+            if len(free) == 0:
+                continue
+            o = int(free[0]) if len(free) == 1 else int(free[np.argmax(pool.queries[free] @ qa)])
+            chosen.append(o)
+            chosen_scores.append(score)
+            taken[o] = True
+            if len(chosen) == limit:
+                break
+    finally:
+        taken[chosen] = False
+        taken[a] = was_taken
     return chosen, chosen_scores
 
 

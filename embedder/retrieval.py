@@ -80,6 +80,8 @@ def _torch_topk(queries: np.ndarray, pool: np.ndarray, k: int, batch: int) -> Se
     p = torch.from_numpy(pool).to(
         dev, torch.float16 if pool.shape[0] > 2_000_000 else torch.float32
     )
+    # The (batch x pool) score block is the big allocation: keep it near 4 GB.
+    batch = max(1, min(batch, int(4e9 // (4 * len(pool)))))
     scores, idx = [], []
     for i in range(0, len(queries), batch):
         q = torch.from_numpy(queries[i : i + batch]).to(dev, p.dtype)
