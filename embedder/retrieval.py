@@ -19,7 +19,6 @@ from typing import Literal
 
 import faiss
 import numpy as np
-import polars as pl
 
 from embedder.artifacts import StageOutput
 from embedder.model.shards import load_embeddings
@@ -194,6 +193,8 @@ def retrieve_candidates(
     Writes rows.parquet (every pair with its query/positive index, dataset order),
     queries.parquet, positives.parquet and candidates.parquet (indices local to the subset).
     """
+    import polars as pl  # here, so the search functions above run where polars is absent
+
     pairs = pl.read_parquet(pairs_path, columns=["id", "subset", "meta_task", "row", "fn_group"])
     keys = pl.read_parquet(keys_path).select("id", "qry_key", "pos_key")
     # Duplicate content shares an id, so join on the position in the table, not on the id.
