@@ -185,9 +185,8 @@ def test_flow_parameters_render_as_a_form() -> None:
 
 def test_full_tiny_pipeline_reports_zero_shot_p1(tmp_path: Path) -> None:
     paths, states = _run(tmp_path, overrides=TINY_MODEL_OVERRIDES, until=None)
-    assert states == dict.fromkeys(
-        ["world", "ingest", "pretrain", "embed", "zeroshot"], "Completed"
-    )
+    stages = ["world", "ingest", "pretrain", "embed", "zeroshot", "retrieve", "mine"]
+    assert states == dict.fromkeys(stages, "Completed")
     client = _mlflow(tmp_path)
     exp = client.get_experiment_by_name("gen2embed")
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
