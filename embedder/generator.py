@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -16,20 +17,12 @@ MODEL_DIR = "model"
 
 
 def tiny_spec(config: PipelineConfig) -> TinySpec:
+    """The architecture fields of the pretrain section, plus the world's image size."""
+    names = {f.name for f in dataclasses.fields(TinySpec)}
     p = config.pretrain
+    shared = {k: v for k, v in p.model_dump().items() if k in names}
     return TinySpec(
-        vocab_size=p.vocab_size,
-        hidden=p.hidden,
-        layers=p.layers,
-        heads=p.heads,
-        kv_heads=p.kv_heads,
-        intermediate=p.intermediate,
-        vision_depth=p.vision_depth,
-        vision_dim=p.vision_dim,
-        vision_heads=max(1, p.vision_dim // 16),
-        patch=p.patch,
-        image_size=config.world.image_size,
-        seed=p.seed,
+        **shared, vision_heads=max(1, p.vision_dim // 16), image_size=config.world.image_size
     )
 
 

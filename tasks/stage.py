@@ -167,32 +167,8 @@ def execute_stage(
     parent_run_id: str | None,
     recompute: bool,
 ) -> Manifest:
-    """Compute (or reuse) one stage's published folder; the body of every stage task."""
-    with store.lock(stage.name, fingerprint_):
-        return _compute_locked(
-            stage,
-            config,
-            fingerprint_,
-            inputs,
-            upstream_paths,
-            store,
-            tracker,
-            parent_run_id,
-            recompute,
-        )
-
-
-def _compute_locked(
-    stage: StageDef,
-    config: PipelineConfig,
-    fingerprint_: str,
-    inputs: Mapping[str, str],
-    upstream_paths: Mapping[str, Path],
-    store: ArtifactStore,
-    tracker: Tracker,
-    parent_run_id: str | None,
-    recompute: bool,
-) -> Manifest:
+    """Compute (or reuse) one stage's published folder; the body of every stage task.
+    The caller holds the folder's lock (`ArtifactStore.lock`)."""
     params = stage.config_of(config)
     if not recompute:
         existing = store.load(stage.name, fingerprint_)
@@ -272,17 +248,18 @@ def _run_stage_task(
 ) -> dict[str, str]:
     """The task body. Parameters are plain JSON so Prefect can record and show them."""
     store = ArtifactStore(workdir)
-    manifest = execute_stage(
-        STAGE_BY_NAME[stage],
-        config=PipelineConfig.model_validate(config),
-        fingerprint_=fingerprint,
-        inputs=inputs,
-        upstream_paths={k: Path(v) for k, v in upstream_paths.items()},
-        store=store,
-        tracker=Tracker.for_workdir(store.workdir, tracking_uri),
-        parent_run_id=parent_run_id,
-        recompute=recompute,
-    )
+    with store.lock(stage, fingerprint):
+        manifest = execute_stage(
+            STAGE_BY_NAME[stage],
+            config=PipelineConfig.model_validate(config),
+            fingerprint_=fingerprint,
+            inputs=inputs,
+            upstream_paths={k: Path(v) for k, v in upstream_paths.items()},
+            store=store,
+            tracker=Tracker.for_workdir(store.workdir, tracking_uri),
+            parent_run_id=parent_run_id,
+            recompute=recompute,
+        )
     return {"stage": manifest.stage, "fingerprint": manifest.fingerprint}
 
 
