@@ -175,6 +175,9 @@ class EmbedConfig(_Section):
         "long side <= 992, short side >= 336; native: untouched.",
     )
     image_side: int = Field(448, ge=16)
+    max_pixels: int | None = Field(
+        None, ge=1, description="Cap on pixels per image in the processor (None: the model's)."
+    )
     out_dtype: Literal["float32", "float16"] = "float32"
     system: str = HIERARCHICAL_SYSTEM
     query_suffix_image: str = QUERY_SUFFIX_IMAGE

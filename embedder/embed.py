@@ -44,6 +44,7 @@ def settings_of(embed: EmbedConfig) -> EncodeSettings:
         image_mode=embed.image_mode,
         image_side=embed.image_side,
         out_dtype=embed.out_dtype,
+        max_pixels=embed.max_pixels,
     )
 
 

@@ -265,12 +265,10 @@ def load_pools(retrieve_dir: Path, shards_dir: Path) -> list[tuple[SubsetPool, p
         q = queries.filter(pl.col("subset") == subset).sort("q")
         p = positives.filter(pl.col("subset") == subset).sort("p")
         c = cands.filter(pl.col("subset") == subset).sort("q")
-        width = max((len(x) for x in c["cand"].to_list()), default=0)
-        cand = np.full((len(q), width), -1, dtype=np.int64)
-        score = np.zeros((len(q), width), dtype=np.float32)
-        for i, (ci, si) in enumerate(zip(c["cand"].to_list(), c["score"].to_list(), strict=True)):
-            cand[i, : len(ci)] = ci
-            score[i, : len(si)] = si
+        width = int(c["cand"].list.len().max() or 0)
+        # Every query of a subset has the same number of candidates (R capped by the pool).
+        cand = c["cand"].list.to_array(width).to_numpy().astype(np.int64).reshape(len(q), width)
+        score = c["score"].list.to_array(width).to_numpy().astype(np.float32).reshape(len(q), width)
         pool = SubsetPool(
             name=subset,
             classification=r["meta_task"][0] == "classification",

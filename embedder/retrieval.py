@@ -191,7 +191,8 @@ def retrieve_candidates(
     """Per subset: distinct queries, distinct positives, and each query's top-R positives.
 
     Writes rows.parquet (every pair with its query/positive index, dataset order),
-    queries.parquet, positives.parquet and candidates.parquet (indices local to the subset).
+    queries.parquet, positives.parquet, owners.parquet (positive -> owner queries) and
+    candidates.parquet (indices local to the subset).
     """
     import polars as pl  # here, so the search functions above run where polars is absent
 
@@ -290,8 +291,14 @@ def retrieve_candidates(
             res.backend,
         )
     seconds = time.perf_counter() - started
+    rows_all = pl.concat(rows_out, how="vertical_relaxed")
+    # The owner map: each distinct positive -> the distinct queries whose positive it is.
+    owners = rows_all.group_by("subset", "p", maintain_order=True).agg(
+        pl.col("q").unique(maintain_order=True).alias("owners")
+    )
+    owners.write_parquet(out_dir / "owners.parquet")
+    rows_all.write_parquet(out_dir / "rows.parquet")
     for name, frames in (
-        ("rows", rows_out),
         ("queries", q_out),
         ("positives", p_out),
         ("candidates", cand_out),

@@ -147,3 +147,19 @@ def test_eval_image_size_rule() -> None:
     assert eval_size(100, 100) == (336, 336)  # short side never below 336
     assert eval_size(3000, 100) == (672, 336)  # the short-side rule wins over the cap
     assert eval_size(800, 600) == (800, 600)
+
+
+def test_max_pixels_caps_image_tokens(tiny: Backbone, world_dir: Path, tmp_path: Path) -> None:
+    items, root = _items(world_dir, n_img=4, n_txt=0)
+    base = EncodeSettings(num_workers=0, image_side=64, progress=False)
+    full = encode(tiny, items, root, tmp_path / "full", base)
+    capped = encode(
+        tiny,
+        items,
+        root,
+        tmp_path / "capped",
+        EncodeSettings(**{**base.__dict__, "max_pixels": 32 * 32}),
+    )
+    # 64x64 -> 16 image tokens; capped at 32x32 -> 4 tokens, for each of the 4 images.
+    assert full.real_tokens - capped.real_tokens == 4 * (16 - 4)
+    assert tiny.processor.image_processor.size["longest_edge"] == 64 * 64, "restored"

@@ -62,6 +62,7 @@ class EncodeSettings:
     image_mode: ImageMode = "fixed"
     image_side: int = 448
     out_dtype: str = "float32"  # or float16
+    max_pixels: int | None = None  # processor cap; None keeps the model's own
     progress: bool = True
 
 
@@ -205,6 +206,26 @@ def encode(
     shards. `on_shard(i)` runs after shard i is safely written."""
     started = time.perf_counter()
     stats = EncodeStats(items=len(items))
+    size = backbone.processor.image_processor.size
+    model_max_pixels = size["longest_edge"]
+    if settings.max_pixels is not None:
+        size["longest_edge"] = settings.max_pixels
+    try:
+        return _encode(backbone, items, images_root, out_dir, settings, on_shard, stats, started)
+    finally:
+        size["longest_edge"] = model_max_pixels
+
+
+def _encode(
+    backbone: Backbone,
+    items: Sequence[EmbedItem],
+    images_root: Path,
+    out_dir: Path,
+    settings: EncodeSettings,
+    on_shard: Callable[[int], None] | None,
+    stats: EncodeStats,
+    started: float,
+) -> EncodeStats:
     unique: dict[str, EmbedItem] = {}
     for item in items:
         unique.setdefault(item.key, item)
