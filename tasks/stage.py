@@ -30,6 +30,9 @@ from tasks.tracking import Tracker
 
 log = logging.getLogger("gen2embed.stage")
 
+REPORT_SUFFIXES = {".png", ".md", ".json"}
+REPORT_MAX_BYTES = 5 * 1024 * 1024
+
 
 @dataclass(frozen=True)
 class StageDef:
@@ -208,6 +211,17 @@ def execute_stage(
         tracker.log_metrics(run_id, manifest.metrics)
         tracker.log_metrics(run_id, {f"rows.{k}": v for k, v in manifest.rows.items()})
         tracker.log_json(run_id, manifest.__dict__, "manifest.json")
+        published = store.path(stage.name, fingerprint_)
+        for rel, entry in manifest.files.items():
+            # Top-level reports and plots travel to MLflow; tables, shards and weights stay,
+            # referenced by the folder path tag.
+            top_level = "/" not in rel
+            if (
+                top_level
+                and Path(rel).suffix in REPORT_SUFFIXES
+                and entry["size"] <= REPORT_MAX_BYTES
+            ):
+                tracker.log_file(run_id, published / rel)
         tracker.set_tags(run_id, {"gen2embed.path": str(store.path(stage.name, fingerprint_))})
         _publish_summary(
             manifest, store.path(stage.name, fingerprint_), tracker, run_id, cached=False

@@ -210,5 +210,7 @@ def test_full_tiny_pipeline_reports_zero_shot_p1(tmp_path: Path) -> None:
     clusters = pl.read_parquet(Path(paths["mine"]) / "clusters.parquet")
     assert set(clusters["role"].unique()) == {"anchor", "negative"}
     assert (Path(paths["mine"]) / "scores.png").stat().st_size > 0
+    logged = {a.path for a in client.list_artifacts(runs["mine"].info.run_id)}
+    assert {"scores.png", "diagnostics.json", "manifest.json"} <= logged
     _, again = _run(tmp_path, overrides=TINY_MODEL_OVERRIDES, until=None)
     assert set(again.values()) == {"Cached"}
