@@ -32,15 +32,52 @@ def strict_hits(query: np.ndarray, candidates: np.ndarray) -> bool:
 
 
 def precision_at_1(
-    rows: list[dict[str, Any]], qkeys: list[str], ckeys: list[list[str]],
+    rows: list[dict[str, Any]],
+    qkeys: list[str],
+    ckeys: list[list[str]],
     vectors: dict[str, np.ndarray],
-) -> dict[str, float]:  # fmt: skip
+) -> dict[str, float]:
     """Per-subset strict P@1."""
     hits: dict[str, list[bool]] = defaultdict(list)
     for row, qk, cks in zip(rows, qkeys, ckeys, strict=True):
         cand = np.stack([vectors[k] for k in cks])
         hits[row["subset"]].append(strict_hits(vectors[qk], cand))
     return {s: float(np.mean(h)) for s, h in sorted(hits.items())}
+
+
+NEXT_TOKEN_QUERIES = 60
+
+
+def next_tokens(
+    backbone: Any, items: list[Any], images_root: Path, settings: Any, batch: int = 12
+) -> dict[str, float]:
+    """Which token the model would generate next from each query's final position, as shares:
+    shows *why* a template's final state carries content (the category) or not ("The")."""
+    import torch
+
+    from embedder.model.images import load_image
+
+    proc = backbone.processor
+    proc.tokenizer.padding_side = "left"
+    counts: dict[str, int] = defaultdict(int)
+    for i in range(0, len(items), batch):
+        chunk = items[i : i + batch]
+        images = [
+            load_image(images_root, it.image, settings.image_mode, settings.image_side)
+            for it in chunk
+            if it.image
+        ]
+        inputs = proc(
+            text=[it.text for it in chunk], images=images or None, padding=True, return_tensors="pt"
+        )
+        inputs = {k: v.to(backbone.device) for k, v in inputs.items()}
+        with torch.inference_mode():
+            logits = backbone.model(**inputs, use_cache=False).logits[:, -1]
+        for tok in logits.argmax(-1).tolist():
+            counts[proc.tokenizer.decode([tok]).strip() or repr(proc.tokenizer.decode([tok]))] += 1
+    total = sum(counts.values())
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:4]
+    return {tok: n / total for tok, n in top}
 
 
 def _aggregate(p1: dict[str, float], meta: dict[str, tuple[str, str]]) -> dict[str, float]:
@@ -56,8 +93,9 @@ def _aggregate(p1: dict[str, float], meta: dict[str, tuple[str, str]]) -> dict[s
     return out
 
 
-def zeroshot_eval(config: PipelineConfig, ingest_dir: Path, pretrain_dir: Path | None,
-                  out_dir: Path) -> StageOutput:  # fmt: skip
+def zeroshot_eval(
+    config: PipelineConfig, ingest_dir: Path, pretrain_dir: Path | None, out_dir: Path
+) -> StageOutput:
     manifest = Manifest.from_json((ingest_dir / "manifest.json").read_text())
     images_root = Path(manifest.info["images_root"]["eval"])
     table = pq.read_table(ingest_dir / "eval.parquet").to_pylist()
@@ -83,13 +121,20 @@ def zeroshot_eval(config: PipelineConfig, ingest_dir: Path, pretrain_dir: Path |
     for template in config.zeroshot.templates:
         items, qkeys, ckeys = [], [], []
         for r in table:
-            q = make_item(r["qry_text"], r["qry_image"], template=template, role="query",
-                          image_token=token, strings=strings)  # fmt: skip
+            q = make_item(
+                r["qry_text"],
+                r["qry_image"],
+                template=template,
+                role="query",
+                image_token=token,
+                strings=strings,
+            )
             # MMEB: candidates get no suffix, except in "matching" subsets.
             role = "query" if "matching" in r["subset"].lower() else "target"
-            cands = [make_item(t, im, template=template, role=role, image_token=token,
-                               strings=strings)
-                     for t, im in zip(r["tgt_text"], r["tgt_image"], strict=True)]  # fmt: skip
+            cands = [
+                make_item(t, im, template=template, role=role, image_token=token, strings=strings)
+                for t, im in zip(r["tgt_text"], r["tgt_image"], strict=True)
+            ]
             items += [q, *cands]
             qkeys.append(q.key)
             ckeys.append([c.key for c in cands])
@@ -99,8 +144,15 @@ def zeroshot_eval(config: PipelineConfig, ingest_dir: Path, pretrain_dir: Path |
         vectors = dict(zip(keys, matrix, strict=True))
         p1 = precision_at_1(table, qkeys, ckeys, vectors)
         agg = _aggregate(p1, meta)
-        report["templates"][template] = {"p1": p1, "aggregate": agg,
-                                         "items_per_s": stats.metrics()["items_per_s"]}  # fmt: skip
+        step = max(1, len(table) // NEXT_TOKEN_QUERIES)
+        wanted = set(qkeys[::step])
+        sample = list({it.key: it for it in items if it.key in wanted}.values())
+        report["templates"][template] = {
+            "p1": p1,
+            "aggregate": agg,
+            "items_per_s": stats.metrics()["items_per_s"],
+            "next_tokens": next_tokens(backbone, sample, images_root, settings),
+        }
         metrics.update({f"p1.{template}.{k}": v for k, v in {**p1, **agg}.items()})
     metrics.update({f"chance.{k}": v for k, v in chance_by_subset.items()})
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -121,4 +173,10 @@ def render_table(report: dict[str, Any]) -> list[str]:
         if agg in report["templates"][templates[0]]["aggregate"]:
             cells = " ".join(f"{report['templates'][t]['aggregate'][agg]:12.3f}" for t in templates)
             lines.append(f"{'= ' + agg:18s} {'':7s} {cells}")
+    lines.append("Next token predicted at the final position (share of sampled queries):")
+    for t in templates:
+        shares = ", ".join(
+            f"{tok!r} {v:.2f}" for tok, v in report["templates"][t]["next_tokens"].items()
+        )
+        lines.append(f"  {t:12s} {shares}")
     return lines

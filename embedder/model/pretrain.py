@@ -18,7 +18,6 @@ import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from PIL import Image
@@ -331,25 +330,3 @@ def vqa_accuracy(
             hits += sum(_first_word(a) == want for a, (_, want) in zip(answers, chunk, strict=True))
         accuracy[kind] = hits / len(pairs)
     return accuracy
-
-
-def next_token_report(
-    backbone: Backbone, prompts: dict[str, list[tuple[str, Any]]]
-) -> dict[str, dict[str, float]]:
-    """Which token the model predicts next under each template: {template: {token: share}}.
-    Shows *why* a template's embedding carries content (or only "The")."""
-    out: dict[str, dict[str, float]] = {}
-    proc = backbone.processor
-    proc.tokenizer.padding_side = "left"
-    for template, cases in prompts.items():
-        texts = [t for t, _ in cases]
-        images = [im for _, im in cases if im is not None]
-        inputs = proc(text=texts, images=images or None, padding=True, return_tensors="pt")
-        with torch.inference_mode():
-            logits = backbone.model(**inputs).logits[:, -1]
-        tokens = proc.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
-        counts: dict[str, float] = {}
-        for tok in tokens:
-            counts[tok] = counts.get(tok, 0) + 1 / len(tokens)
-        out[template] = dict(sorted(counts.items(), key=lambda kv: -kv[1])[:5])
-    return out
