@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format up clean
+.PHONY: setup demo test lint format bench up clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,12 @@ lint: setup
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# CPU benchmarks, each against a baseline measured in the same run (see bench/RESULTS.md).
+bench: setup
+	$(BIN)/python bench/ingest.py
+	$(BIN)/python bench/embed.py
+	$(BIN)/python bench/mine.py
 
 up: setup
 	$(BIN)/gen2embed up
