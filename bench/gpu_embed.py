@@ -117,6 +117,53 @@ def linear_params(module: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
+def breakdown(
+    backbone: Backbone, items: list[EmbedItem], root: Path, args: argparse.Namespace
+) -> None:
+    """Where the time goes: the DataLoader alone (decode + preprocess in workers), then the
+    model alone on batches already on the GPU (vision tower and language model apart)."""
+    from embedder.model.encode import _Batches, _identity
+
+    settings = EncodeSettings(batch_size=args.batch, num_workers=args.workers, image_side=448)
+    batches = [items[i : i + args.batch] for i in range(0, len(items), args.batch)]
+    loader = torch.utils.data.DataLoader(
+        _Batches(batches, backbone.processor, root, settings),
+        batch_size=None,
+        num_workers=args.workers,
+        collate_fn=_identity,
+    )
+    t = time.perf_counter()
+    kept = list(loader)
+    data_s = time.perf_counter() - t
+    print(f"data only ({args.workers} workers): {len(items) / data_s:8.1f} items/s")
+    ready = [{k: v.to(backbone.device) for k, v in b.items()} for b in kept[:4]]
+    model = backbone.model
+    on_gpu = backbone.device.type == "cuda"
+
+    def sync() -> None:
+        if on_gpu:
+            sync()
+
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+        for b in ready:  # warm-up
+            backbone.adapter.last_hidden_state(model, b)
+        sync()
+        t = time.perf_counter()
+        for _ in range(3):
+            for b in ready:
+                backbone.adapter.last_hidden_state(model, b)
+        sync()
+        full_s = (time.perf_counter() - t) / 3
+        t = time.perf_counter()
+        for _ in range(3):
+            for b in ready:
+                model.model.visual(b["pixel_values"], grid_thw=b["image_grid_thw"])
+        sync()
+        vis_s = (time.perf_counter() - t) / 3
+    n = sum(int(b["input_ids"].shape[0]) for b in ready)
+    print(f"model only: {n / full_s:8.1f} items/s (vision tower {vis_s / full_s:.0%} of it)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--items", type=int, default=2048)
@@ -124,6 +171,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--workers", type=int, default=8)
     ap.add_argument("--smoke", action="store_true", help="CPU dry run on a 1-layer sliver")
+    ap.add_argument(
+        "--breakdown", action="store_true", help="also time data loading alone and the model alone"
+    )
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     name = "cpu (smoke)" if args.smoke else torch.cuda.get_device_name()
@@ -177,6 +227,8 @@ def main() -> None:
             torch.cuda.synchronize()
         ours_s = time.perf_counter() - t
         k, v = load_embeddings(root / "out")
+        if args.breakdown:
+            breakdown(backbone, items, root, args)
     naive = dict(zip(keys, naive_vecs, strict=False))
     cos = min(float(np.dot(naive[key], vec)) for key, vec in zip(k, v, strict=True))
     vit = linear_params(backbone.model.model.visual)
