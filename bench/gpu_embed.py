@@ -142,7 +142,7 @@ def breakdown(
 
     def sync() -> None:
         if on_gpu:
-            sync()
+            torch.cuda.synchronize()
 
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
         for b in ready:  # warm-up
