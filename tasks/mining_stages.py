@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 from embedder import mining, retrieval
-from embedder.artifacts import code_version
+from embedder.artifacts import StageOutput, code_version
 from embedder.config import PipelineConfig
 from embedder.embed import KEYS_FILE, SHARDS_DIR
 from embedder.mining import MineParams
@@ -11,7 +14,7 @@ from embedder.model import shards
 from tasks.stage import StageDef, register
 
 
-def _retrieve(config: PipelineConfig, out, up):  # type: ignore[no-untyped-def]
+def _retrieve(config: PipelineConfig, out: Path, up: Mapping[str, Path]) -> StageOutput:
     r = config.retrieve
     return retrieval.retrieve_candidates(
         up["ingest"] / "pairs.parquet",
@@ -30,7 +33,7 @@ def _retrieve(config: PipelineConfig, out, up):  # type: ignore[no-untyped-def]
     )
 
 
-def _mine(config: PipelineConfig, out, up):  # type: ignore[no-untyped-def]
+def _mine(config: PipelineConfig, out: Path, up: Mapping[str, Path]) -> StageOutput:
     m = config.mine
     return mining.mine_clusters(
         up["retrieve"],
