@@ -278,3 +278,56 @@ def test_eval_rows_check_every_candidate(world_dir: Path, tmp_path: Path) -> Non
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
     assert len(rejects) == users == result.rows["rejects"]
     assert all(r["table"] == "eval" and victim in r["reason"] for r in rejects)
+
+
+def test_hub_reader_on_a_local_copy_of_the_repo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, world_dir: Path
+) -> None:
+    """The `hub` source goes through `datasets` (real code); here on a local folder laid out
+    like the hub repository (subset folders + README configs), with the network off."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+    def as_repo(src: Path, dest: Path, split: str) -> None:
+        configs = []
+        for sub in sorted(p for p in src.iterdir() if p.is_dir()):
+            shutil.copytree(sub, dest / sub.name)
+            configs.append(
+                f"- config_name: {sub.name}\n  data_files:\n  - split: {split}\n"
+                f"    path: {sub.name}/{split}-*.parquet\n"
+            )
+        (dest / "README.md").write_text("---\nconfigs:\n" + "".join(configs) + "---\n")
+
+    as_repo(world_dir / "train", tmp_path / "train_repo", "original")
+    as_repo(world_dir / "eval", tmp_path / "eval_repo", "test")
+    cfg = IngestConfig(
+        source="hub",
+        hub_train=str(tmp_path / "train_repo"),
+        hub_eval=str(tmp_path / "eval_repo"),
+        train_images=world_dir / "train_images",
+        eval_images=world_dir / "eval_images",
+        train_subsets=["ShapeCaps_t2i", "ShapeClass"],
+        eval_subsets=["ShapeVQA"],
+    )
+    # Subsets that are not MMEB's need a description, as for a local dump.
+    with pytest.raises(ValueError, match="not an MMEB subset"):
+        ingest(cfg, tmp_path)
+    shutil.copy(world_dir / "train" / "subsets.json", tmp_path / "train_repo")
+    shutil.copy(world_dir / "eval" / "subsets.json", tmp_path / "eval_repo")
+    out = tmp_path / "out"
+    out.mkdir()
+    result = ingest(cfg, out)
+    local = tmp_path / "local"
+    local.mkdir()
+    ingest(
+        _world_config(
+            world_dir, train_subsets=["ShapeCaps_t2i", "ShapeClass"], eval_subsets=["ShapeVQA"]
+        ),
+        local,
+    )
+    for table in ("pairs", "eval"):
+        assert pq.read_table(out / f"{table}.parquet").equals(
+            pq.read_table(local / f"{table}.parquet")
+        ), "the hub path and the local-folder path give the same table"
+    assert result.rows["pairs"] == 2 * SMALL_WORLD["train_pairs"]

@@ -241,6 +241,11 @@ def resolve_sources(config: IngestConfig, world_dir: Path | None = None) -> Inge
     )
 
 
+def _hub_sidecar(repo: str) -> dict[str, SubsetInfo]:
+    """A local copy of a hub repository may describe its subsets like a local dump."""
+    return read_sidecar(Path(repo)) if Path(repo).is_dir() else {}
+
+
 def _plans(config: IngestConfig) -> list[_Plan]:
     plans: list[_Plan] = []
     if config.source == "mmeb":
@@ -278,7 +283,7 @@ def _plans(config: IngestConfig) -> list[_Plan]:
                 PAIRS,
                 sources.discover_hub(config.hub_train, config.train_splits, config.train_subsets),
                 config.train_images,
-                {},
+                _hub_sidecar(config.hub_train),
                 sources.read_source,
             )
         )
@@ -299,7 +304,7 @@ def _plans(config: IngestConfig) -> list[_Plan]:
                 EVAL,
                 sources.discover_hub(config.hub_eval, [sources.EVAL_SPLIT], config.eval_subsets),
                 config.eval_images or config.train_images,  # type: ignore[arg-type]
-                {},
+                _hub_sidecar(config.hub_eval),
                 sources.read_source,
             )
         )
@@ -327,11 +332,15 @@ def source_inputs(config: IngestConfig, world_fingerprint: str | None = None) ->
         st = f.stat()
         out[str(f.resolve())] = f"{st.st_size}:{st.st_mtime_ns}"
     if config.source == "hub":
-        from huggingface_hub import HfApi
-
-        api = HfApi()
         for repo in (config.hub_train, config.hub_eval):
-            out[f"hub:{repo}"] = api.dataset_info(repo).sha or "unknown"
+            if Path(repo).is_dir():  # a local copy laid out like the hub repository
+                for f in sorted(p for p in Path(repo).rglob("*") if p.is_file()):
+                    st = f.stat()
+                    out[str(f.resolve())] = f"{st.st_size}:{st.st_mtime_ns}"
+            else:
+                from huggingface_hub import HfApi
+
+                out[f"hub:{repo}"] = HfApi().dataset_info(repo).sha or "unknown"
     return out
 
 
