@@ -122,12 +122,12 @@ def breakdown(
 ) -> None:
     """Where the time goes: the DataLoader alone (decode + preprocess in workers), then the
     model alone on batches already on the GPU (vision tower and language model apart)."""
-    from embedder.model.encode import _Batches, _identity
+    from embedder.model.encode import ProcessedBatches, _identity
 
     settings = EncodeSettings(batch_size=args.batch, num_workers=args.workers, image_side=448)
     batches = [items[i : i + args.batch] for i in range(0, len(items), args.batch)]
     loader = torch.utils.data.DataLoader(
-        _Batches(batches, backbone.processor, root, settings),
+        ProcessedBatches(batches, backbone.processor, root, settings),
         batch_size=None,
         num_workers=args.workers,
         collate_fn=_identity,

@@ -55,26 +55,23 @@ def next_tokens(
     shows *why* a template's final state carries content (the category) or not ("The")."""
     import torch
 
-    from embedder.model.images import load_image
+    from embedder.model.encode import ProcessedBatches, pool_last_token
 
-    proc = backbone.processor
-    proc.tokenizer.padding_side = "left"
+    tok_of = backbone.processor.tokenizer
+    batches = ProcessedBatches(
+        [items[i : i + batch] for i in range(0, len(items), batch)],
+        backbone.processor,
+        images_root,
+        settings,
+    )
     counts: dict[str, int] = defaultdict(int)
-    for i in range(0, len(items), batch):
-        chunk = items[i : i + batch]
-        images = [
-            load_image(images_root, it.image, settings.image_mode, settings.image_side)
-            for it in chunk
-            if it.image
-        ]
-        inputs = proc(
-            text=[it.text for it in chunk], images=images or None, padding=True, return_tensors="pt"
-        )
+    for inputs in batches:
         inputs = {k: v.to(backbone.device) for k, v in inputs.items()}
         with torch.inference_mode():
-            logits = backbone.model(**inputs, use_cache=False).logits[:, -1]
-        for tok in logits.argmax(-1).tolist():
-            counts[proc.tokenizer.decode([tok]).strip() or repr(proc.tokenizer.decode([tok]))] += 1
+            logits = backbone.model(**inputs, use_cache=False).logits
+        last = pool_last_token(logits, inputs["attention_mask"])  # either padding side
+        for tok in last.argmax(-1).tolist():
+            counts[tok_of.decode([tok]).strip() or repr(tok_of.decode([tok]))] += 1
     total = sum(counts.values())
     top = sorted(counts.items(), key=lambda kv: -kv[1])[:4]
     return {tok: n / total for tok, n in top}

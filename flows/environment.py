@@ -12,18 +12,9 @@ import os
 from pathlib import Path
 
 from embedder.artifacts import WORKDIR_ENV, resolve_workdir
+from embedder.processes import pid_alive
 
 SERVICES_FILE = "services.json"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def running_services(workdir: Path) -> dict[str, str] | None:
@@ -35,7 +26,7 @@ def running_services(workdir: Path) -> dict[str, str] | None:
         info = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    if all(_alive(int(pid)) for pid in info.get("pids", [])):
+    if all(pid_alive(int(pid)) for pid in info.get("pids", [])):
         return info
     return None
 

@@ -113,8 +113,7 @@ def pipeline(
         for index, planned in enumerate(plan):
             upstream_paths = {u: paths[u] for u in planned.upstream}
             if index < first_run:
-                manifest = store.load(planned.name, planned.fingerprint)
-                assert manifest is not None  # checked by stages_to_recompute
+                manifest = store.manifest(planned.name, planned.fingerprint)  # verified by the plan
                 log_cached_run(planned.name, manifest, tracker, parent_id, planned.path)
                 paths[planned.name] = str(planned.path)
                 cached_count += 1
@@ -139,9 +138,8 @@ def pipeline(
             )
             state.result()  # raises the stage's own error if it failed
             if state.name == "Cached":
-                manifest = store.load(planned.name, planned.fingerprint)
-                if manifest is None:
-                    raise PipelineError(f"{planned.name}: cached result vanished during the run")
+                # Cached only if the plan verified the folder (else refresh_cache was set).
+                manifest = store.manifest(planned.name, planned.fingerprint)
                 log.info("%s: cached (%s)", planned.name, planned.path)
                 log_cached_run(planned.name, manifest, tracker, parent_id, planned.path)
                 cached_count += 1

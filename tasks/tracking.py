@@ -21,6 +21,8 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 
+from embedder.processes import pid_alive
+
 EXPERIMENT = "gen2embed"
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -28,16 +30,6 @@ PARENT_TAG = "mlflow.parentRunId"
 def default_tracking_uri(workdir: Path) -> str:
     """$MLFLOW_TRACKING_URI if set (e.g. a running server), else SQLite in the workdir."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def flatten_params(section: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -88,7 +80,7 @@ class Tracker:
         swept = []
         for run in runs:
             pid = int(run.data.tags.get("gen2embed.pid", "0") or 0)
-            if pid and pid != os.getpid() and not _pid_alive(pid):
+            if pid and pid != os.getpid() and not pid_alive(pid):
                 self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
                 swept.append(run.info.run_id)
         return swept

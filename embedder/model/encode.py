@@ -147,7 +147,7 @@ def _estimate_lengths(
     return out
 
 
-class _Batches(torch.utils.data.Dataset):
+class ProcessedBatches(torch.utils.data.Dataset):
     """Each element is one whole batch, processed (images decoded) inside a worker."""
 
     def __init__(
@@ -265,7 +265,7 @@ def _encode(
     for s in pending:
         batches = [[todo[i] for i in batch] for batch in shards[s]]
         loader = torch.utils.data.DataLoader(
-            _Batches(batches, backbone.processor, images_root, settings),
+            ProcessedBatches(batches, backbone.processor, images_root, settings),
             batch_size=None,
             shuffle=False,
             num_workers=settings.num_workers,
