@@ -22,17 +22,16 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).parent))
 from naive_embed import naive_embed
 
-from embedder.config import WorldConfig
-from embedder.datasets.synthetic import build_world
+from embedder.config import EmbedConfig, PretrainConfig, WorldConfig
+from embedder.generator import corpus_texts
 from embedder.model.backbone import build_tiny
 from embedder.model.encode import (
     EmbedItem,
-    EncodeSettings,
     encode,
 )
-from embedder.model.pretrain import corpus_texts
 from embedder.model.prompts import render
 from embedder.model.shards import load_embeddings
+from embedder.world import build_world
 
 
 def corpus(world: Path) -> list[EmbedItem]:
@@ -77,7 +76,7 @@ def main() -> None:
         build_world(WorldConfig(eval_queries=args.queries, train_pairs=16), world)
         items = corpus(world)
         root = world / "eval_images"
-        backbone = build_tiny(corpus_texts())
+        backbone = build_tiny(corpus_texts(), PretrainConfig(), image_size=64)
         unique = len({i.key for i in items})
         print(
             f"corpus: {len(items)} items, {unique} distinct "
@@ -95,9 +94,7 @@ def main() -> None:
                 items,
                 root,
                 out,
-                EncodeSettings(
-                    batch_size=args.batch, num_workers=workers, image_side=64, progress=False
-                ),
+                EmbedConfig(batch_size=args.batch, num_workers=workers, image_side=64),
             )
             results[workers] = (time.perf_counter() - t, stats, out)
         naive = dict(zip(keys, naive_vecs, strict=False))

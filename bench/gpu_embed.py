@@ -25,7 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from naive_embed import naive_embed
 
-from embedder.datasets import synthetic as world
+from embedder import world
+from embedder.config import EmbedConfig
+from embedder.generator import corpus_texts
 from embedder.model.backbone import (
     QWEN_SPECIAL_TOKENS,
     Backbone,
@@ -33,8 +35,7 @@ from embedder.model.backbone import (
     ImageOnlyQwenVLProcessor,
     train_tokenizer,
 )
-from embedder.model.encode import EmbedItem, EncodeSettings, encode
-from embedder.model.pretrain import corpus_texts
+from embedder.model.encode import EmbedItem, encode
 from embedder.model.prompts import render
 from embedder.model.shards import load_embeddings
 
@@ -124,7 +125,7 @@ def breakdown(
     model alone on batches already on the GPU (vision tower and language model apart)."""
     from embedder.model.encode import ProcessedBatches, _identity
 
-    settings = EncodeSettings(batch_size=args.batch, num_workers=args.workers, image_side=448)
+    settings = EmbedConfig(batch_size=args.batch, num_workers=args.workers, image_side=448)
     batches = [items[i : i + args.batch] for i in range(0, len(items), args.batch)]
     loader = torch.utils.data.DataLoader(
         ProcessedBatches(batches, backbone.processor, root, settings),
@@ -219,9 +220,7 @@ def main() -> None:
             items,
             root,
             root / "out",
-            EncodeSettings(
-                batch_size=args.batch, num_workers=args.workers, image_side=448, progress=False
-            ),
+            EmbedConfig(batch_size=args.batch, num_workers=args.workers, image_side=448),
         )
         if not args.smoke:
             torch.cuda.synchronize()

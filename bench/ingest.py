@@ -36,7 +36,7 @@ print(json.dumps({"rows": res.metrics["rows"], "seconds": time.perf_counter() - 
 
 def measure(pairs: int, eval_queries: int, root: Path) -> dict[str, float]:
     from embedder.config import WorldConfig
-    from embedder.datasets.synthetic import build_world
+    from embedder.world import build_world
 
     world = root / f"world-{pairs}"
     build_world(WorldConfig(train_pairs=pairs, eval_queries=eval_queries), world)

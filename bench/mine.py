@@ -18,7 +18,8 @@ import tracemalloc
 
 import numpy as np
 
-from embedder.mining import MineParams, SubsetPool, mine_subset
+from embedder.config import MineConfig
+from embedder.mining import SubsetPool, mine_subset
 from embedder.retrieval import exact_search
 
 
@@ -39,7 +40,7 @@ def synthetic(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
 
 
 def stage(
-    queries: np.ndarray, positives: np.ndarray, row_pos: np.ndarray, params: MineParams
+    queries: np.ndarray, positives: np.ndarray, row_pos: np.ndarray, params: MineConfig
 ) -> list[tuple[int, list[int]]]:
     r = 2 * params.k * params.m
     res = exact_search(queries, positives, r, device="cpu")
@@ -59,7 +60,7 @@ def stage(
 
 
 def reference(
-    queries: np.ndarray, positives: np.ndarray, row_pos: np.ndarray, params: MineParams
+    queries: np.ndarray, positives: np.ndarray, row_pos: np.ndarray, params: MineConfig
 ) -> list[tuple[int, list[int]]]:
     """METHOD.md section 3 written plainly, one anchor at a time."""
     k, m = params.k, params.m
@@ -117,7 +118,7 @@ def main() -> None:
     ap.add_argument("--check-pairs", type=int, default=3000)
     ap.add_argument("--dim", type=int, default=256)
     args = ap.parse_args()
-    params = MineParams(k=15, m=3)
+    params = MineConfig(k=15, m=3)
 
     data = synthetic(args.check_pairs, args.dim)
     same = stage(*data, params) == reference(*data, params)

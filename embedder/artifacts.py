@@ -13,20 +13,22 @@ and is recomputed, never trusted.
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import hashlib
-import inspect
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from embedder.outputs import StageOutput
 
 log = logging.getLogger("gen2embed.artifacts")
 
@@ -74,16 +76,68 @@ def fingerprint(
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def code_version(*modules: ModuleType) -> str:
-    """A stage's code version: a hash of the source of the modules that shape its output.
+def _module_file(name: str) -> Path | None:
+    """The source file of a project module, found on disk without importing anything
+    beyond its top-level package (the closure must not import torch to hash a stage)."""
+    root, *rest = name.split(".")
+    spec = importlib.util.find_spec(root)
+    if spec is None or not spec.origin or not spec.origin.endswith("__init__.py"):
+        return None
+    base = Path(spec.origin).parent.joinpath(*rest)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
-    Derived rather than bumped by hand, so an edit can never leave a stale cache behind; the
-    price is that a comment-only edit also recomputes the stage.
+
+def _imported_names(path: Path, package: str) -> set[str]:
+    """Every module an `import` anywhere in the file may load (functions included)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            # `from pkg import mod` loads pkg.mod when it is a module.
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_closure(module: str) -> dict[str, Path]:
+    """The modules of `module`'s own top-level package that importing it can run: its
+    imports, theirs, and so on, with the packages they sit in."""
+    root = module.split(".")[0]
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or name.split(".")[0] != root:
+            continue
+        path = _module_file(name)
+        if path is None:
+            continue
+        seen[name] = path
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # parent packages
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        todo += sorted(_imported_names(path, package))
+    return seen
+
+
+def code_version(function: Callable[..., Any]) -> str:
+    """A stage's code version: a hash of the source of every project module its function's
+    module imports, however indirectly.
+
+    Derived, never listed by hand, so an edit to any module the stage runs can never leave a
+    stale cache behind; the price is that a comment-only edit also recomputes the stage.
     """
     digest = hashlib.sha256()
-    for module in modules:
-        source = inspect.getsource(module)
-        digest.update(module.__name__.encode() + b"\0" + source.encode())
+    for name, path in sorted(import_closure(function.__module__).items()):
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:12]
 
 
@@ -108,6 +162,8 @@ class Manifest:
     rows: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    # The stage's typed output fields (embedder.outputs), to rebuild it on a cache hit.
+    output: dict[str, Any] = field(default_factory=dict)
     created: float = 0.0
 
     def to_json(self) -> str:
@@ -116,15 +172,6 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str) -> Manifest:
         return cls(**json.loads(text))
-
-
-@dataclass(frozen=True)
-class StageOutput:
-    """What an embedder stage function reports back about the files it wrote."""
-
-    rows: dict[str, int] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class ArtifactStore:
@@ -220,6 +267,7 @@ class ArtifactStore:
             rows=dict(output.rows),
             metrics={k: float(v) for k, v in output.metrics.items()},
             info=_canonical(dict(output.info)),
+            output=output.own_fields(),
             created=time.time(),
         )
         tmp = partial / f"{MANIFEST}.tmp"

@@ -2,7 +2,9 @@
 
 Configs come from a named preset, optionally a YAML file on top, then dotted overrides
 (`ingest.on_bad_rows=skip`). Every model forbids unknown keys, so a typo is an error that
-names the key instead of a silently ignored setting.
+names the key instead of a silently ignored setting. Where one setting supplies another's
+default (a mining recipe gives k and m, k and m give retrieval's R), a value set explicitly
+always wins, or the combination is an error naming both keys.
 """
 
 from __future__ import annotations
@@ -22,18 +24,6 @@ from embedder.model.prompts import (
     QUERY_SUFFIX_TEXT,
 )
 
-STAGES: tuple[str, ...] = (
-    "world",
-    "ingest",
-    "pretrain",
-    "embed",
-    "zeroshot",
-    "retrieve",
-    "mine",
-)
-"""Pipeline stages in run order. `world` and `zeroshot` run when ingest reads the miniature
-world, `pretrain` when the backbone is the built-in tiny generator."""
-
 
 class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message names the offending key."""
@@ -44,7 +34,7 @@ class _Section(BaseModel):
 
 
 class WorldConfig(_Section):
-    """The built-in miniature world (embedder.datasets.synthetic)."""
+    """The built-in miniature world (embedder.world)."""
 
     seed: int = 0
     image_size: int = Field(64, ge=32, le=512, description="Side of the square scenes, px.")
@@ -198,7 +188,10 @@ class RetrieveConfig(_Section):
     """FAISS candidate retrieval: each query's top-R positives of its own subset."""
 
     top_r: int | None = Field(
-        None, ge=1, description="Candidates per query; None: R = 2*k*m from the mine section."
+        None,
+        ge=1,
+        description="Candidates per query, R. Default: 2*k*m from the mine section "
+        "(METHOD.md section 3); a value set here wins.",
     )
     index: Literal["exact", "ivf", "hnsw"] = Field(
         "exact", description="exact (IndexFlatIP), or approximate for pools of millions."
@@ -214,15 +207,21 @@ class RetrieveConfig(_Section):
     hnsw_ef: int = Field(256, ge=1)
 
 
+MINE_RECIPES: dict[str, tuple[int, int]] = {"paper": (15, 3), "code": (7, 5)}
+
+
 class MineConfig(_Section):
     """Hard negative mining into clusters (METHOD.md section 3)."""
 
     strategy: Literal["saha", "topk", "topk_margin", "in_batch"] = "saha"
     recipe: Literal["paper", "code", "custom"] = Field(
-        "paper", description="paper: k=15, m=3; code: k=7, m=5 (the authors' code); custom: k, m."
+        "paper",
+        description="Defaults for k and m. paper: k=15, m=3; code: k=7, m=5 (the authors' "
+        "code); custom: k and m as given. An explicit mine.k / mine.m wins over the default "
+        "recipe (which then reads custom); with an explicit recipe they must agree.",
     )
-    k: int = Field(15, ge=1, description="Negatives per cluster (used when recipe=custom).")
-    m: int = Field(3, ge=1, description="Over-retrieval factor (used when recipe=custom).")
+    k: int = Field(15, ge=1, description="Negatives per cluster.")
+    m: int = Field(3, ge=1, description="Over-retrieval factor: C = k*m owners are gathered.")
     seed: int = 0
     shuffle: bool = Field(False, description="Visit anchors in a seeded shuffle, not data order.")
     margin: float = Field(0.95, gt=0, description="topk_margin: drop scores above margin x own.")
@@ -231,12 +230,25 @@ class MineConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _apply_recipe(self) -> MineConfig:
-        recipes = {"paper": (15, 3), "code": (7, 5)}
-        if self.recipe in recipes:
-            k, m = recipes[self.recipe]
-            object.__setattr__(self, "k", k)
-            object.__setattr__(self, "m", m)
+    def _recipe_gives_defaults(self) -> MineConfig:
+        if self.recipe == "custom":
+            return self
+        recipe = dict(zip(("k", "m"), MINE_RECIPES[self.recipe], strict=True))
+        given = [key for key in recipe if key in self.model_fields_set]
+        if "recipe" in self.model_fields_set:
+            for key in given:
+                if getattr(self, key) != recipe[key]:
+                    raise ValueError(
+                        f"mine.recipe={self.recipe} means mine.{key}={recipe[key]}, but "
+                        f"mine.{key}={getattr(self, key)} is set too: drop one of the two "
+                        "(or set mine.recipe=custom)"
+                    )
+        # object.__setattr__: assignment would re-run this validator.
+        for key, value in recipe.items():
+            if key not in given:
+                object.__setattr__(self, key, value)
+        if given and "recipe" not in self.model_fields_set:
+            object.__setattr__(self, "recipe", "custom")
         return self
 
 
@@ -253,12 +265,18 @@ class PipelineConfig(_Section):
     retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
     mine: MineConfig = Field(default_factory=MineConfig)
 
-    @property
-    def top_r(self) -> int:
-        return self.retrieve.top_r or 2 * self.mine.k * self.mine.m
+    @model_validator(mode="after")
+    def _retrieval_depth_from_mining(self) -> PipelineConfig:
+        if self.retrieve.top_r is None:
+            object.__setattr__(self.retrieve, "top_r", 2 * self.mine.k * self.mine.m)
+        return self
 
-    def section(self, stage: str) -> BaseModel:
-        return getattr(self, stage)
+    def section_name(self, section: type[BaseModel]) -> str:
+        """The field holding a section class (`EmbedConfig` -> "embed")."""
+        for name, info in type(self).model_fields.items():
+            if info.annotation is section:
+                return name
+        raise KeyError(f"{section.__name__} is not a section of PipelineConfig")
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -1,28 +1,25 @@
-"""Stage function `embed`: zero-shot embeddings of the training pairs' queries and positives."""
+"""Stage `embed`: zero-shot embeddings of the training pairs' queries and positives."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from embedder.artifacts import StageOutput
-from embedder.config import EmbedConfig, ModelConfig, PipelineConfig
+from embedder.config import EmbedConfig, ModelConfig
+from embedder.datasets.schema import PAIR_KEYS_SCHEMA, PAIRS_SCHEMA, read_table, write_table
 from embedder.model.backbone import Backbone, load_backbone
-from embedder.model.encode import EmbedItem, EncodeSettings, encode
-from embedder.model.prompts import PromptStrings, render
-
-SHARDS_DIR = "shards"
-KEYS_FILE = "pair_keys.parquet"
+from embedder.model.encode import EmbedItem, encode
+from embedder.model.prompts import render
+from embedder.outputs import Embeddings, Generator, Tables
 
 
-def open_backbone(model: ModelConfig, pretrain_dir: Path | None) -> Backbone:
+def open_backbone(model: ModelConfig, generator: Generator | None) -> Backbone:
     """The configured backbone; `tiny` means the generator the pretrain stage published."""
     if model.backbone == "tiny":
-        if pretrain_dir is None:
+        if generator is None:
             raise ValueError("model.backbone=tiny needs the pretrain stage's output")
-        source: str | Path = pretrain_dir / "model"
+        source: str | Path = generator.model_dir
     else:
         source = model.backbone
     return load_backbone(
@@ -35,27 +32,8 @@ def open_backbone(model: ModelConfig, pretrain_dir: Path | None) -> Backbone:
     )
 
 
-def settings_of(embed: EmbedConfig) -> EncodeSettings:
-    return EncodeSettings(
-        batch_size=embed.batch_size,
-        shard_size=embed.shard_size,
-        num_workers=embed.num_workers,
-        padding_side=embed.padding_side,
-        image_mode=embed.image_mode,
-        image_side=embed.image_side,
-        out_dtype=embed.out_dtype,
-        max_pixels=embed.max_pixels,
-    )
-
-
-def strings_of(embed: EmbedConfig) -> PromptStrings:
-    return PromptStrings(
-        embed.system, embed.query_suffix_image, embed.query_suffix_text, embed.generic_system
-    )
-
-
 def make_item(
-    text: str, image: str, *, template: str, role: str, image_token: str, strings: PromptStrings
+    text: str, image: str, *, template: str, role: str, image_token: str, strings: EmbedConfig
 ) -> EmbedItem:
     rendered = render(
         template,
@@ -69,61 +47,57 @@ def make_item(
 
 
 def embed_pairs(
-    config: PipelineConfig, ingest_dir: Path, pretrain_dir: Path | None, out_dir: Path
-) -> StageOutput:
-    """Embed every distinct query and positive of `pairs.parquet` into shards, and map each
-    pair id to its query and positive keys (`pair_keys.parquet`)."""
-    from embedder.artifacts import Manifest
-
-    manifest = Manifest.from_json((ingest_dir / "manifest.json").read_text())
-    images_root = Path(manifest.info["images_root"]["pairs"])
-    backbone = open_backbone(config.model, pretrain_dir)
-    token = backbone.image_token(config.model.wrapped_image_token)
-    strings = strings_of(config.embed)
-    pairs = pq.read_table(
-        ingest_dir / "pairs.parquet",
-        columns=["id", "subset", "qry_text", "qry_image", "pos_text", "pos_image"],
+    model: ModelConfig, cfg: EmbedConfig, data: Tables, generator: Generator | None, out: Path
+) -> Embeddings:
+    """Embed every distinct query and positive of the pairs table into shards, and map each
+    pair to its query and positive keys."""
+    if data.pairs_images is None:
+        raise ValueError("the ingest output holds no training pairs to embed")
+    backbone = open_backbone(model, generator)
+    token = backbone.image_token(model.wrapped_image_token)
+    pairs = read_table(
+        data.pairs,
+        PAIRS_SCHEMA,
+        ["id", "subset", "meta_task", "fn_group", "qry_text", "qry_image", "pos_text", "pos_image"],
     ).to_pylist()
     items, qkeys, pkeys = [], [], []
     for row in pairs:
         q = make_item(
             row["qry_text"],
             row["qry_image"],
-            template=config.embed.template,
+            template=cfg.template,
             role="query",
             image_token=token,
-            strings=strings,
+            strings=cfg,
         )
         p = make_item(
             row["pos_text"],
             row["pos_image"],
-            template=config.embed.template,
+            template=cfg.template,
             role="target",
             image_token=token,
-            strings=strings,
+            strings=cfg,
         )
         items += [q, p]
         qkeys.append(q.key)
         pkeys.append(p.key)
-    stats = encode(backbone, items, images_root, out_dir / SHARDS_DIR, settings_of(config.embed))
-    pq.write_table(
-        pa.table(
-            {
-                "id": [r["id"] for r in pairs],
-                "subset": [r["subset"] for r in pairs],
-                "qry_key": qkeys,
-                "pos_key": pkeys,
-            }
-        ),
-        out_dir / KEYS_FILE,
+    output = Embeddings(folder=out)
+    stats = encode(backbone, items, data.pairs_images, output.shards, cfg)
+    columns = {c: [r[c] for r in pairs] for c in ("id", "subset", "meta_task", "fn_group")}
+    write_table(
+        pa.table({**columns, "qry_key": qkeys, "pos_key": pkeys}),
+        output.pair_keys,
+        PAIR_KEYS_SCHEMA,
     )
-    return StageOutput(
-        rows={"pairs": len(pairs), "unique_items": stats.unique},
-        metrics=stats.metrics(),
-        info={
-            "backbone": backbone.source,
-            "template": config.embed.template,
-            "device": str(backbone.device),
-            "dtype": str(backbone.dtype),
-        },
+    return output.model_copy(
+        update={
+            "rows": {"pairs": len(pairs), "unique_items": stats.unique},
+            "metrics": stats.metrics(),
+            "info": {
+                "backbone": backbone.source,
+                "template": cfg.template,
+                "device": str(backbone.device),
+                "dtype": str(backbone.dtype),
+            },
+        }
     )

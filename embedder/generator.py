@@ -1,69 +1,365 @@
-"""Stage function `pretrain`: build and pretrain the tiny generator of the miniature world."""
+"""Stage `pretrain`: the tiny generator of the miniature world, built and pretrained here.
+
+The paper's zero-shot claim rests on a generator that has learned to answer "in one word". To
+check it in miniature, the tiny Qwen2-VL is first made a real (if small) generator: next-token
+prediction, loss on the assistant turn only, on the world's captions, VQA answers, one-word
+answers and bare texts, in the chat format with the system message varied (MINIATURE.md's mix).
+Uninstructed answers open with content-free filler ("The image shows ..."), one-word
+instructions get the bare word. The exact query suffixes of METHOD.md never appear, and by
+default neither does the exact hierarchical system prompt (paraphrases do): zero-shot stays
+zero-shot.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-from embedder.artifacts import StageOutput
-from embedder.config import PipelineConfig
-from embedder.model import pretrain as pt
-from embedder.model.backbone import TinySpec, build_tiny, save_backbone
+import torch
+from PIL import Image
 
-log = logging.getLogger("gen2embed.generator")
-MODEL_DIR = "model"
+from embedder import world
+from embedder.config import PretrainConfig, WorldConfig
+from embedder.model.backbone import Backbone, build_tiny, save_backbone
+from embedder.model.prompts import (
+    GENERIC_SYSTEM,
+    HIERARCHICAL_SYSTEM,
+    QUERY_SUFFIX_IMAGE,
+    QUERY_SUFFIX_TEXT,
+    chat,
+)
+from embedder.outputs import Generator
+
+log = logging.getLogger("gen2embed.pretrain")
+
+IMAGE = "<|image_pad|>"
+DESCRIBE = (
+    "Describe the image.",
+    "What does the image show?",
+    "Give a caption for the image.",
+    "Write a sentence about this picture.",
+)
+ONE_WORD_IMAGE = (
+    "What is in the image? Answer in one word.",
+    "Name the main object with a single word.",
+    "Which object is this? One word.",
+    "Summarize the picture in one word.",
+)
+ONE_WORD_TEXT = (
+    "Which object does the text mention? Answer in one word.",
+    "Sum up the text in one word.",
+    "Name the object in the text with one word.",
+)
+ONE_WORD_SYSTEMS = (
+    "Summarize any image or text you are given with a single word.",
+    "Answer every input with one word that sums it up.",
+    "Reply with one word: the main thing in the picture or the text.",
+)
+ONE_WORD_SUFFIX = " Answer in one word."
+# Mix from MINIATURE.md (the one that worked in the prototypes).
+MIX = (
+    ("caption", 0.22),
+    ("bare_image", 0.10),
+    ("vqa", 0.26),
+    ("one_word", 0.22),
+    ("bare_text", 0.08),
+    ("one_word_system", 0.12),
+)
 
 
-def tiny_spec(config: PipelineConfig) -> TinySpec:
-    """The architecture fields of the pretrain section, plus the world's image size."""
-    names = {f.name for f in dataclasses.fields(TinySpec)}
-    p = config.pretrain
-    shared = {k: v for k, v in p.model_dump().items() if k in names}
-    return TinySpec(
-        **shared, vision_heads=max(1, p.vision_dim // 16), image_size=config.world.image_size
-    )
+@dataclass(frozen=True)
+class Example:
+    system: str | None
+    user: str
+    answer: str
+    image: Image.Image | None
 
 
-def build_generator(config: PipelineConfig, out_dir: Path) -> StageOutput:
+def one_word(kind: str, s: world.Scene) -> str:
+    return {
+        "category": s.cat.name,
+        "colour": s.cat.colour,
+        "position": world.POSITIONS[s.position],
+        "size": world.SIZES[s.size],
+        "count": world.NUMBER_WORDS[s.marks],
+        "mark_colour": s.mark_colour,
+    }[kind]
+
+
+def text_description(s: world.Scene) -> str:
+    c = s.cat
+    where = ("on the left", "in the centre", "on the right")[s.position]
+    return f"The text describes a {world.SIZES[s.size]} {c.colour} {c.name} {where}."
+
+
+def corpus_texts() -> list[str]:
+    """Every kind of text the world and its prompts use: what the tokenizer is trained on."""
+    out = [
+        HIERARCHICAL_SYSTEM,
+        QUERY_SUFFIX_IMAGE,
+        QUERY_SUFFIX_TEXT,
+        GENERIC_SYSTEM,
+        *DESCRIBE,
+        *ONE_WORD_IMAGE,
+        *ONE_WORD_TEXT,
+        *ONE_WORD_SYSTEMS,
+        world.CLASS_QUERY,
+        world.VQA_QUERY,
+        world.T2I_QUERY,
+        world.T2I_TARGET,
+        world.I2T_QUERY,
+        world.REF_QUERY,
+        world.REF_TARGET,
+    ]
+    for s in world.all_scenes():
+        out += [world.caption(s, v) for v in range(3)] + [text_description(s)]
+        for kind in world.QUESTION_TYPES:
+            out += [world.question(kind, s, v) + " " + world.answer(kind, s, v) for v in (0, 1)]
+        out.append(world.referring_expression(s))
+    return out
+
+
+class ExampleStream:
+    """An endless, seeded stream of training examples drawn from fresh random scenes."""
+
+    def __init__(self, seed: int, image_size: int, exact_system_prompt: bool = False) -> None:
+        self.rng = random.Random(seed)
+        self.image_size = image_size
+        self.scenes = world.all_scenes()
+        self.one_word_systems = ONE_WORD_SYSTEMS + (
+            (HIERARCHICAL_SYSTEM,) if exact_system_prompt else ()
+        )
+
+    def _system(self) -> str | None:
+        return self.rng.choice((None, GENERIC_SYSTEM))
+
+    def _image(self, s: world.Scene) -> Image.Image:
+        return world.render(s, self.image_size, self.rng.randrange(1 << 30))
+
+    def sample(self) -> Example:
+        rng = self.rng
+        s = rng.choice(self.scenes)
+        kind = rng.choices([k for k, _ in MIX], weights=[w for _, w in MIX])[0]
+        if kind == "caption":
+            return Example(
+                self._system(),
+                f"{IMAGE}\n{rng.choice(DESCRIBE)}",
+                world.caption(s, rng.randrange(3)),
+                self._image(s),
+            )
+        if kind == "bare_image":
+            return Example(
+                self._system(), IMAGE, world.caption(s, rng.randrange(3)), self._image(s)
+            )
+        if kind == "vqa":
+            q = rng.choice(world.QUESTION_TYPES)
+            if q == "mark_colour" and s.marks == 0:
+                q = "count"
+            v = rng.randrange(2)
+            if rng.random() < 0.5:
+                return Example(
+                    self._system(),
+                    f"{IMAGE}\n{world.question(q, s, v)}",
+                    world.answer(q, s, v),
+                    self._image(s),
+                )
+            return Example(
+                self._system(),
+                f"{IMAGE}\n{world.question(q, s, v)}{ONE_WORD_SUFFIX}",
+                one_word(q, s),
+                self._image(s),
+            )
+        if kind == "one_word":
+            if rng.random() < 0.5:
+                return Example(
+                    self._system(),
+                    f"{IMAGE}\n{rng.choice(ONE_WORD_IMAGE)}",
+                    s.cat.name,
+                    self._image(s),
+                )
+            text = world.caption(s, rng.randrange(3))
+            return Example(self._system(), f"{text}\n{rng.choice(ONE_WORD_TEXT)}", s.cat.name, None)
+        if kind == "bare_text":
+            return Example(
+                self._system(), world.caption(s, rng.randrange(3)), text_description(s), None
+            )
+        system = rng.choice(self.one_word_systems)
+        if rng.random() < 0.5:
+            return Example(system, IMAGE, s.cat.name, self._image(s))
+        # Bare labels too, so a one-word label maps to itself (MINIATURE.md: too few of these
+        # made one seed's generator collapse every label onto one word).
+        text = s.cat.name if rng.random() < 0.3 else world.caption(s, rng.randrange(3))
+        return Example(system, text, s.cat.name, None)
+
+    def __iter__(self) -> Iterator[Example]:
+        while True:
+            yield self.sample()
+
+
+def collate(backbone: Backbone, examples: list[Example]) -> dict[str, torch.Tensor]:
+    """Tokenise chat-formatted examples; labels only on the assistant's answer."""
+    proc = backbone.processor
+    proc.tokenizer.padding_side = "right"
+    texts = [chat(e.system, e.user) + e.answer + "<|im_end|>" for e in examples]
+    images = [e.image for e in examples if e.image is not None]
+    inputs = dict(proc(text=texts, images=images or None, padding=True, return_tensors="pt"))
+    ids = inputs["input_ids"]
+    labels = ids.clone()
+    im_start = proc.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    prefix = len(proc.tokenizer("assistant\n")["input_ids"])
+    for row in range(ids.shape[0]):
+        starts = (ids[row] == im_start).nonzero()
+        answer_from = int(starts[-1]) + 1 + prefix
+        labels[row, :answer_from] = -100
+    labels[inputs["attention_mask"] == 0] = -100
+    inputs["labels"] = labels
+    return inputs
+
+
+@dataclass
+class PretrainResult:
+    losses: list[tuple[int, float]]
+    seconds: float
+    steps: int
+
+
+def pretrain(
+    backbone: Backbone, cfg: PretrainConfig, *, image_size: int, log_every: int = 25
+) -> PretrainResult:
+    """Next-token pretraining on the world's text, loss on the assistant turn only."""
+    steps, warmup = cfg.steps, cfg.warmup
+    torch.manual_seed(cfg.seed)
+    model = backbone.model
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    stream = iter(ExampleStream(cfg.seed, image_size, cfg.exact_system_prompt))
+    losses: list[tuple[int, float]] = []
+    started = time.perf_counter()
+    running = 0.0
+    for step in range(steps):
+        batch = collate(backbone, [next(stream) for _ in range(cfg.batch_size)])
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        running += float(loss.detach())
+        if (step + 1) % log_every == 0 or step == steps - 1:
+            n = (step % log_every) + 1
+            losses.append((step + 1, running / n))
+            log.info(
+                "pretrain step %d/%d loss %.3f (%.0fs)",
+                step + 1,
+                steps,
+                running / n,
+                time.perf_counter() - started,
+            )
+            running = 0.0
+    model.eval()
+    return PretrainResult(losses, time.perf_counter() - started, steps)
+
+
+def _first_word(text: str) -> str:
+    words = text.strip().split()
+    return words[0].strip(".,!?;:").lower() if words else ""
+
+
+def generate_answers(
+    backbone: Backbone, examples: list[Example], max_new_tokens: int = 4
+) -> list[str]:
+    proc = backbone.processor
+    proc.tokenizer.padding_side = "left"
+    texts = [chat(e.system, e.user) for e in examples]
+    images = [e.image for e in examples if e.image is not None]
+    inputs = proc(text=texts, images=images or None, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = backbone.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=proc.tokenizer.pad_token_id,
+        )
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return proc.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+
+def vqa_accuracy(
+    backbone: Backbone, *, per_type: int, seed: int, image_size: int, batch_size: int = 32
+) -> dict[str, float]:
+    """Held-out accuracy of one-word answers, by question type, on fresh random scenes;
+    plus one-word category naming from an image and from a caption."""
+    rng = random.Random(seed + 104729)
+    scenes = world.all_scenes()
+    cases: dict[str, list[tuple[Example, str]]] = {}
+    for kind in world.QUESTION_TYPES:
+        for _ in range(per_type):
+            s = rng.choice([x for x in scenes if x.marks] if kind == "mark_colour" else scenes)
+            img = world.render(s, image_size, rng.randrange(1 << 30))
+            ex = Example(None, f"{IMAGE}\n{world.question(kind, s)}{ONE_WORD_SUFFIX}", "", img)
+            cases.setdefault(kind, []).append((ex, one_word(kind, s)))
+    for _ in range(per_type):
+        s = rng.choice(scenes)
+        text = world.caption(s, rng.randrange(3))
+        cases.setdefault("text_one_word", []).append(
+            (Example(None, f"{text}\n{ONE_WORD_TEXT[0]}", "", None), s.cat.name)
+        )
+    accuracy = {}
+    for kind, pairs in cases.items():
+        hits = 0
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i : i + batch_size]
+            answers = generate_answers(backbone, [e for e, _ in chunk])
+            hits += sum(_first_word(a) == want for a, (_, want) in zip(answers, chunk, strict=True))
+        accuracy[kind] = hits / len(pairs)
+    return accuracy
+
+
+def pretrain_generator(cfg: PretrainConfig, world_cfg: WorldConfig, out: Path) -> Generator:
     """Tokenizer + random tiny Qwen2-VL, next-token pretraining, held-out VQA accuracy; the
-    model is saved to `out_dir/model` and loads offline with `load_backbone`."""
-    p = config.pretrain
-    backbone = build_tiny(pt.corpus_texts(), tiny_spec(config))
+    model is saved to `out/model` and loads offline with `load_backbone`. The world's
+    section gives the image size the generator is built for."""
+    image_size = world_cfg.image_size
+    backbone = build_tiny(corpus_texts(), cfg, image_size=image_size)
     params = sum(x.numel() for x in backbone.model.parameters())
-    before = pt.vqa_accuracy(
-        backbone, per_type=min(p.eval_per_type, 16), seed=p.seed, image_size=config.world.image_size
+    before = vqa_accuracy(
+        backbone, per_type=min(cfg.eval_per_type, 16), seed=cfg.seed, image_size=image_size
     )
-    result = pt.pretrain(
-        backbone,
-        steps=p.steps,
-        batch_size=p.batch_size,
-        lr=p.lr,
-        warmup=p.warmup,
-        seed=p.seed,
-        image_size=config.world.image_size,
-        exact_system_prompt=p.exact_system_prompt,
+    result = pretrain(backbone, cfg, image_size=image_size)
+    accuracy = vqa_accuracy(
+        backbone, per_type=cfg.eval_per_type, seed=cfg.seed, image_size=image_size
     )
-    accuracy = pt.vqa_accuracy(
-        backbone, per_type=p.eval_per_type, seed=p.seed, image_size=config.world.image_size
-    )
-    save_backbone(backbone, out_dir / MODEL_DIR)
-    (out_dir / "loss.json").write_text(json.dumps(result.losses))
+    save_backbone(backbone, Generator(folder=out).model_dir)
+    (out / "loss.json").write_text(json.dumps(result.losses))
     ready = accuracy["category"] >= 0.8 and accuracy["position"] >= 0.8
     summary = [
         "Tiny generator: held-out one-word VQA accuracy by question type "
-        f"({p.eval_per_type} each; chance ~1/12 category and colour, 1/3 position)"
+        f"({cfg.eval_per_type} each; chance ~1/12 category and colour, 1/3 position)"
     ]
     summary += [
         f"  {k:14s} {v:.2f}   (before pretraining {before[k]:.2f})" for k, v in accuracy.items()
     ]
     summary.append(
         f"  ready (category and position >= 0.8): {'yes' if ready else 'NO'}; "
-        f"{p.steps} steps in {result.seconds:.0f}s, final loss {result.losses[-1][1]:.3f}"
+        f"{cfg.steps} steps in {result.seconds:.0f}s, final loss {result.losses[-1][1]:.3f}"
     )
     log.info("\n".join(summary))
-    return StageOutput(
+    return Generator(
+        folder=out,
         metrics={
             "parameters": params,
             "seconds": result.seconds,

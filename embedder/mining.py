@@ -34,9 +34,12 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
-from embedder.artifacts import StageOutput
+from embedder.config import MineConfig
+from embedder.datasets import schema
 from embedder.model.shards import load_embeddings
+from embedder.outputs import Candidates, Clusters, Embeddings
 
 log = logging.getLogger("gen2embed.mining")
 
@@ -81,15 +84,6 @@ def _csr(keys: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.n
     ptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=ptr[1:])
     return ptr, values[order].astype(np.int64)
-
-
-@dataclass(frozen=True)
-class MineParams:
-    k: int = 15
-    m: int = 3
-    seed: int = 0
-    shuffle: bool = False
-    margin: float = 0.95
 
 
 @dataclass
@@ -145,7 +139,7 @@ def _walk(
 
 
 def mine_subset(
-    pool: SubsetPool, strategy: Strategy, params: MineParams, trace: MineTrace | None = None
+    pool: SubsetPool, strategy: Strategy, params: MineConfig, trace: MineTrace | None = None
 ) -> list[Cluster]:
     """Clusters for one subset (cluster members as query indices)."""
     n_rows, n_q = len(pool.row_query), len(pool.queries)
@@ -251,34 +245,40 @@ def diagnose(pool: SubsetPool, clusters: list[Cluster], fn_groups: list[str | No
 # ------------------------------------------------------------------------- the stage
 
 
-def load_pools(retrieve_dir: Path, shards_dir: Path) -> list[tuple[SubsetPool, pl.DataFrame]]:
+def _read(path: Path, table_schema: pa.Schema) -> pl.DataFrame:
+    frame = pl.from_arrow(schema.read_table(path, table_schema))
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def load_pools(cands: Candidates, emb: Embeddings) -> list[tuple[SubsetPool, pl.DataFrame]]:
     """Rebuild each subset's pool (and its rows table) from the retrieve stage's output."""
-    rows = pl.read_parquet(retrieve_dir / "rows.parquet")
-    queries = pl.read_parquet(retrieve_dir / "queries.parquet")
-    positives = pl.read_parquet(retrieve_dir / "positives.parquet")
-    cands = pl.read_parquet(retrieve_dir / "candidates.parquet")
-    keys, matrix = load_embeddings(shards_dir)
+    rows = _read(cands.pair_rows, schema.POOL_ROWS_SCHEMA)
+    queries = _read(cands.queries, schema.POOL_QUERIES_SCHEMA)
+    positives = _read(cands.positives, schema.POOL_POSITIVES_SCHEMA)
+    found = _read(cands.candidates, schema.CANDIDATES_SCHEMA)
+    keys, matrix = load_embeddings(emb.shards)
     position = {k: i for i, k in enumerate(keys)}
     out = []
     for subset in rows["subset"].unique(maintain_order=True).to_list():
         r = rows.filter(pl.col("subset") == subset).sort("row")
-        q = queries.filter(pl.col("subset") == subset).sort("q")
-        p = positives.filter(pl.col("subset") == subset).sort("p")
-        c = cands.filter(pl.col("subset") == subset).sort("q")
-        width = int(c["cand"].list.len().max() or 0)
+        q = queries.filter(pl.col("subset") == subset).sort("query")
+        p = positives.filter(pl.col("subset") == subset).sort("positive")
+        c = found.filter(pl.col("subset") == subset).sort("query")
+        width = int(c["candidates"].list.len().max() or 0)
         # Every query of a subset has the same number of candidates (R capped by the pool).
-        cand = c["cand"].list.to_array(width).to_numpy().astype(np.int64).reshape(len(q), width)
-        score = c["score"].list.to_array(width).to_numpy().astype(np.float32).reshape(len(q), width)
+        cand = c["candidates"].list.to_array(width).to_numpy().astype(np.int64)
+        score = c["scores"].list.to_array(width).to_numpy().astype(np.float32)
         pool = SubsetPool(
             name=subset,
             classification=r["meta_task"][0] == "classification",
-            row_query=r["q"].to_numpy().astype(np.int64),
-            row_positive=r["p"].to_numpy().astype(np.int64),
+            row_query=r["query"].to_numpy().astype(np.int64),
+            row_positive=r["positive"].to_numpy().astype(np.int64),
             query_row=q["row"].to_numpy().astype(np.int64),
             queries=matrix[[position[k] for k in q["qry_key"].to_list()]],
             positives=matrix[[position[k] for k in p["pos_key"].to_list()]],
-            candidates=cand,
-            scores=score,
+            candidates=cand.reshape(len(q), width),
+            scores=score.reshape(len(q), width),
         )
         out.append((pool, r))
     return out
@@ -310,19 +310,13 @@ def _score_plot(traces: dict[str, MineTrace], path: Path) -> None:
     plt.close(fig)
 
 
-def mine_clusters(
-    retrieve_dir: Path,
-    shards_dir: Path,
-    out_dir: Path,
-    *,
-    strategy: Strategy,
-    params: MineParams,
-    compare: bool,
-) -> StageOutput:
-    """Clusters for `strategy` (clusters.parquet), diagnostics for it and, with `compare`,
-    for every strategy (the planted false-negative rate side by side)."""
-    pools = load_pools(retrieve_dir, shards_dir)
-    strategies = list(STRATEGIES) if compare else [strategy]
+def mine_clusters(cfg: MineConfig, cands: Candidates, emb: Embeddings, out: Path) -> Clusters:
+    """Clusters for `cfg.strategy` (clusters.parquet), diagnostics for it and, with
+    `cfg.compare_strategies`, for every strategy (the planted false-negative rate side by
+    side)."""
+    pools = load_pools(cands, emb)
+    strategy = cfg.strategy
+    strategies = list(STRATEGIES) if cfg.compare_strategies else [strategy]
     if strategy in strategies:
         strategies.remove(strategy)
     strategies.insert(0, strategy)
@@ -342,7 +336,7 @@ def mine_clusters(
         }
         next_id = 0
         for pool, rows in pools:
-            clusters = mine_subset(pool, name, params, trace)  # type: ignore[arg-type]
+            clusters = mine_subset(pool, name, cfg, trace)  # type: ignore[arg-type]
             diag = diagnose(pool, clusters, rows["fn_group"].to_list())
             per_subset[pool.name] = diag.__dict__
             n = len(pool.row_query)
@@ -379,25 +373,15 @@ def mine_clusters(
             ),
             "subsets": per_subset,
         }
-    columns = {
-        k: [x for f in frames for x in f[k]]
-        for k in ("cluster", "subset", "phase", "position", "id", "role")
-    }
-    pl.DataFrame(
-        columns,
-        schema={
-            "cluster": pl.Int64,
-            "subset": pl.String,
-            "phase": pl.Int8,
-            "position": pl.Int16,
-            "id": pl.String,
-            "role": pl.String,
-        },
-    ).write_parquet(out_dir / "clusters.parquet")
-    (out_dir / "diagnostics.json").write_text(json.dumps(report, indent=2, default=float))
-    _score_plot({k: traces[k] for k in strategies if k != "in_batch"}, out_dir / "scores.png")
+    output = Clusters(folder=out, strategy=strategy)
+    columns = {k: [x for f in frames for x in f[k]] for k in schema.CLUSTERS_SCHEMA.names}
+    schema.write_table(
+        pa.table(columns, schema=schema.CLUSTERS_SCHEMA), output.clusters, schema.CLUSTERS_SCHEMA
+    )
+    output.diagnostics.write_text(json.dumps(report, indent=2, default=float))
+    _score_plot({k: traces[k] for k in strategies if k != "in_batch"}, out / "scores.png")
     summary = [
-        f"Mining (k={params.k}, m={params.m}): clusters and planted false negatives "
+        f"Mining (k={cfg.k}, m={cfg.m}): clusters and planted false negatives "
         "(share of ground-truth FN pairs that became negatives of each other)",
         f"{'strategy':12s} {'coverage':>9s} {'clusters':>9s} {'phase 2':>8s} "
         f"{'planted FN rate':>16s}",
@@ -419,8 +403,10 @@ def mine_clusters(
     for name, r in report.items():
         metrics[f"planted_fn_rate.{name}"] = r["planted_fn_rate"]
         metrics[f"coverage.{name}"] = r["coverage"]
-    return StageOutput(
-        rows={"cluster_members": len(columns["id"]), "clusters": chosen["clusters"]},
-        metrics=metrics,
-        info={"summary": summary, "strategy": strategy},
+    return output.model_copy(
+        update={
+            "rows": {"cluster_members": len(columns["id"]), "clusters": chosen["clusters"]},
+            "metrics": metrics,
+            "info": {"summary": summary},
+        }
     )

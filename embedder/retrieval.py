@@ -19,9 +19,12 @@ from typing import Literal
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
-from embedder.artifacts import StageOutput
+from embedder.config import RetrieveConfig
+from embedder.datasets import schema
 from embedder.model.shards import load_embeddings
+from embedder.outputs import Candidates, Embeddings
 
 log = logging.getLogger("gen2embed.retrieval")
 
@@ -172,41 +175,33 @@ def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
 # ------------------------------------------------------------------------- the stage
 
 
-def retrieve_candidates(
-    pairs_path: Path,
-    keys_path: Path,
-    shards_dir: Path,
-    out_dir: Path,
-    *,
-    top_r: int,
-    index: IndexKind = "exact",
-    device: str = "auto",
-    batch: int = 8192,
-    recall_sample: int = 2000,
-    ivf_nlist: int = 1024,
-    ivf_nprobe: int = 32,
-    hnsw_m: int = 32,
-    hnsw_ef: int = 256,
-) -> StageOutput:
+def _lists(block: np.ndarray) -> pa.ListArray:
+    """Rows of a (n, R) block as an Arrow list column (the schema's type for every R)."""
+    flat = pa.array(block.reshape(-1))
+    fixed = pa.FixedSizeListArray.from_arrays(flat, block.shape[1])
+    return fixed.cast(pa.list_(flat.type))
+
+
+def retrieve_candidates(cfg: RetrieveConfig, emb: Embeddings, out: Path) -> Candidates:
     """Per subset: distinct queries, distinct positives, and each query's top-R positives.
 
-    Writes rows.parquet (every pair with its query/positive index, dataset order),
-    queries.parquet, positives.parquet, owners.parquet (positive -> owner queries) and
-    candidates.parquet (indices local to the subset).
+    Writes (schemas in embedder.datasets.schema) rows.parquet (every pair with its query and
+    positive index, dataset order), queries.parquet (with the row each query maps back to),
+    positives.parquet and candidates.parquet; indices are local to the subset.
     """
     import polars as pl  # here, so the search functions above run where polars is absent
 
-    pairs = pl.read_parquet(pairs_path, columns=["id", "subset", "meta_task", "row", "fn_group"])
-    keys = pl.read_parquet(keys_path).select("id", "qry_key", "pos_key")
-    # Duplicate content shares an id, so join on the position in the table, not on the id.
-    table = pl.concat([pairs, keys.drop("id")], how="horizontal").with_row_index("order")
-    vec_keys, matrix = load_embeddings(shards_dir)
+    assert cfg.top_r is not None, "PipelineConfig fills retrieve.top_r"
+    table = pl.from_arrow(schema.read_table(emb.pair_keys, schema.PAIR_KEYS_SCHEMA))
+    assert isinstance(table, pl.DataFrame)
+    vec_keys, matrix = load_embeddings(emb.shards)
     position = {k: i for i, k in enumerate(vec_keys)}
     rows_out, q_out, p_out, cand_out = [], [], [], []
     backends: set[str] = set()
     recalls: list[float] = []
     started = time.perf_counter()
-    for (subset,), part in table.sort("order").group_by(["subset"], maintain_order=True):
+    # Duplicate content shares an id, so rows are told apart by position, never by id.
+    for (subset,), part in table.group_by(["subset"], maintain_order=True):
         q_keys = part["qry_key"].unique(maintain_order=True).to_list()
         p_keys = part["pos_key"].unique(maintain_order=True).to_list()
         q_index = {k: i for i, k in enumerate(q_keys)}
@@ -220,66 +215,76 @@ def retrieve_candidates(
         # A query maps back to the last row with its content.
         last_row = np.zeros(len(q_keys), dtype=np.int64)
         last_row[row_q] = np.arange(len(row_q))
-        r = min(top_r, len(p_keys))
-        if index == "exact":
-            res = exact_search(q_vec, p_vec, r, batch=batch, device=device)
+        r = min(cfg.top_r, len(p_keys))
+        if cfg.index == "exact":
+            res = exact_search(q_vec, p_vec, r, batch=cfg.batch_queries, device=cfg.device)
         else:
             res = approximate_search(
                 q_vec,
                 p_vec,
                 r,
-                kind=index,
-                nlist=ivf_nlist,
-                nprobe=ivf_nprobe,
-                hnsw_m=hnsw_m,
-                ef_search=hnsw_ef,
-                batch=batch,
+                kind=cfg.index,
+                nlist=cfg.ivf_nlist,
+                nprobe=cfg.ivf_nprobe,
+                hnsw_m=cfg.hnsw_m,
+                ef_search=cfg.hnsw_ef,
+                batch=cfg.batch_queries,
             )
             sample = np.random.default_rng(0).choice(
-                len(q_vec), min(recall_sample, len(q_vec)), replace=False
+                len(q_vec), min(cfg.recall_sample, len(q_vec)), replace=False
             )
-            exact = exact_search(q_vec[sample], p_vec, r, batch=batch, device=device)
+            exact = exact_search(
+                q_vec[sample], p_vec, r, batch=cfg.batch_queries, device=cfg.device
+            )
             recalls.append(recall_at_k(res.indices[sample], exact.indices))
         backends.add(res.backend)
         name = str(subset)
-        ids = part["id"].to_list()
+        n = len(row_q)
         rows_out.append(
-            pl.DataFrame(
+            pa.table(
                 {
-                    "subset": name,
-                    "row": np.arange(len(row_q)),
-                    "id": ids,
+                    "subset": [name] * n,
+                    "row": np.arange(n),
+                    "id": part["id"].to_list(),
                     "meta_task": part["meta_task"].to_list(),
-                    "q": row_q,
-                    "p": row_p,
+                    "query": row_q,
+                    "positive": row_p,
                     "fn_group": part["fn_group"].to_list(),
                 },
-                schema_overrides={"fn_group": pl.String},
+                schema=schema.POOL_ROWS_SCHEMA,
             )
         )
+        queries = np.arange(len(q_keys), dtype=np.int32)
         q_out.append(
-            pl.DataFrame(
+            pa.table(
                 {
-                    "subset": name,
-                    "q": np.arange(len(q_keys), dtype=np.int32),
+                    "subset": [name] * len(q_keys),
+                    "query": queries,
                     "qry_key": q_keys,
                     "row": last_row,
-                }
+                },
+                schema=schema.POOL_QUERIES_SCHEMA,
             )
         )
         p_out.append(
-            pl.DataFrame(
-                {"subset": name, "p": np.arange(len(p_keys), dtype=np.int32), "pos_key": p_keys}
+            pa.table(
+                {
+                    "subset": [name] * len(p_keys),
+                    "positive": np.arange(len(p_keys), dtype=np.int32),
+                    "pos_key": p_keys,
+                },
+                schema=schema.POOL_POSITIVES_SCHEMA,
             )
         )
         cand_out.append(
-            pl.DataFrame(
+            pa.table(
                 {
-                    "subset": name,
-                    "q": np.arange(len(q_keys), dtype=np.int32),
-                    "cand": res.indices.astype(np.int32),
-                    "score": res.scores.astype(np.float32),
-                }
+                    "subset": [name] * len(q_keys),
+                    "query": queries,
+                    "candidates": _lists(res.indices.astype(np.int32)),
+                    "scores": _lists(res.scores.astype(np.float32)),
+                },
+                schema=schema.CANDIDATES_SCHEMA,
             )
         )
         log.info(
@@ -291,31 +296,28 @@ def retrieve_candidates(
             res.backend,
         )
     seconds = time.perf_counter() - started
-    rows_all = pl.concat(rows_out, how="vertical_relaxed")
-    # The owner map: each distinct positive -> the distinct queries whose positive it is.
-    owners = rows_all.group_by("subset", "p", maintain_order=True).agg(
-        pl.col("q").unique(maintain_order=True).alias("owners")
-    )
-    owners.write_parquet(out_dir / "owners.parquet")
-    rows_all.write_parquet(out_dir / "rows.parquet")
-    for name, frames in (
-        ("queries", q_out),
-        ("positives", p_out),
-        ("candidates", cand_out),
+    output = Candidates(folder=out)
+    for tables, path, table_schema in (
+        (rows_out, output.pair_rows, schema.POOL_ROWS_SCHEMA),
+        (q_out, output.queries, schema.POOL_QUERIES_SCHEMA),
+        (p_out, output.positives, schema.POOL_POSITIVES_SCHEMA),
+        (cand_out, output.candidates, schema.CANDIDATES_SCHEMA),
     ):
-        pl.concat(frames, how="vertical_relaxed").write_parquet(out_dir / f"{name}.parquet")
-    n_q = sum(len(f) for f in q_out)
+        schema.write_table(pa.concat_tables(tables), path, table_schema)
+    n_q = sum(t.num_rows for t in q_out)
     metrics = {
         "seconds": seconds,
         "queries": n_q,
-        "positives": sum(len(f) for f in p_out),
+        "positives": sum(t.num_rows for t in p_out),
         "queries_per_s": n_q / seconds if seconds else 0.0,
-        "top_r": top_r,
+        "top_r": cfg.top_r,
     }
     if recalls:
         metrics["recall_at_r"] = float(np.mean(recalls))
-    return StageOutput(
-        rows={"rows": sum(len(f) for f in rows_out), "queries": n_q},
-        metrics=metrics,
-        info={"backend": sorted(backends), "index": index},
+    return output.model_copy(
+        update={
+            "rows": {"rows": sum(t.num_rows for t in rows_out), "queries": n_q},
+            "metrics": metrics,
+            "info": {"backend": sorted(backends), "index": cfg.index},
+        }
     )

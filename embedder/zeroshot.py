@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from embedder.artifacts import Manifest, StageOutput
-from embedder.config import PipelineConfig
-from embedder.embed import make_item, open_backbone, settings_of, strings_of
+from embedder.config import EmbedConfig, ModelConfig, ZeroshotConfig
+from embedder.datasets.schema import EVAL_SCHEMA, read_table
+from embedder.embed import make_item, open_backbone
 from embedder.model.encode import encode
 from embedder.model.shards import load_embeddings
+from embedder.outputs import Generator, Tables, ZeroShotReport
 
 log = logging.getLogger("gen2embed.zeroshot")
 TIE_EPS = 1e-6
@@ -91,16 +91,24 @@ def _aggregate(p1: dict[str, float], meta: dict[str, tuple[str, str]]) -> dict[s
 
 
 def zeroshot_eval(
-    config: PipelineConfig, ingest_dir: Path, pretrain_dir: Path | None, out_dir: Path
-) -> StageOutput:
-    manifest = Manifest.from_json((ingest_dir / "manifest.json").read_text())
-    images_root = Path(manifest.info["images_root"]["eval"])
-    table = pq.read_table(ingest_dir / "eval.parquet").to_pylist()
-    if config.zeroshot.max_queries:
+    model: ModelConfig,
+    embed: EmbedConfig,
+    cfg: ZeroshotConfig,
+    data: Tables,
+    generator: Generator | None,
+    out: Path,
+) -> ZeroShotReport:
+    """Strict P@1 per eval subset for each template in `cfg.templates`, with the embed
+    section's other settings; embeddings per template in `out/<template>/`."""
+    images_root = data.eval_images
+    if images_root is None:
+        raise ValueError("the ingest output holds no eval table (set ingest.eval_dir)")
+    table = read_table(data.eval, EVAL_SCHEMA).to_pylist()
+    if cfg.max_queries:
         kept: dict[str, int] = defaultdict(int)
         rows = []
         for r in table:
-            if kept[r["subset"]] < config.zeroshot.max_queries:
+            if kept[r["subset"]] < cfg.max_queries:
                 kept[r["subset"]] += 1
                 rows.append(r)
         table = rows
@@ -109,13 +117,11 @@ def zeroshot_eval(
     for r in table:
         chance[r["subset"]].append(1 / len(r["tgt_text"]))
     chance_by_subset = {s: float(np.mean(v)) for s, v in chance.items()}
-    backbone = open_backbone(config.model, pretrain_dir)
-    token = backbone.image_token(config.model.wrapped_image_token)
-    strings = strings_of(config.embed)
-    settings = settings_of(config.embed)
+    backbone = open_backbone(model, generator)
+    token = backbone.image_token(model.wrapped_image_token)
     report: dict[str, Any] = {"chance": chance_by_subset, "templates": {}}
     metrics: dict[str, float] = {}
-    for template in config.zeroshot.templates:
+    for template in cfg.templates:
         items, qkeys, ckeys = [], [], []
         for r in table:
             q = make_item(
@@ -124,19 +130,19 @@ def zeroshot_eval(
                 template=template,
                 role="query",
                 image_token=token,
-                strings=strings,
+                strings=embed,
             )
             # MMEB: candidates get no suffix, except in "matching" subsets.
             role = "query" if "matching" in r["subset"].lower() else "target"
             cands = [
-                make_item(t, im, template=template, role=role, image_token=token, strings=strings)
+                make_item(t, im, template=template, role=role, image_token=token, strings=embed)
                 for t, im in zip(r["tgt_text"], r["tgt_image"], strict=True)
             ]
             items += [q, *cands]
             qkeys.append(q.key)
             ckeys.append([c.key for c in cands])
-        folder = out_dir / template
-        stats = encode(backbone, items, images_root, folder, settings)
+        folder = out / template
+        stats = encode(backbone, items, images_root, folder, embed)
         keys, matrix = load_embeddings(folder)
         vectors = dict(zip(keys, matrix, strict=True))
         p1 = precision_at_1(table, qkeys, ckeys, vectors)
@@ -148,15 +154,18 @@ def zeroshot_eval(
             "p1": p1,
             "aggregate": agg,
             "items_per_s": stats.metrics()["items_per_s"],
-            "next_tokens": next_tokens(backbone, sample, images_root, settings),
+            "next_tokens": next_tokens(backbone, sample, images_root, embed),
         }
         metrics.update({f"p1.{template}.{k}": v for k, v in {**p1, **agg}.items()})
     metrics.update({f"chance.{k}": v for k, v in chance_by_subset.items()})
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     summary = render_table(report)
-    (out_dir / "report.md").write_text("\n".join(summary) + "\n")
+    output = ZeroShotReport(
+        folder=out, rows={"queries": len(table)}, metrics=metrics, info={"summary": summary}
+    )
+    output.report.write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text("\n".join(summary) + "\n")
     log.info("\n".join(summary))
-    return StageOutput(rows={"queries": len(table)}, metrics=metrics, info={"summary": summary})
+    return output
 
 
 def render_table(report: dict[str, Any]) -> list[str]:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from embedder.config import PRESETS, STAGES, load_config
+from embedder.config import PRESETS, load_config
 from embedder.errors import UserError
 
 
@@ -27,13 +27,18 @@ def _config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from tasks.stages import STAGE_NAMES as STAGES  # imports Prefect: configure() first
+
     parser = argparse.ArgumentParser(prog="gen2embed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run the pipeline (cached stages are reused)")
     _config_args(run)
     run.add_argument(
-        "--from", dest="from_stage", choices=STAGES, help="recompute this stage and all after it"
+        "--from",
+        dest="from_stage",
+        choices=STAGES,
+        help="recompute this stage and every stage downstream; reuse the others",
     )
     run.add_argument(
         "--force",
@@ -109,13 +114,13 @@ def cmd_stages(args: argparse.Namespace) -> int:
     workdir = configure(args.workdir)
     config = load_config(args.preset, args.config_file, args.overrides)
     from embedder.artifacts import ArtifactStore
-    from tasks.stage import plan_stages
-    from tasks.stages import PIPELINE
+    from flows.pipeline import method
+    from tasks.contract import plan
 
     print(f"workdir {workdir}")
     print(f"{'stage':8s} {'fingerprint':22s} status")
-    for p in plan_stages(config, ArtifactStore(workdir), PIPELINE):
-        status = "cached" if p.cached else f"to compute ({p.problems[0]})"
+    for p in plan(method, config, ArtifactStore(workdir), verify=True):
+        status = "cached" if p.cached else f"to compute ({(p.problems or ('',))[0]})"
         print(f"{p.name:8s} {p.fingerprint:22s} {status}")
     return 0
 
@@ -129,6 +134,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flows.environment import configure
+
+    # Prefect reads its settings when first imported, and the parser's stage choices import
+    # it: set up the workdir's environment from --workdir first.
+    workdir = argparse.ArgumentParser(add_help=False)
+    workdir.add_argument("--workdir")
+    configure(workdir.parse_known_args(argv)[0].workdir)
     args = build_parser().parse_args(argv)
     try:
         return {"run": cmd_run, "stages": cmd_stages, "up": cmd_up}[args.command](args)

@@ -1,4 +1,2 @@
-"""Prefect tasks: one per stage, each a thin wrapper over one embedder function.
-
-`stage.py` is the one place that knows caching, publishing, retries and MLflow logging.
-"""
+"""Prefect tasks: one per stage (stages.py), each an embedder function made a cached,
+published, tracked step by the one stage contract (contract.py); MLflow in tracking.py."""

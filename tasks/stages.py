@@ -1,16 +1,29 @@
-"""The pipeline's stages in run order."""
+"""The pipeline's stages: each one embedder function made a cached, tracked Prefect task.
+
+A stage's name is defined here and nowhere else; `STAGE_NAMES` lists them in definition
+order, which is run order. How they connect is `flows/pipeline.py`'s `method`.
+"""
 
 from __future__ import annotations
 
-from tasks import ingest, mining_stages, model_stages, world
-from tasks.stage import StageDef
+from embedder.datasets.ingest import ingest as ingest_tables
+from embedder.datasets.ingest import source_inputs
+from embedder.embed import embed_pairs
+from embedder.generator import pretrain_generator
+from embedder.mining import mine_clusters
+from embedder.retrieval import retrieve_candidates
+from embedder.world import build_world
+from embedder.zeroshot import zeroshot_eval
+from tasks.contract import Stage, stage
 
-PIPELINE: list[StageDef] = [
-    world.STAGE,
-    ingest.STAGE,
-    model_stages.PRETRAIN,
-    model_stages.EMBED,
-    model_stages.ZEROSHOT,
-    mining_stages.RETRIEVE,
-    mining_stages.MINE,
-]
+world = stage("world", build_world)
+ingest = stage("ingest", ingest_tables, inputs=source_inputs)
+pretrain = stage("pretrain", pretrain_generator)
+embed = stage("embed", embed_pairs, resumable=True)
+zeroshot = stage("zeroshot", zeroshot_eval, resumable=True)
+retrieve = stage("retrieve", retrieve_candidates)
+mine = stage("mine", mine_clusters)
+
+STAGE_NAMES: tuple[str, ...] = tuple(
+    v.name for v in list(globals().values()) if isinstance(v, Stage)
+)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from embedder.config import WorldConfig
-from embedder.datasets.synthetic import build_world
+from embedder.world import build_world
 
 # Settings Prefect reads at import time; tests must never touch a user's ~/.prefect.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

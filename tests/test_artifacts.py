@@ -2,7 +2,15 @@ from pathlib import Path
 
 import pytest
 
-from embedder.artifacts import MANIFEST, ArtifactStore, StageOutput, fingerprint, resolve_workdir
+from embedder.artifacts import (
+    MANIFEST,
+    ArtifactStore,
+    code_version,
+    fingerprint,
+    import_closure,
+    resolve_workdir,
+)
+from embedder.outputs import StageOutput
 
 
 def _publish(store: ArtifactStore, fp: str, payload: bytes = b"x" * 100) -> None:
@@ -11,7 +19,12 @@ def _publish(store: ArtifactStore, fp: str, payload: bytes = b"x" * 100) -> None
     (partial / "sub").mkdir(exist_ok=True)
     (partial / "sub" / "part.txt").write_text("hello")
     store.publish(
-        "demo", fp, code_version="1", config={"a": 1}, inputs={}, output=StageOutput(rows={"t": 1})
+        "demo",
+        fp,
+        code_version="1",
+        config={"a": 1},
+        inputs={},
+        output=StageOutput(folder=partial, rows={"t": 1}),
     )
 
 
@@ -111,3 +124,48 @@ def test_lock_serialises_writers_of_one_folder(tmp_path: Path) -> None:
     assert order == ["first done", "second in"]
     with store.lock("demo", "other"):  # other folders are not blocked
         pass
+
+
+def test_code_version_follows_the_import_closure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Editing any module a stage imports, however indirectly (inside a function too),
+    changes its code version; editing an unrelated module does not."""
+    pkg = tmp_path / "toypkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "stage.py").write_text(
+        "from toypkg.sub import helper\n\ndef run():\n    return helper.VALUE\n"
+    )
+    (pkg / "sub" / "helper.py").write_text("def _late():\n    import toypkg.deep\nVALUE = 1\n")
+    (pkg / "deep.py").write_text("X = 1\n")
+    (pkg / "unrelated.py").write_text("Y = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    stage = importlib.import_module("toypkg.stage")
+    assert set(import_closure("toypkg.stage")) == {
+        "toypkg",
+        "toypkg.stage",
+        "toypkg.sub",
+        "toypkg.sub.helper",
+        "toypkg.deep",
+    }
+    before = code_version(stage.run)
+    (pkg / "unrelated.py").write_text("Y = 2\n")
+    assert code_version(stage.run) == before
+    (pkg / "deep.py").write_text("X = 2\n")
+    assert code_version(stage.run) != before
+
+
+def test_stage_code_versions_cover_the_modules_they_run() -> None:
+    """The embed stage reads and writes shards through embedder.model.shards (a module a
+    hand-kept list once left out), and nothing of the mining stage's."""
+    from embedder.embed import embed_pairs
+
+    closure = import_closure(embed_pairs.__module__)
+    assert {"embedder.model.shards", "embedder.model.encode", "embedder.model.prompts"} <= set(
+        closure
+    )
+    assert "embedder.mining" not in closure

@@ -61,3 +61,28 @@ def test_paper_preset_names_what_it_needs() -> None:
     )
     assert cfg.model.backbone == "Qwen/Qwen2-VL-2B-Instruct"
     assert cfg.embed.image_side == 448
+
+
+def test_explicit_mining_settings_win_over_the_default_recipe() -> None:
+    cfg = load_config("tiny", overrides=["mine.k=5"])
+    assert (cfg.mine.k, cfg.mine.m, cfg.mine.recipe) == (5, 3, "custom")
+    assert cfg.retrieve.top_r == 30, "R = 2km follows the k that was set"
+    paper = load_config("tiny")
+    assert (paper.mine.k, paper.mine.m, paper.retrieve.top_r) == (15, 3, 90)
+    code = load_config("tiny", overrides=["mine.recipe=code"])
+    assert (code.mine.k, code.mine.m, code.retrieve.top_r) == (7, 5, 70)
+    explicit_r = load_config("tiny", overrides=["mine.k=5", "retrieve.top_r=12"])
+    assert explicit_r.retrieve.top_r == 12
+    agreeing = load_config("tiny", overrides=["mine.recipe=code", "mine.k=7"])
+    assert (agreeing.mine.k, agreeing.mine.m) == (7, 5)
+
+
+def test_a_recipe_and_a_contradicting_value_is_an_error_naming_both() -> None:
+    with pytest.raises(ConfigError, match=r"mine\.recipe=code means mine\.k=7, but mine\.k=5"):
+        load_config("tiny", overrides=["mine.recipe=code", "mine.k=5"])
+
+
+def test_resolved_config_round_trips() -> None:
+    cfg = load_config("tiny", overrides=["mine.k=5"])
+    again = type(cfg).model_validate(cfg.model_dump(mode="json"))
+    assert again == cfg

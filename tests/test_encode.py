@@ -9,23 +9,23 @@ import numpy as np
 import pytest
 import torch
 
+from embedder.config import EmbedConfig, PretrainConfig
+from embedder.generator import corpus_texts
 from embedder.model.backbone import Backbone, build_tiny
 from embedder.model.encode import (
     EmbedItem,
-    EncodeSettings,
     encode,
     plan_shards,
     pool_last_token,
 )
 from embedder.model.images import eval_size
-from embedder.model.pretrain import corpus_texts
 from embedder.model.prompts import render
 from embedder.model.shards import load_embeddings
 
 
 @pytest.fixture(scope="module")
 def tiny() -> Backbone:
-    return build_tiny(corpus_texts())
+    return build_tiny(corpus_texts(), PretrainConfig(), image_size=64)
 
 
 def _items(world_dir: Path, n_img: int = 12, n_txt: int = 12) -> tuple[list[EmbedItem], Path]:
@@ -67,7 +67,7 @@ def _items(world_dir: Path, n_img: int = 12, n_txt: int = 12) -> tuple[list[Embe
 def _run(
     tiny: Backbone, items: list[EmbedItem], root: Path, out: Path, **kw: object
 ) -> dict[str, np.ndarray]:
-    settings = EncodeSettings(**{"num_workers": 0, "image_side": 64, "progress": False, **kw})
+    settings = EmbedConfig(**{"num_workers": 0, "image_side": 64, **kw})
     encode(tiny, items, root, out, settings)
     keys, vecs = load_embeddings(out)
     return dict(zip(keys, vecs, strict=True))
@@ -112,9 +112,7 @@ def test_resume_after_a_crash_is_bit_identical(
     tiny: Backbone, world_dir: Path, tmp_path: Path
 ) -> None:
     items, root = _items(world_dir)
-    settings = EncodeSettings(
-        batch_size=4, shard_size=8, num_workers=0, image_side=64, progress=False
-    )
+    settings = EmbedConfig(batch_size=4, shard_size=8, num_workers=0, image_side=64)
     full = tmp_path / "full"
     encode(tiny, items, root, full, settings)
 
@@ -151,14 +149,14 @@ def test_eval_image_size_rule() -> None:
 
 def test_max_pixels_caps_image_tokens(tiny: Backbone, world_dir: Path, tmp_path: Path) -> None:
     items, root = _items(world_dir, n_img=4, n_txt=0)
-    base = EncodeSettings(num_workers=0, image_side=64, progress=False)
+    base = EmbedConfig(num_workers=0, image_side=64)
     full = encode(tiny, items, root, tmp_path / "full", base)
     capped = encode(
         tiny,
         items,
         root,
         tmp_path / "capped",
-        EncodeSettings(**{**base.__dict__, "max_pixels": 32 * 32}),
+        base.model_copy(update={"max_pixels": 32 * 32}),
     )
     # 64x64 -> 16 image tokens; capped at 32x32 -> 4 tokens, for each of the 4 images.
     assert full.real_tokens - capped.real_tokens == 4 * (16 - 4)

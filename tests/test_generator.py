@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedder.model import pretrain as pt
+from embedder import generator as pt
+from embedder.config import EmbedConfig, PretrainConfig
 from embedder.model.backbone import build_tiny, load_backbone, save_backbone
-from embedder.model.encode import EmbedItem, EncodeSettings, encode
+from embedder.model.encode import EmbedItem, encode
 from embedder.model.shards import load_embeddings
 
 
@@ -31,10 +32,9 @@ def test_examples_hold_out_the_exact_prompts() -> None:
 def test_loss_falls_and_model_reloads_offline(
     tmp_path: Path, world_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    backbone = build_tiny(pt.corpus_texts())
-    result = pt.pretrain(
-        backbone, steps=30, batch_size=8, lr=2e-3, warmup=5, seed=0, image_size=64, log_every=10
-    )
+    backbone = build_tiny(pt.corpus_texts(), PretrainConfig(), image_size=64)
+    cfg = PretrainConfig(steps=30, batch_size=8, lr=2e-3, warmup=5, seed=0)
+    result = pt.pretrain(backbone, cfg, image_size=64, log_every=10)
     first, last = result.losses[0][1], result.losses[-1][1]
     assert last < 0.7 * first, result.losses
     acc = pt.vqa_accuracy(backbone, per_type=2, seed=0, image_size=64)
@@ -49,7 +49,7 @@ def test_loss_falls_and_model_reloads_offline(
     root = world_dir / "train_images"
     img = next((root / "ShapeClass").glob("*.png")).relative_to(root).as_posix()
     items = [EmbedItem("<|image_pad|>\nwhat is this?", img), EmbedItem("apple")]
-    settings = EncodeSettings(num_workers=0, image_side=64, progress=False)
+    settings = EmbedConfig(num_workers=0, image_side=64)
     encode(backbone, items, root, tmp_path / "a", settings)
     encode(reloaded, items, root, tmp_path / "b", settings)
     np.testing.assert_allclose(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embedder.mining import MineParams, SubsetPool, diagnose, mine_subset
+from embedder.config import MineConfig
+from embedder.mining import SubsetPool, diagnose, mine_subset
 from embedder.retrieval import approximate_search, exact_search, recall_at_k
 
 
@@ -30,7 +31,7 @@ def test_own_positive_dropped_and_owner_choice() -> None:
     q = [unit(1, 0, 0), unit(0, 1, 0), unit(0.9, 0.1, 0)]
     p = [unit(1, 0, 0), unit(0.95, 0.05, 0)]
     pool = make_pool(q, p, [(0, 0), (1, 1), (2, 1)], r=2)
-    clusters = mine_subset(pool, "topk", MineParams(k=1, m=1))
+    clusters = mine_subset(pool, "topk", MineConfig(k=1, m=1))
     first = clusters[0]
     assert first.anchor == 0
     assert first.members == [2], "the owner most similar to the anchor is chosen"
@@ -44,7 +45,7 @@ def test_classification_never_takes_same_label_queries() -> None:
     rows = [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
     pool = make_pool(q, p, rows, r=2, classification=True)
     label = {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
-    for c in mine_subset(pool, "saha", MineParams(k=1, m=2)):
+    for c in mine_subset(pool, "saha", MineConfig(k=1, m=2)):
         assert all(label[o] != label[c.anchor] for o in c.members)
 
 
@@ -73,7 +74,7 @@ def _star(classification: bool) -> SubsetPool:
 
 def test_false_negative_filter_keeps_least_similar() -> None:
     pool = _star(classification=False)
-    first = mine_subset(pool, "saha", MineParams(k=2, m=3))[0]
+    first = mine_subset(pool, "saha", MineConfig(k=2, m=3))[0]
     assert first.anchor == 0
     # C = 6 owners in retrieval order 1..6; the 2 least similar queries are 2 (0.1), 1 (0.5).
     assert first.members == [2, 1]
@@ -81,15 +82,15 @@ def test_false_negative_filter_keeps_least_similar() -> None:
 
 def test_classification_keeps_retrieval_order() -> None:
     pool = _star(classification=True)
-    first = mine_subset(pool, "saha", MineParams(k=2, m=3))[0]
+    first = mine_subset(pool, "saha", MineConfig(k=2, m=3))[0]
     assert first.members == [1, 2]
 
 
 def test_topk_takes_retrieval_order_and_margin_drops_near_positives() -> None:
     pool = _star(classification=False)
-    assert mine_subset(pool, "topk", MineParams(k=2, m=3))[0].members == [1, 2]
+    assert mine_subset(pool, "topk", MineConfig(k=2, m=3))[0].members == [1, 2]
     # Own positive scores 1.0; margin 0.83 drops candidates scoring 0.9 and 0.85 (ranks 1 and 2).
-    assert mine_subset(pool, "topk_margin", MineParams(k=2, margin=0.83))[0].members == [3, 4]
+    assert mine_subset(pool, "topk_margin", MineConfig(k=2, margin=0.83))[0].members == [3, 4]
 
 
 def test_phase_one_uses_each_pair_once_and_phase_two_fills_leftovers() -> None:
@@ -98,7 +99,7 @@ def test_phase_one_uses_each_pair_once_and_phase_two_fills_leftovers() -> None:
     q = [unit(*v) for v in rng.normal(size=(n, 6))]
     p = [unit(*(v + 0.3 * rng.normal(size=6))) for v in q]
     pool = make_pool(q, p, [(i, i) for i in range(n)], r=12)
-    clusters = mine_subset(pool, "saha", MineParams(k=3, m=2))
+    clusters = mine_subset(pool, "saha", MineConfig(k=3, m=2))
     phase1 = [c for c in clusters if c.phase == 1]
     seen = [x for c in phase1 for x in (c.anchor, *c.members)]
     assert len(seen) == len(set(seen)), "phase 1 uses every pair at most once"
@@ -120,7 +121,7 @@ def test_deterministic_for_a_seed() -> None:
     pool = make_pool(q, [unit(*(v + 0.2)) for v in q], [(i, i) for i in range(30)], r=10)
 
     def run(seed: int, strategy: str = "saha") -> list[tuple[int, list[int]]]:
-        params = MineParams(k=2, m=2, seed=seed, shuffle=True)
+        params = MineConfig(k=2, m=2, seed=seed, shuffle=True)
         return [(c.anchor, c.members) for c in mine_subset(pool, strategy, params)]  # type: ignore[arg-type]
 
     assert run(1) == run(1)
@@ -132,11 +133,11 @@ def test_planted_false_negative_rate() -> None:
     # Queries 0 and 1 are a planted pair; a cluster holding both counts it.
     q = [unit(1, 0), unit(0.9, 0.1), unit(0, 1), unit(0.1, 0.9)]
     pool = make_pool(q, q, [(i, i) for i in range(4)], r=4)
-    clusters = mine_subset(pool, "topk", MineParams(k=1, m=1))
+    clusters = mine_subset(pool, "topk", MineConfig(k=1, m=1))
     diag = diagnose(pool, clusters, ["g", "g", None, None])
     assert diag.planted_fn_pairs == 1
     assert diag.planted_fn_rate == 1.0
-    filtered = mine_subset(pool, "saha", MineParams(k=1, m=3))
+    filtered = mine_subset(pool, "saha", MineConfig(k=1, m=3))
     assert diagnose(pool, filtered, ["g", "g", None, None]).planted_fn_rate == 0.0
 
 

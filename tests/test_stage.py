@@ -1,4 +1,4 @@
-"""The stage contract's pure parts: planning, transient errors, --from / --force."""
+"""The stage contract's pure parts: planning the method, names, transient errors."""
 
 from __future__ import annotations
 
@@ -9,33 +9,32 @@ import pytest
 
 from embedder.artifacts import ArtifactStore
 from embedder.config import load_config
-from flows.pipeline import PipelineError, stages_to_recompute
-from tasks.stage import PlannedStage, is_transient, plan_stages
-from tasks.stages import PIPELINE
+from flows.pipeline import method
+from tasks.contract import PipelineError, PipelineRun, is_transient, plan
+from tasks.stages import STAGE_NAMES
 
 
 def test_plan_chains_fingerprints(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
-    plan = plan_stages(load_config("tiny"), store, PIPELINE)
-    assert [p.name for p in plan] == [
-        "world",
-        "ingest",
-        "pretrain",
-        "embed",
-        "zeroshot",
-        "retrieve",
-        "mine",
-    ]
-    assert plan[1].inputs == {"world": plan[0].fingerprint}
-    assert plan[3].inputs == {"ingest": plan[1].fingerprint, "pretrain": plan[2].fingerprint}
-    assert not any(p.cached for p in plan)
-    other = plan_stages(load_config("tiny", overrides=["world.seed=9"]), store, PIPELINE)
-    assert other[0].fingerprint != plan[0].fingerprint
-    assert other[1].fingerprint != plan[1].fingerprint, "a new world invalidates ingest"
-    same_world = plan_stages(
-        load_config("tiny", overrides=["ingest.batch_rows=5"]), store, PIPELINE
-    )
-    assert same_world[0].fingerprint == plan[0].fingerprint
+    planned = plan(method, load_config("tiny"), store, verify=True)
+    assert [p.name for p in planned] == list(STAGE_NAMES)
+    by_name = {p.name: p for p in planned}
+    assert not any(p.cached for p in planned)
+    other = {
+        p.name: p for p in plan(method, load_config("tiny", overrides=["world.seed=9"]), store)
+    }
+    assert other["world"].fingerprint != by_name["world"].fingerprint
+    assert other["ingest"].fingerprint != by_name["ingest"].fingerprint, "a new world: new ingest"
+    same_world = {
+        p.name: p
+        for p in plan(method, load_config("tiny", overrides=["ingest.batch_rows=5"]), store)
+    }
+    assert same_world["world"].fingerprint == by_name["world"].fingerprint
+    assert same_world["embed"].fingerprint != by_name["embed"].fingerprint, "downstream of ingest"
+    assert same_world["pretrain"].fingerprint == by_name["pretrain"].fingerprint, "not downstream"
+    deeper = {p.name: p for p in plan(method, load_config("tiny", overrides=["mine.k=5"]), store)}
+    assert deeper["retrieve"].fingerprint != by_name["retrieve"].fingerprint, "R = 2km moved"
+    assert deeper["embed"].fingerprint == by_name["embed"].fingerprint
 
 
 def test_real_sources_are_fingerprinted_by_their_files(tmp_path: Path) -> None:
@@ -52,11 +51,18 @@ def test_real_sources_are_fingerprinted_by_their_files(tmp_path: Path) -> None:
         ],
     )
     store = ArtifactStore(tmp_path / "w")
-    plan = plan_stages(cfg, store, PIPELINE)
-    names = ["ingest", "pretrain", "embed", "retrieve", "mine"]
-    assert [p.name for p in plan] == names, "no world, no zeroshot"
+    planned = plan(method, cfg, store)
+    assert [p.name for p in planned] == ["ingest", "pretrain", "embed", "retrieve", "mine"]
     table.write_bytes(b"v2 with new rows")
-    assert plan_stages(cfg, store, PIPELINE)[0].fingerprint != plan[0].fingerprint
+    assert plan(method, cfg, store)[0].fingerprint != planned[0].fingerprint
+
+
+def test_stage_options_must_name_a_stage_of_this_pipeline(tmp_path: Path) -> None:
+    cfg = load_config("tiny", overrides=["model.backbone=/some/model"])
+    with pytest.raises(PipelineError, match="--force pretrain: not part of this pipeline"):
+        PipelineRun(method, cfg, str(tmp_path), preset="tiny", force=["pretrain"])
+    with pytest.raises(PipelineError, match="--until finetune: not part"):
+        PipelineRun(method, cfg, str(tmp_path), preset="tiny", until="finetune")
 
 
 def test_only_transient_errors_are_retried() -> None:
@@ -65,23 +71,3 @@ def test_only_transient_errors_are_retried() -> None:
     assert is_transient(OSError(errno.ESTALE, "stale NFS handle"))
     assert not is_transient(OSError(errno.ENOENT, "missing"))
     assert not is_transient(ValueError("bad row"))
-
-
-def _plan(*cached: bool) -> list[PlannedStage]:
-    names = ["world", "ingest", "embed"][: len(cached)]
-    return [
-        PlannedStage(n, "fp", {}, (), Path(n), c, ()) for n, c in zip(names, cached, strict=True)
-    ]
-
-
-def test_from_and_force_semantics() -> None:
-    assert stages_to_recompute(_plan(True, True, True), None, []) == (set(), 0)
-    assert stages_to_recompute(_plan(True, True, True), None, ["ingest"]) == (
-        {"ingest", "embed"},
-        0,
-    )
-    assert stages_to_recompute(_plan(True, False, False), "ingest", []) == ({"ingest", "embed"}, 1)
-    with pytest.raises(PipelineError, match="needs published results of world"):
-        stages_to_recompute(_plan(False, True, True), "embed", [])
-    with pytest.raises(PipelineError, match="not part of this pipeline"):
-        stages_to_recompute(_plan(True, True), None, ["finetune"])

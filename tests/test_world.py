@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from embedder import world as synthetic
 from embedder.config import WorldConfig
-from embedder.datasets import synthetic
-from embedder.datasets.synthetic import CATEGORIES, Scene, build_world, caption, render
+from embedder.world import CATEGORIES, Scene, build_world, caption, render
 from tests.conftest import SMALL_WORLD
 
 

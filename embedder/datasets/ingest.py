@@ -23,13 +23,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.artifacts import StageOutput
 from embedder.config import IngestConfig
 from embedder.datasets import sources
 from embedder.datasets.catalog import SubsetInfo, read_sidecar, subset_info
 from embedder.datasets.images import ImageChecker
 from embedder.datasets.schema import EVAL_SCHEMA, PAIRS_SCHEMA, REJECTS_SCHEMA, row_id
 from embedder.errors import UserError
+from embedder.outputs import Tables, World
 
 log = logging.getLogger("gen2embed.ingest")
 
@@ -224,19 +224,19 @@ class _Plan:
     reader: Callable[[sources.SubsetSource, tuple[str, ...], int], Iterator[sources.Chunk]]
 
 
-def resolve_sources(config: IngestConfig, world_dir: Path | None = None) -> IngestConfig:
+def resolve_sources(config: IngestConfig, world: World | None = None) -> IngestConfig:
     """For `source: world`, point the MMEB readers at the published miniature world."""
     if config.source != "world":
         return config
-    if world_dir is None:
-        raise ValueError("ingest.source=world needs the published world folder")
+    if world is None:
+        raise ValueError("ingest.source=world needs the world stage's output")
     return config.model_copy(
         update={
             "source": "mmeb",
-            "train_dir": world_dir / "train",
-            "train_images": world_dir / "train_images",
-            "eval_dir": world_dir / "eval",
-            "eval_images": world_dir / "eval_images",
+            "train_dir": world.train_dir,
+            "train_images": world.train_images,
+            "eval_dir": world.eval_dir,
+            "eval_images": world.eval_images,
         }
     )
 
@@ -311,17 +311,17 @@ def _plans(config: IngestConfig) -> list[_Plan]:
     return plans
 
 
-def source_inputs(config: IngestConfig, world_fingerprint: str | None = None) -> dict[str, str]:
-    """What ingest's fingerprint depends on besides its config: the source files themselves.
+def source_inputs(config: IngestConfig) -> dict[str, str]:
+    """What ingest's fingerprint depends on besides its config and upstream stages: the
+    source files themselves.
 
     Local tables enter by name, size and modification time, so new data landing in a source
     folder changes the fingerprint and the next run re-ingests. Images are checked on ingest
     but not fingerprinted (millions of files); pass `--force ingest` after replacing images.
+    The miniature world enters as the world stage's fingerprint, an upstream input.
     """
     if config.source == "world":
-        if world_fingerprint is None:
-            raise ValueError("ingest.source=world needs the world stage's fingerprint")
-        return {"world": world_fingerprint}
+        return {}
     files: list[Path] = []
     for root in (config.train_dir, config.eval_dir):
         if root is not None and Path(root).is_dir():
@@ -344,22 +344,22 @@ def source_inputs(config: IngestConfig, world_fingerprint: str | None = None) ->
     return out
 
 
-def ingest(config: IngestConfig, out_dir: Path, world_dir: Path | None = None) -> StageOutput:
-    """Build pairs / eval / rejects tables in `out_dir` (the stage's partial folder)."""
-    config = resolve_sources(config, world_dir)
+def ingest(config: IngestConfig, world: World | None, out: Path) -> Tables:
+    """Build pairs / eval / rejects tables in `out` (the stage's partial folder)."""
+    config = resolve_sources(config, world)
     started = time.perf_counter()
     rows: dict[str, int] = {}
     subsets_info: dict[str, dict[str, Any]] = {}
-    images_roots: dict[str, str] = {}
+    images_roots: dict[str, Path] = {}
     empty: list[str] = []
     checked = 0
-    rejects = _Rejects(pq.ParquetWriter(out_dir / "rejects.parquet", REJECTS_SCHEMA))
+    rejects = _Rejects(pq.ParquetWriter(out / "rejects.parquet", REJECTS_SCHEMA))
     try:
         for plan in _plans(config):
             root = Path(plan.images_root).resolve()
-            images_roots[plan.table.name] = str(root)
+            images_roots[plan.table.name] = root
             written, n_checked = _ingest_table(
-                plan, config, root, out_dir, rejects, subsets_info, empty
+                plan, config, root, out, rejects, subsets_info, empty
             )
             rows[plan.table.name] = written
             checked += n_checked
@@ -373,7 +373,7 @@ def ingest(config: IngestConfig, out_dir: Path, world_dir: Path | None = None) -
         raise BadRowsError(
             f"{rejects.total} bad row(s) in the input; nothing was published.\n  {shown}"
             + (f"\n  ... and {more} more" if more > 0 else "")
-            + f"\nAll reasons: {out_dir / 'rejects.parquet'}. Fix the data, or set "
+            + f"\nAll reasons: {out / 'rejects.parquet'}. Fix the data, or set "
             "ingest.on_bad_rows=skip to leave these rows out."
         )
     if empty and config.on_bad_rows == "error":
@@ -385,7 +385,10 @@ def ingest(config: IngestConfig, out_dir: Path, world_dir: Path | None = None) -
     if rejects.total:
         log.warning("ingest: skipped %d bad row(s); see rejects.parquet", rejects.total)
     rows["rejects"] = rejects.total
-    return StageOutput(
+    return Tables(
+        folder=out,
+        pairs_images=images_roots.get(PAIRS.name),
+        eval_images=images_roots.get(EVAL.name),
         rows=rows,
         metrics={
             "rows": total_rows,
@@ -394,7 +397,7 @@ def ingest(config: IngestConfig, out_dir: Path, world_dir: Path | None = None) -
             "seconds": elapsed,
             "rows_per_s": total_rows / elapsed if elapsed > 0 else 0.0,
         },
-        info={"images_root": images_roots, "subsets": subsets_info, "empty_subsets": empty},
+        info={"subsets": subsets_info, "empty_subsets": empty},
     )
 
 

@@ -1,14 +1,19 @@
-"""Arrow schemas of the tables every later stage reads, and their content-hash row ids.
+"""Arrow schemas of every table one stage writes and another reads, the checked reader
+and writer for them, and the content-hash row ids.
 
-Image columns hold paths relative to an images root (recorded in the ingest manifest); an
-empty string means "no image", as in MMEB.
+Image columns hold paths relative to an images root (a field of the ingest stage's output);
+an empty string means "no image", as in MMEB.
 """
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedder.errors import UserError
 
 META_TASKS: tuple[str, ...] = ("classification", "vqa", "retrieval", "grounding")
 DISTRIBUTIONS: tuple[str, ...] = ("ind", "ood")
@@ -60,6 +65,107 @@ REJECTS_SCHEMA = pa.schema(
     ],
     metadata={"table": "rejects"},
 )
+
+# ------------------------------------------------------------ embed -> retrieve -> mine
+
+PAIR_KEYS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("subset", pa.string(), nullable=False),
+        pa.field("meta_task", pa.string(), nullable=False),
+        pa.field("fn_group", pa.string(), nullable=True),
+        # Keys of the rendered query / positive in the embedding shards.
+        pa.field("qry_key", pa.string(), nullable=False),
+        pa.field("pos_key", pa.string(), nullable=False),
+    ],
+    metadata={"table": "pair_keys"},
+)
+
+# Indices `query` / `positive` are local to the subset: the n-th distinct query (positive)
+# of that subset in dataset order.
+POOL_ROWS_SCHEMA = pa.schema(
+    [
+        pa.field("subset", pa.string(), nullable=False),
+        pa.field("row", pa.int64(), nullable=False),  # position within the subset
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("meta_task", pa.string(), nullable=False),
+        pa.field("query", pa.int32(), nullable=False),
+        pa.field("positive", pa.int32(), nullable=False),
+        pa.field("fn_group", pa.string(), nullable=True),
+    ],
+    metadata={"table": "pool_rows"},
+)
+
+POOL_QUERIES_SCHEMA = pa.schema(
+    [
+        pa.field("subset", pa.string(), nullable=False),
+        pa.field("query", pa.int32(), nullable=False),
+        pa.field("qry_key", pa.string(), nullable=False),
+        # The row this query maps back to: the last row with its content (METHOD.md 3.2).
+        pa.field("row", pa.int64(), nullable=False),
+    ],
+    metadata={"table": "pool_queries"},
+)
+
+POOL_POSITIVES_SCHEMA = pa.schema(
+    [
+        pa.field("subset", pa.string(), nullable=False),
+        pa.field("positive", pa.int32(), nullable=False),
+        pa.field("pos_key", pa.string(), nullable=False),
+    ],
+    metadata={"table": "pool_positives"},
+)
+
+CANDIDATES_SCHEMA = pa.schema(
+    [
+        pa.field("subset", pa.string(), nullable=False),
+        pa.field("query", pa.int32(), nullable=False),
+        # The query's top-R positives by descending score (R capped by the subset's pool).
+        pa.field("candidates", pa.list_(pa.int32()), nullable=False),
+        pa.field("scores", pa.list_(pa.float32()), nullable=False),
+    ],
+    metadata={"table": "candidates"},
+)
+
+CLUSTERS_SCHEMA = pa.schema(
+    [
+        pa.field("cluster", pa.int64(), nullable=False),
+        pa.field("subset", pa.string(), nullable=False),
+        pa.field("phase", pa.int8(), nullable=False),
+        pa.field("position", pa.int16(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),  # the pair's id in pairs.parquet
+        pa.field("role", pa.string(), nullable=False),  # anchor | negative
+    ],
+    metadata={"table": "clusters"},
+)
+
+
+class SchemaError(UserError, ValueError):
+    """A table does not hold the columns (or types) its schema promises."""
+
+
+def write_table(table: pa.Table, path: Path, schema: pa.Schema) -> None:
+    """Write `table` cast to `schema` (so, e.g., a fixed-size NumPy block becomes a list)."""
+    pq.write_table(table.select(schema.names).cast(schema), path)
+
+
+def read_table(path: Path, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """Read a table another stage wrote, checking it against its schema first."""
+    found = pq.read_schema(path)
+    problems = []
+    for field in schema:
+        if columns is not None and field.name not in columns:
+            continue
+        if field.name not in found.names:
+            problems.append(f"missing column {field.name!r}")
+        elif not found.field(field.name).type.equals(field.type):
+            got = found.field(field.name).type
+            problems.append(f"column {field.name!r} is {got}, expected {field.type}")
+    if problems:
+        table = schema.metadata.get(b"table", b"?").decode() if schema.metadata else "?"
+        raise SchemaError(f"{path} is not a {table} table: {'; '.join(problems)}")
+    return pq.read_table(path, columns=columns or schema.names)
+
 
 _UNIT = "\x1f"  # separates fields
 _RECORD = "\x1e"  # separates list items

@@ -20,6 +20,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
+from embedder.config import PretrainConfig
+
 log = logging.getLogger("gen2embed.backbone")
 
 QWEN_SPECIAL_TOKENS = (
@@ -171,24 +173,6 @@ def load_backbone(
 # ------------------------------------------------------------------ the tiny generator
 
 
-@dataclass(frozen=True)
-class TinySpec:
-    """Sizes of the tiny Qwen2-VL (MINIATURE.md: ~1.25M parameters learn the world on CPU)."""
-
-    vocab_size: int = 640
-    hidden: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 512
-    vision_depth: int = 2
-    vision_dim: int = 64
-    vision_heads: int = 4
-    patch: int = 8
-    image_size: int = 64
-    seed: int = 0
-
-
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     """Byte-level BPE over the world's text plus Qwen2-VL's special tokens, as a Qwen2
     tokenizer (same pre-tokenizer regex as the real one)."""
@@ -211,8 +195,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     return tok
 
 
-def build_tiny(texts: Iterable[str], spec: TinySpec = TinySpec()) -> Backbone:
-    """A randomly initialised tiny Qwen2-VL with a tokenizer trained on `texts`; no network."""
+def build_tiny(texts: Iterable[str], spec: PretrainConfig, *, image_size: int) -> Backbone:
+    """A randomly initialised tiny Qwen2-VL (the architecture fields of `spec`) with a
+    tokenizer trained on `texts`, for square images of `image_size`; no network."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
@@ -248,7 +233,7 @@ def build_tiny(texts: Iterable[str], spec: TinySpec = TinySpec()) -> Backbone:
             "depth": spec.vision_depth,
             "embed_dim": spec.vision_dim,
             "hidden_size": spec.hidden,
-            "num_heads": spec.vision_heads,
+            "num_heads": max(1, spec.vision_dim // 16),
             "patch_size": spec.patch,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -262,7 +247,7 @@ def build_tiny(texts: Iterable[str], spec: TinySpec = TinySpec()) -> Backbone:
     torch.manual_seed(spec.seed)
     model = Qwen2VLForConditionalGeneration(config)
     model.eval()
-    side = spec.image_size
+    side = image_size
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=spec.patch,
         merge_size=2,

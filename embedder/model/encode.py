@@ -20,7 +20,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from embedder.config import EmbedConfig
 from embedder.model.backbone import Backbone
-from embedder.model.images import ImageMode, load_image
+from embedder.model.images import load_image
 from embedder.model.shards import write_shard
 
 log = logging.getLogger("gen2embed.encode")
@@ -51,19 +52,6 @@ class EmbedItem:
 
 def item_key(text: str, image: str) -> str:
     return hashlib.blake2b(f"{text}\x1f{image}".encode(), digest_size=10).hexdigest()
-
-
-@dataclass(frozen=True)
-class EncodeSettings:
-    batch_size: int = 32
-    shard_size: int = 4096
-    num_workers: int = 2
-    padding_side: str = "left"
-    image_mode: ImageMode = "fixed"
-    image_side: int = 448
-    out_dtype: str = "float32"  # or float16
-    max_pixels: int | None = None  # processor cap; None keeps the model's own
-    progress: bool = True
 
 
 @dataclass
@@ -100,7 +88,7 @@ def pool_last_token(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def image_tokens(backbone: Backbone, settings: EncodeSettings, size: tuple[int, int]) -> int:
+def image_tokens(backbone: Backbone, settings: EmbedConfig, size: tuple[int, int]) -> int:
     """Tokens one image becomes, from its size (after our resize rule and the processor's)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
@@ -124,7 +112,7 @@ def image_tokens(backbone: Backbone, settings: EncodeSettings, size: tuple[int, 
 
 
 def _estimate_lengths(
-    backbone: Backbone, items: Sequence[EmbedItem], images_root: Path, settings: EncodeSettings
+    backbone: Backbone, items: Sequence[EmbedItem], images_root: Path, settings: EmbedConfig
 ) -> list[int]:
     tok = backbone.processor.tokenizer
     text_lengths = [len(ids) for ids in tok([i.text for i in items])["input_ids"]]
@@ -155,7 +143,7 @@ class ProcessedBatches(torch.utils.data.Dataset):
         batches: list[list[EmbedItem]],
         processor: Any,
         images_root: Path,
-        settings: EncodeSettings,
+        settings: EmbedConfig,
     ) -> None:
         self.batches = batches
         self.processor = processor
@@ -199,11 +187,14 @@ def encode(
     items: Sequence[EmbedItem],
     images_root: Path,
     out_dir: Path,
-    settings: EncodeSettings = EncodeSettings(),
+    settings: EmbedConfig | None = None,
     on_shard: Callable[[int], None] | None = None,
+    *,
+    progress: bool = True,
 ) -> EncodeStats:
     """Embed `items` into `out_dir/shard-*.parquet` (distinct keys only), resuming finished
     shards. `on_shard(i)` runs after shard i is safely written."""
+    settings = settings or EmbedConfig()
     started = time.perf_counter()
     stats = EncodeStats(items=len(items))
     size = backbone.processor.image_processor.size
@@ -211,7 +202,9 @@ def encode(
     if settings.max_pixels is not None:
         size["longest_edge"] = settings.max_pixels
     try:
-        return _encode(backbone, items, images_root, out_dir, settings, on_shard, stats, started)
+        return _encode(
+            backbone, items, images_root, out_dir, settings, on_shard, stats, started, progress
+        )
     finally:
         size["longest_edge"] = model_max_pixels
 
@@ -221,10 +214,11 @@ def _encode(
     items: Sequence[EmbedItem],
     images_root: Path,
     out_dir: Path,
-    settings: EncodeSettings,
+    settings: EmbedConfig,
     on_shard: Callable[[int], None] | None,
     stats: EncodeStats,
     started: float,
+    progress: bool,
 ) -> EncodeStats:
     unique: dict[str, EmbedItem] = {}
     for item in items:
@@ -236,7 +230,7 @@ def _encode(
     stats.shards = len(shards)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = {
-        "settings": asdict(settings) | {"progress": None},
+        "settings": settings.model_dump(mode="json"),
         "keys": hashlib.sha256("".join(i.key for i in todo).encode()).hexdigest(),
         "model": backbone.source,
         "shards": len(shards),
@@ -257,7 +251,7 @@ def _encode(
     bar = tqdm(
         total=len(todo),
         mininterval=0.5 if sys.stderr.isatty() else 10.0,  # logs, not a flood, when piped
-        disable=not settings.progress,
+        disable=not progress,
         unit="item",
         desc="embed",
         initial=sum(len(b) for s in range(len(shards)) if s not in pending for b in shards[s]),

@@ -10,8 +10,10 @@ separates the template's effect from the instruction's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # config.py takes its default strings from here
+    from embedder.config import EmbedConfig
 
 MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
 HIERARCHICAL_SYSTEM = (
@@ -27,16 +29,6 @@ TEMPLATES: tuple[str, ...] = ("hierarchical", "plain", "chat")
 Role = Literal["query", "target"]
 
 
-@dataclass(frozen=True)
-class PromptStrings:
-    """The strings a template uses; configurable, defaulting to METHOD.md's exact text."""
-
-    system: str = HIERARCHICAL_SYSTEM
-    query_suffix_image: str = QUERY_SUFFIX_IMAGE
-    query_suffix_text: str = QUERY_SUFFIX_TEXT
-    generic_system: str = GENERIC_SYSTEM
-
-
 def chat(system: str | None, user: str) -> str:
     """Qwen2-VL's chat format with the generation prompt added."""
     head = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
@@ -50,13 +42,14 @@ def render(
     has_image: bool,
     role: Role,
     image_token: str,
-    strings: PromptStrings = PromptStrings(),
+    strings: EmbedConfig | None = None,
 ) -> str:
     """The full input string for one example.
 
     `image_token` replaces MMEB's `<|image_1|>` placeholder (Qwen2-VL: `<|image_pad|>`, which
     the processor expands to the image's patch tokens). An image without a placeholder in the
-    text gets the token prepended, so the image is never silently dropped.
+    text gets the token prepended, so the image is never silently dropped. The strings come
+    from `strings` (the embed section), else METHOD.md's exact text.
     """
     if has_image:
         if MMEB_IMAGE_PLACEHOLDER in text:
@@ -65,6 +58,10 @@ def render(
             text = f"{image_token}\n{text}" if text else image_token
     if template == "plain":
         return text
+    if strings is None:
+        from embedder.config import EmbedConfig  # here: config imports this module
+
+        strings = EmbedConfig()
     if template == "chat":
         return chat(strings.generic_system, text)
     if template == "hierarchical":

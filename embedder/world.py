@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
-from embedder.artifacts import StageOutput
 from embedder.config import WorldConfig
+from embedder.outputs import World
 
 
 @dataclass(frozen=True)
@@ -575,8 +575,8 @@ def _write_table(folder: Path, file_name: str, rows: list[dict[str, Any]]) -> No
     pq.write_table(pa.Table.from_pylist(rows), folder / file_name, row_group_size=1024)
 
 
-def build_world(config: WorldConfig, out_dir: Path) -> StageOutput:
-    """Write the miniature world into `out_dir` in MMEB's layout:
+def build_world(config: WorldConfig, out: Path) -> World:
+    """Write the miniature world into `out` in MMEB's layout:
 
     train/<Subset>/original-00000-of-00001.parquet, train_images/<Subset>/*.png,
     eval/<Subset>/test-00000-of-00001.parquet, eval_images/<Subset>/*.png,
@@ -586,9 +586,9 @@ def build_world(config: WorldConfig, out_dir: Path) -> StageOutput:
     images = 0
     train_meta: dict[str, dict[str, str]] = {}
     for name, meta in TRAIN_SUBSETS.items():
-        writer = _Writer(out_dir / "train_images", name)
+        writer = _Writer(out / "train_images", name)
         table = _train_rows(name, config, writer)
-        _write_table(out_dir / "train" / name, "original-00000-of-00001.parquet", table)
+        _write_table(out / "train" / name, "original-00000-of-00001.parquet", table)
         rows[f"train:{name}"] = len(table)
         images += writer.count
         train_meta[name] = {"meta_task": meta, "distribution": "ind"}
@@ -599,12 +599,14 @@ def build_world(config: WorldConfig, out_dir: Path) -> StageOutput:
             (OOD_PREFIX[1], "outline", "ood"),
         ):
             eval_name = name.replace(OOD_PREFIX[0], prefix)
-            writer = _Writer(out_dir / "eval_images", eval_name)
+            writer = _Writer(out / "eval_images", eval_name)
             table = _eval_rows(eval_name, config, writer, style)
-            _write_table(out_dir / "eval" / eval_name, "test-00000-of-00001.parquet", table)
+            _write_table(out / "eval" / eval_name, "test-00000-of-00001.parquet", table)
             rows[f"eval:{eval_name}"] = len(table)
             images += writer.count
             eval_meta[eval_name] = {"meta_task": meta, "distribution": dist}
-    (out_dir / "train" / "subsets.json").write_text(json.dumps(train_meta, indent=2))
-    (out_dir / "eval" / "subsets.json").write_text(json.dumps(eval_meta, indent=2))
-    return StageOutput(rows=rows, metrics={"images": images}, info={"categories": len(CATEGORIES)})
+    (out / "train" / "subsets.json").write_text(json.dumps(train_meta, indent=2))
+    (out / "eval" / "subsets.json").write_text(json.dumps(eval_meta, indent=2))
+    return World(
+        folder=out, rows=rows, metrics={"images": images}, info={"categories": len(CATEGORIES)}
+    )

@@ -1,0 +1,555 @@
+"""The stage contract under Prefect: the one place that turns an embedder stage function into
+a cached, published, tracked pipeline step.
+
+A stage function (embedder/) takes its config sections (the pydantic models), its upstream
+stages' outputs and an output folder `out`, and returns a typed output (embedder.outputs).
+`stage(name, function)` reads that shape from the function's signature and makes a `Stage`;
+calling it with the config and the upstream outputs, inside a `PipelineRun`, runs one Prefect
+task that
+
+- fingerprints the stage: its sections + upstream fingerprints + code version (the import
+  closure of the function's module); the fingerprint is the folder name and the task run's
+  cache key;
+- decides, in one place (`Stage.published`), whether the published folder can be reused: a
+  reused folder ends the task run in a `Cached` state, anything missing or damaged is
+  recomputed, never trusted;
+- computes into `<fingerprint>.partial/` and publishes atomically with a manifest;
+- retries only transient errors (I/O hiccups, timeouts), never bad data;
+- logs one nested MLflow run (params = the sections, metrics, reports, manifest) and leaves a
+  Prefect markdown artifact summarising the stage.
+
+Inside `plan(...)` the same calls only fingerprint, so `gen2embed stages` and the checks of
+--from / --force / --until see exactly the stages a run would execute.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import errno
+import inspect
+import logging
+import time
+import types
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.context import TaskRunContext, get_run_context
+from prefect.runtime import flow_run
+from prefect.states import Completed, State
+from pydantic import BaseModel, ValidationError
+
+from embedder.artifacts import ArtifactStore, Manifest, code_version, fingerprint
+from embedder.config import PipelineConfig
+from embedder.errors import UserError
+from embedder.outputs import StageOutput
+from tasks.tracking import Tracker
+
+log = logging.getLogger("gen2embed.stage")
+
+REPORT_SUFFIXES = {".png", ".md", ".json"}
+REPORT_MAX_BYTES = 5 * 1024 * 1024
+OutputT = TypeVar("OutputT", bound=StageOutput)
+Mode = Literal["compute", "recompute", "reuse"]
+
+
+class PipelineError(UserError, RuntimeError):
+    pass
+
+
+# ------------------------------------------------------------------ what a stage is
+
+
+def _without_none(hint: Any) -> Any:
+    """`X | None` -> X (an optional upstream stage), anything else unchanged."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return hint
+
+
+class Stage(Generic[OutputT]):
+    """One pipeline stage: an embedder function plus how to cache, publish and track it."""
+
+    def __init__(
+        self,
+        name: str,
+        function: Callable[..., OutputT],
+        *,
+        resumable: bool = False,
+        inputs: Callable[..., dict[str, str]] | None = None,
+    ) -> None:
+        self.name = name
+        self.function = function
+        # Long stages resume inside their partial folder; others start it afresh.
+        self.resumable = resumable
+        # Fingerprint inputs beyond the upstream stages (ingest: the source files), called
+        # with the stage's sections by parameter name.
+        self.inputs = inputs
+        hints = typing.get_type_hints(function)
+        section_fields = {
+            info.annotation: name for name, info in PipelineConfig.model_fields.items()
+        }
+        self.sections: dict[str, str] = {}  # parameter -> PipelineConfig field
+        self.upstream: list[str] = []  # parameters taking upstream outputs, in order
+        for param in inspect.signature(function).parameters:
+            hint = _without_none(hints[param])
+            if param == "out":
+                continue
+            if hint in section_fields:
+                self.sections[param] = section_fields[hint]
+            elif isinstance(hint, type) and issubclass(hint, StageOutput):
+                self.upstream.append(param)
+            else:
+                raise TypeError(
+                    f"{function.__qualname__}({param}: {hint}): a stage function takes config "
+                    "sections, upstream stage outputs and `out: Path`"
+                )
+        self.output_type: type[OutputT] = hints["return"]
+        self.task = task(
+            _execute,
+            name=name,
+            # Prefect never decides a cache hit on its own: the published folder must pass
+            # verification first, so `_execute` returns a Cached state itself.
+            persist_result=False,
+            retries=2,
+            retry_delay_seconds=10,
+            retry_condition_fn=_retry_only_transient,
+        )
+
+    @cached_property
+    def code_version(self) -> str:
+        return code_version(self.function)
+
+    def __call__(self, cfg: PipelineConfig, *upstream: StageOutput | None) -> OutputT:
+        if len(upstream) != len(self.upstream):
+            raise TypeError(
+                f"stage {self.name} takes the outputs of {', '.join(self.upstream) or 'nothing'}"
+            )
+        sections = {f: getattr(cfg, f) for f in self.sections.values()}
+        inputs = {u.stage: u.fingerprint for u in upstream if u is not None}
+        if self.inputs is not None:
+            by_param = {p: sections[f] for p, f in self.sections.items()}
+            inputs.update(self.inputs(**by_param))
+        fp = fingerprint(self.name, _dump(sections), inputs, self.code_version)
+        step = _ACTIVE.get(None)
+        if step is None:
+            raise RuntimeError(f"stage {self.name} called outside a PipelineRun or plan()")
+        return step.run(self, fp, sections, dict(zip(self.upstream, upstream, strict=True)), inputs)
+
+    def published(self, store: ArtifactStore, fp: str) -> OutputT | None:
+        """The published output of fingerprint `fp` if its folder can be trusted, else None.
+        The only place a cache hit is decided."""
+        problems = store.verify(self.name, fp)
+        if problems:
+            log.info("%s: not cached (%s)", self.name, "; ".join(problems[:3]))
+            return None
+        manifest = store.manifest(self.name, fp)
+        try:
+            return self.restore(store.path(self.name, fp), manifest)
+        except ValidationError as exc:  # a folder from before its output was recorded
+            log.info("%s: manifest does not describe the output (%s)", self.name, exc)
+            return None
+
+    def restore(self, folder: Path, manifest: Manifest) -> OutputT:
+        return self.output_type.model_validate(
+            {
+                **manifest.output,
+                "folder": folder,
+                "stage": self.name,
+                "fingerprint": manifest.fingerprint,
+                "rows": manifest.rows,
+                "metrics": manifest.metrics,
+                "info": manifest.info,
+            }
+        )
+
+
+def stage(
+    name: str,
+    function: Callable[..., OutputT],
+    *,
+    resumable: bool = False,
+    inputs: Callable[..., dict[str, str]] | None = None,
+) -> Stage[OutputT]:
+    """Make `function` (an embedder stage function) a pipeline stage called `name`."""
+    return Stage(name, function, resumable=resumable, inputs=inputs)
+
+
+def _dump(sections: dict[str, BaseModel]) -> dict[str, Any]:
+    return {name: section.model_dump(mode="json") for name, section in sections.items()}
+
+
+# ------------------------------------------------------------------ the task body
+
+
+class RunSettings(BaseModel):
+    """Where and how one stage task runs; passed as a task parameter."""
+
+    workdir: str
+    tracking_uri: str
+    parent_run_id: str | None
+    # compute: reuse the published folder if it verifies, else compute;
+    # recompute: compute regardless (--force, --from, or an upstream stage recomputed);
+    # reuse: the folder must be published already (stages --from does not run).
+    mode: Mode = "compute"
+    from_stage: str | None = None
+
+
+TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth a retry: the network or the filesystem hiccupped. Bad data, bad config
+    and bugs fail at once."""
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return True
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS
+
+
+def _retry_only_transient(_task: Any, _task_run: Any, state: State) -> bool:
+    try:
+        state.result()
+    except Exception as exc:
+        return is_transient(exc)
+    return False
+
+
+def _flow_run_id() -> str:
+    ctx = get_run_context()
+    run = getattr(ctx, "flow_run", None)
+    if run is None:
+        return str(getattr(getattr(ctx, "task_run", None), "flow_run_id", "") or "")
+    return str(run.id)
+
+
+def _execute(
+    definition: Stage[Any],
+    fingerprint: str,
+    sections: dict[str, BaseModel],
+    upstream: dict[str, StageOutput | None],
+    inputs: dict[str, str],
+    run: RunSettings,
+) -> Any:
+    """The body of every stage task: reuse the published folder, or compute and publish."""
+    stage = definition.name
+    task_run = TaskRunContext.get()
+    if task_run is not None:
+        # Shown as the task run's cache key in the Prefect UI.
+        task_run.task_run.cache_key = f"{stage}-{fingerprint}"
+    store = ArtifactStore(run.workdir)
+    tracker = Tracker.for_workdir(store.workdir, run.tracking_uri)
+    path = store.path(stage, fingerprint)
+    with store.lock(stage, fingerprint):
+        if run.mode != "recompute":
+            published = definition.published(store, fingerprint)
+            if published is not None:
+                log.info("%s: cached (%s)", stage, path)
+                manifest = store.manifest(stage, fingerprint)
+                log_cached_run(stage, manifest, tracker, run.parent_run_id, path)
+                return Completed(data=published, name="Cached", message=f"reused {path}")
+            if run.mode == "reuse":
+                raise PipelineError(
+                    f"--from {run.from_stage} needs published results of {stage}; "
+                    "run without --from first"
+                )
+        return _compute(definition, fingerprint, sections, upstream, inputs, run, store, tracker)
+
+
+def _compute(
+    definition: Stage[Any],
+    fp: str,
+    sections: dict[str, BaseModel],
+    upstream: dict[str, StageOutput | None],
+    inputs: dict[str, str],
+    run: RunSettings,
+    store: ArtifactStore,
+    tracker: Tracker,
+) -> StageOutput:
+    name = definition.name
+    params = _dump(sections)
+    flow_run_id = _flow_run_id()
+    tags = {
+        "gen2embed.stage": name,
+        "gen2embed.fingerprint": fp,
+        "prefect.flow_run_id": flow_run_id,
+    }
+    with tracker.run(name, parent_run_id=run.parent_run_id, tags=tags, params=params) as run_id:
+        fresh = run.mode == "recompute" or not definition.resumable
+        partial = store.open_partial(name, fp, fresh=fresh)
+        log.info("%s: computing into %s", name, partial)
+        arguments = {p: sections[f] for p, f in definition.sections.items()}
+        output = definition.function(**arguments, **upstream, out=partial)
+        ids = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run_id}
+        output = output.model_copy(update={"info": {**output.info, **ids}})
+        manifest = store.publish(
+            name,
+            fp,
+            code_version=definition.code_version,
+            config=params,
+            inputs=inputs,
+            output=output,
+        )
+        published = store.path(name, fp)
+        tracker.log_metrics(run_id, manifest.metrics)
+        tracker.log_metrics(run_id, {f"rows.{k}": v for k, v in manifest.rows.items()})
+        tracker.log_json(run_id, manifest.__dict__, "manifest.json")
+        for rel, entry in manifest.files.items():
+            # Top-level reports and plots travel to MLflow; tables, shards and weights stay,
+            # referenced by the folder path tag.
+            if (
+                "/" not in rel
+                and Path(rel).suffix in REPORT_SUFFIXES
+                and entry["size"] <= REPORT_MAX_BYTES
+            ):
+                tracker.log_file(run_id, published / rel)
+        tracker.set_tags(run_id, {"gen2embed.path": str(published)})
+        _publish_summary(manifest, published, tracker, run_id, cached=False)
+    return definition.restore(published, manifest)
+
+
+def summary_markdown(manifest: Manifest, path: Path, *, cached: bool, run_url: str | None) -> str:
+    lines = [
+        f"# Stage `{manifest.stage}` {'(cached)' if cached else ''}",
+        "",
+        f"- fingerprint: `{manifest.fingerprint}`",
+        f"- folder: `{path}`",
+        f"- code version: `{manifest.code_version}`",
+    ]
+    if run_url:
+        lines.append(f"- MLflow run: [{run_url}]({run_url})")
+    if manifest.rows:
+        lines += ["", "| table | rows |", "|---|---:|"]
+        lines += [f"| {k} | {v:,} |" for k, v in manifest.rows.items()]
+    if manifest.metrics:
+        lines += ["", "| metric | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:,.4g} |" for k, v in manifest.metrics.items()]
+    return "\n".join(lines)
+
+
+def _publish_summary(
+    manifest: Manifest, path: Path, tracker: Tracker, run_id: str, *, cached: bool
+) -> None:
+    url = tracker.run_url(run_id)
+    key = f"{manifest.stage}-summary".lower().replace("_", "-")
+    create_markdown_artifact(
+        markdown=summary_markdown(manifest, path, cached=cached, run_url=url),
+        key=key,
+        description=f"{manifest.stage} stage, fingerprint {manifest.fingerprint}",
+    )
+    if url:
+        create_link_artifact(link=url, link_text=f"MLflow run of {manifest.stage}")
+
+
+def log_cached_run(
+    stage: str, manifest: Manifest, tracker: Tracker, parent_run_id: str | None, path: Path
+) -> None:
+    """A cache hit still gets a (short) run, tagged `cached`, pointing at the run that made it."""
+    with tracker.run(
+        stage,
+        parent_run_id=parent_run_id,
+        tags={
+            "gen2embed.stage": stage,
+            "gen2embed.fingerprint": manifest.fingerprint,
+            "gen2embed.cached": "true",
+            "gen2embed.source_run": str(manifest.info.get("mlflow_run_id", "")),
+        },
+        params=manifest.config,
+    ) as run_id:
+        tracker.log_metrics(run_id, manifest.metrics)
+        tracker.log_metrics(run_id, {f"rows.{k}": v for k, v in manifest.rows.items()})
+        _publish_summary(manifest, path, tracker, run_id, cached=True)
+
+
+# ------------------------------------------------------------------ running and planning
+
+
+class _Steps:
+    """What a stage call does: `PipelineRun` runs it, `_Planner` only records it."""
+
+    def run(
+        self,
+        stage: Stage[OutputT],
+        fp: str,
+        sections: dict[str, BaseModel],
+        upstream: dict[str, StageOutput | None],
+        inputs: dict[str, str],
+    ) -> OutputT:
+        raise NotImplementedError
+
+
+_ACTIVE: contextvars.ContextVar[_Steps] = contextvars.ContextVar("gen2embed_steps")
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str
+    fingerprint: str
+    path: Path
+    problems: tuple[str, ...] | None  # None: not checked
+
+    @property
+    def cached(self) -> bool:
+        return self.problems == ()
+
+
+@dataclass
+class _Planner(_Steps):
+    store: ArtifactStore
+    verify: bool
+    planned: list[PlannedStage] = field(default_factory=list)
+
+    def run(
+        self,
+        stage: Stage[OutputT],
+        fp: str,
+        sections: dict[str, BaseModel],
+        upstream: dict[str, StageOutput | None],
+        inputs: dict[str, str],
+    ) -> OutputT:
+        path = self.store.path(stage.name, fp)
+        problems = tuple(self.store.verify(stage.name, fp)) if self.verify else None
+        self.planned.append(PlannedStage(stage.name, fp, path, problems))
+        # A stand-in carrying what downstream fingerprints need; nothing is read.
+        return stage.output_type(folder=path, stage=stage.name, fingerprint=fp)
+
+
+@contextmanager
+def _active(steps: _Steps) -> Iterator[None]:
+    token = _ACTIVE.set(steps)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def plan(
+    method: Callable[[PipelineConfig], Any],
+    cfg: PipelineConfig,
+    store: ArtifactStore,
+    *,
+    verify: bool = False,
+) -> list[PlannedStage]:
+    """The stages `method(cfg)` would run, in order, with their fingerprints (and, with
+    `verify`, whether each is published), computing nothing."""
+    planner = _Planner(store, verify)
+    with _active(planner):
+        method(cfg)
+    return planner.planned
+
+
+class _StopAfter(Exception):
+    """Raised after the --until stage; ends the run early and cleanly."""
+
+
+class PipelineRun(_Steps):
+    """One run of the pipeline: the MLflow parent run, the choice of what to recompute
+    (--from / --force / --until) and the published folder of every stage that ran."""
+
+    def __init__(
+        self,
+        method: Callable[[PipelineConfig], Any],
+        cfg: PipelineConfig,
+        workdir: str | None,
+        *,
+        preset: str,
+        from_stage: str | None = None,
+        force: list[str] | None = None,
+        until: str | None = None,
+    ) -> None:
+        self.store = ArtifactStore(workdir)
+        names = [p.name for p in plan(method, cfg, self.store)]
+        for option, name in [("--from", from_stage), ("--until", until)] + [
+            ("--force", f) for f in force or []
+        ]:
+            if name is not None and name not in names:
+                raise PipelineError(
+                    f"{option} {name}: not part of this pipeline (stages: {', '.join(names)})"
+                )
+        self.tracker = Tracker.for_workdir(self.store.workdir)
+        self.cfg, self.preset = cfg, preset
+        self.from_stage, self.force, self.until = from_stage, set(force or []), until
+        self.recomputed: set[str] = set()  # fingerprints recomputed on purpose in this run
+        self.paths: dict[str, str] = {}
+        self.cached = 0
+        self._exit = ExitStack()
+
+    def __enter__(self) -> PipelineRun:
+        swept = self.tracker.sweep_stale_runs()
+        if swept:
+            log.warning("marked %d MLflow run(s) of dead processes as KILLED", len(swept))
+        self.started = time.perf_counter()
+        self.parent_id = self._exit.enter_context(
+            self.tracker.run(
+                "pipeline",
+                tags={
+                    "prefect.flow_run_id": str(flow_run.get_id() or ""),
+                    "gen2embed.preset": self.preset,
+                },
+                params=self.cfg.model_dump(mode="json"),
+            )
+        )
+        self._exit.enter_context(_active(self))
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if kind is None or kind is _StopAfter:
+            self.tracker.log_metrics(
+                self.parent_id,
+                {"seconds": time.perf_counter() - self.started, "stages_cached": self.cached},
+            )
+            tags = {f"gen2embed.path.{k}": v for k, v in self.paths.items()}
+            self.tracker.set_tags(self.parent_id, tags)
+            self._exit.close()
+            return True
+        return bool(self._exit.__exit__(kind, exc, tb))
+
+    def mode(self, name: str, upstream: dict[str, StageOutput | None]) -> Mode:
+        if (
+            name in self.force
+            or name == self.from_stage
+            or any(u is not None and u.fingerprint in self.recomputed for u in upstream.values())
+        ):
+            return "recompute"
+        return "reuse" if self.from_stage else "compute"
+
+    def run(
+        self,
+        stage: Stage[OutputT],
+        fp: str,
+        sections: dict[str, BaseModel],
+        upstream: dict[str, StageOutput | None],
+        inputs: dict[str, str],
+    ) -> OutputT:
+        mode = self.mode(stage.name, upstream)
+        settings = RunSettings(
+            workdir=str(self.store.workdir),
+            tracking_uri=self.tracker.tracking_uri,
+            parent_run_id=self.parent_id,
+            mode=mode,
+            from_stage=self.from_stage,
+        )
+        state = stage.task(
+            definition=stage,
+            fingerprint=fp,
+            sections=sections,
+            upstream=upstream,
+            inputs=inputs,
+            run=settings,
+            return_state=True,
+        )
+        output: OutputT = state.result()  # raises the stage's own error if it failed
+        if mode == "recompute":
+            self.recomputed.add(fp)
+        self.cached += state.name == "Cached"
+        self.paths[stage.name] = str(output.folder)
+        if stage.name == self.until:
+            raise _StopAfter
+        return output
