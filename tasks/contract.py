@@ -43,6 +43,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import TaskRunContext, get_run_context
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
+from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ValidationError
 
 from embedder.artifacts import ArtifactStore, Manifest, code_version, fingerprint
@@ -477,6 +478,7 @@ class PipelineRun(_Steps):
         self.cfg, self.preset = cfg, preset
         self.from_stage, self.force, self.until = from_stage, set(force or []), until
         self.recomputed: set[str] = set()  # fingerprints recomputed on purpose in this run
+        self.states: dict[str, State] = {}  # fingerprint -> final state of its task run
         self.paths: dict[str, str] = {}
         self.cached = 0
         self._exit = ExitStack()
@@ -536,15 +538,20 @@ class PipelineRun(_Steps):
             mode=mode,
             from_stage=self.from_stage,
         )
+        # Arguments are quoted (Prefect matches results by identity, and an interned string
+        # such as a stage name would draw false edges); the run graph's edges are exactly the
+        # upstream stages, given as `wait_for`.
         state = stage.task(
-            definition=stage,
+            definition=quote(stage),
             fingerprint=fp,
-            sections=sections,
-            upstream=upstream,
-            inputs=inputs,
-            run=settings,
+            sections=quote(sections),
+            upstream=quote(upstream),
+            inputs=quote(inputs),
+            run=quote(settings),
+            wait_for=[self.states[u.fingerprint] for u in upstream.values() if u is not None],
             return_state=True,
         )
+        self.states[fp] = state
         output: OutputT = state.result()  # raises the stage's own error if it failed
         if mode == "recompute":
             self.recomputed.add(fp)

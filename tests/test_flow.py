@@ -15,7 +15,8 @@ pytestmark = [pytest.mark.flow, pytest.mark.usefixtures("prefect_server")]
 
 
 def _run(workdir: Path, **kwargs: Any) -> tuple[dict[str, str], dict[str, str]]:
-    """Run the flow; return (stage -> folder, stage -> Prefect state name of its task run)."""
+    """Run the flow; return (stage -> folder, stage -> Prefect state name of its task run).
+    The task runs themselves are kept in `_run.task_runs`."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -31,6 +32,7 @@ def _run(workdir: Path, **kwargs: Any) -> tuple[dict[str, str], dict[str, str]]:
                 id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
             )
         )
+    _run.task_runs = runs  # type: ignore[attr-defined]
     return paths, {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
 
 
@@ -109,7 +111,7 @@ def test_from_and_force(tmp_path: Path) -> None:
         )
     _run(tmp_path)
     _, states = _run(tmp_path, from_stage="ingest")
-    assert states == {"ingest": "Completed"}  # world is used, not run
+    assert states == {"world": "Cached", "ingest": "Completed"}  # world is reused, not run
     _, states = _run(tmp_path, force=["world"])
     assert states == {"world": "Completed", "ingest": "Completed"}
 
@@ -177,7 +179,10 @@ def test_flow_parameters_render_as_a_form() -> None:
                 return enum_of(option["items"])
         raise AssertionError(schema)
 
+    from tasks.stages import STAGE_NAMES
+
     stages = ["world", "ingest", "pretrain", "embed", "zeroshot", "retrieve", "mine"]
+    assert list(STAGE_NAMES) == stages
     assert enum_of(props["from_stage"]) == stages
     assert enum_of(props["force"]) == stages
     assert enum_of(props["until"]) == stages
@@ -214,5 +219,29 @@ def test_full_tiny_pipeline_reports_zero_shot_p1(tmp_path: Path) -> None:
     assert (Path(paths["mine"]) / "scores.png").stat().st_size > 0
     logged = {a.path for a in client.list_artifacts(runs["mine"].info.run_id)}
     assert {"scores.png", "diagnostics.json", "manifest.json"} <= logged
+    _assert_run_graph(_run.task_runs, paths)  # type: ignore[attr-defined]
     _, again = _run(tmp_path, overrides=TINY_MODEL_OVERRIDES, until=None)
     assert set(again.values()) == {"Cached"}
+
+
+def _assert_run_graph(task_runs: list[Any], paths: dict[str, str]) -> None:
+    """Prefect draws each stage's real inputs (no stage depends on every earlier one), shows
+    the fingerprint as the cache key and a plain retry delay."""
+    name_of = {r.id: r.name.rsplit("-", 1)[0] for r in task_runs}
+    graph = {}
+    for r in task_runs:
+        ids = {i.id for inputs in r.task_inputs.values() for i in inputs if hasattr(i, "id")}
+        graph[name_of[r.id]] = {name_of[i] for i in ids}
+    assert graph == {
+        "world": set(),
+        "ingest": {"world"},
+        "pretrain": set(),
+        "embed": {"ingest", "pretrain"},
+        "zeroshot": {"ingest", "pretrain"},
+        "retrieve": {"embed"},
+        "mine": {"retrieve", "embed"},
+    }
+    for r in task_runs:
+        stage = name_of[r.id]
+        assert r.cache_key == f"{stage}-{Path(paths[stage]).name}"
+        assert r.empirical_policy.retry_delay == 10

@@ -30,7 +30,7 @@ def _world_config(world: Path, **kw: object) -> IngestConfig:
 
 
 def test_world_ingest_counts_schema_and_flags(world_dir: Path, tmp_path: Path) -> None:
-    out = ingest(_world_config(world_dir), tmp_path)
+    out = ingest(_world_config(world_dir), None, tmp_path)
     pairs = pq.read_table(tmp_path / "pairs.parquet")
     evals = pq.read_table(tmp_path / "eval.parquet")
     assert pairs.schema.equals(PAIRS_SCHEMA, check_metadata=False)
@@ -53,15 +53,15 @@ def test_world_ingest_counts_schema_and_flags(world_dir: Path, tmp_path: Path) -
     groups = [g for g in pairs["fn_group"].to_pylist() if g is not None]
     assert groups, "the world plants false-negative groups"
     assert out.metrics["rows_per_s"] > 0
-    assert out.info["images_root"]["pairs"] == str((world_dir / "train_images").resolve())
+    assert out.pairs_images == (world_dir / "train_images").resolve()
 
 
 def test_ids_are_stable_across_ingests_and_batch_sizes(world_dir: Path, tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
-    ingest(_world_config(world_dir), a)
-    ingest(_world_config(world_dir, batch_rows=7, image_workers=2), b)
+    ingest(_world_config(world_dir), None, a)
+    ingest(_world_config(world_dir, batch_rows=7, image_workers=2), None, b)
     for table in ("pairs", "eval"):
         ta, tb = pq.read_table(a / f"{table}.parquet"), pq.read_table(b / f"{table}.parquet")
         assert ta.equals(tb)
@@ -146,7 +146,7 @@ def test_bad_rows_fail_naming_every_row(odd_dump: tuple[Path, Path], tmp_path: P
     out.mkdir()
     cfg = IngestConfig(source="mmeb", train_dir=root, train_images=images)
     with pytest.raises(BadRowsError) as err:
-        ingest(cfg, out)
+        ingest(cfg, None, out)
     msg = str(err.value)
     assert f"{len(EXPECTED_REASONS)} bad row(s)" in msg
     for row, reason in EXPECTED_REASONS.items():
@@ -162,7 +162,7 @@ def test_skip_writes_rejects_and_keeps_good_rows(
 ) -> None:
     root, images = odd_dump
     cfg = IngestConfig(source="mmeb", train_dir=root, train_images=images, on_bad_rows="skip")
-    result = ingest(cfg, tmp_path)
+    result = ingest(cfg, None, tmp_path)
     pairs = pq.read_table(tmp_path / "pairs.parquet").to_pylist()
     assert sorted((p["subset"], p["row"]) for p in pairs) == [
         ("Good", 0),
@@ -187,7 +187,7 @@ def test_empty_subset_is_an_error(odd_dump: tuple[Path, Path], tmp_path: Path) -
         source="mmeb", train_dir=root, train_images=images, train_subsets=["Good", "Empty"]
     )
     with pytest.raises(BadRowsError, match=r"empty subset.*pairs:Empty"):
-        ingest(cfg, tmp_path)
+        ingest(cfg, None, tmp_path)
 
 
 def test_wrong_column_name_is_named(tmp_path: Path) -> None:
@@ -199,7 +199,7 @@ def test_wrong_column_name_is_named(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
     cfg = IngestConfig(source="mmeb", train_dir=root, train_images=tmp_path / "img")
     with pytest.raises(SourceError, match=r"lacks column\(s\) qry .*'query' -> 'qry'"):
-        ingest(cfg, tmp_path)
+        ingest(cfg, None, tmp_path)
 
 
 def test_unknown_subset_and_missing_root(tmp_path: Path) -> None:
@@ -212,12 +212,12 @@ def test_unknown_subset_and_missing_root(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
     cfg = IngestConfig(source="mmeb", train_dir=root, train_images=tmp_path / "img")
     with pytest.raises(ValueError, match=r"describe it in a subsets\.json"):
-        ingest(cfg, tmp_path)
+        ingest(cfg, None, tmp_path)
     cfg = IngestConfig(source="mmeb", train_dir=root, train_images=tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="images root"):
-        ingest(cfg, tmp_path)
+        ingest(cfg, None, tmp_path)
     with pytest.raises(SourceError, match=r"subsets \['Other'\] not found"):
-        ingest(cfg.model_copy(update={"train_subsets": ["Other"]}), tmp_path)
+        ingest(cfg.model_copy(update={"train_subsets": ["Other"]}), None, tmp_path)
 
 
 def test_mmeb_names_get_their_meta_task(tmp_path: Path) -> None:
@@ -231,7 +231,7 @@ def test_mmeb_names_get_their_meta_task(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
     out = tmp_path / "out"
     out.mkdir()
-    ingest(IngestConfig(source="mmeb", train_dir=root, train_images=tmp_path / "img"), out)
+    ingest(IngestConfig(source="mmeb", train_dir=root, train_images=tmp_path / "img"), None, out)
     got = {r["subset"]: r["meta_task"] for r in pq.read_table(out / "pairs.parquet").to_pylist()}
     assert got == {
         "ImageNet_1K": "classification",
@@ -257,7 +257,7 @@ def test_jsonl_reader(tmp_path: Path) -> None:
     cfg = IngestConfig(
         source="jsonl", jsonl_files=[f], jsonl_images=images, on_bad_rows="skip", batch_rows=2
     )
-    ingest(cfg, tmp_path)
+    ingest(cfg, None, tmp_path)
     pairs = pq.read_table(tmp_path / "pairs.parquet").to_pylist()
     assert [(p["subset"], p["pos_text"]) for p in pairs] == [("mine", "apple"), ("mine", "pear")]
     reasons = [r["reason"] for r in pq.read_table(tmp_path / "rejects.parquet").to_pylist()]
@@ -274,7 +274,7 @@ def test_eval_rows_check_every_candidate(world_dir: Path, tmp_path: Path) -> Non
     users = sum(victim in lst for lst in table["tgt_img_path"].to_pylist())
     out = tmp_path / "out"
     out.mkdir()
-    result = ingest(_world_config(world, on_bad_rows="skip"), out)
+    result = ingest(_world_config(world, on_bad_rows="skip"), None, out)
     rejects = pq.read_table(out / "rejects.parquet").to_pylist()
     assert len(rejects) == users == result.rows["rejects"]
     assert all(r["table"] == "eval" and victim in r["reason"] for r in rejects)
@@ -312,18 +312,19 @@ def test_hub_reader_on_a_local_copy_of_the_repo(
     )
     # Subsets that are not MMEB's need a description, as for a local dump.
     with pytest.raises(ValueError, match="not an MMEB subset"):
-        ingest(cfg, tmp_path)
+        ingest(cfg, None, tmp_path)
     shutil.copy(world_dir / "train" / "subsets.json", tmp_path / "train_repo")
     shutil.copy(world_dir / "eval" / "subsets.json", tmp_path / "eval_repo")
     out = tmp_path / "out"
     out.mkdir()
-    result = ingest(cfg, out)
+    result = ingest(cfg, None, out)
     local = tmp_path / "local"
     local.mkdir()
     ingest(
         _world_config(
             world_dir, train_subsets=["ShapeCaps_t2i", "ShapeClass"], eval_subsets=["ShapeVQA"]
         ),
+        None,
         local,
     )
     for table in ("pairs", "eval"):

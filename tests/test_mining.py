@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
+import polars as pl
 import pytest
 
-from embedder.config import MineConfig
-from embedder.mining import SubsetPool, diagnose, mine_subset
-from embedder.retrieval import approximate_search, exact_search, recall_at_k
+from embedder.config import MineConfig, RetrieveConfig
+from embedder.mining import SubsetPool, diagnose, load_pools, mine_clusters, mine_subset
+from embedder.outputs import Embeddings
+from embedder.retrieval import (
+    approximate_search,
+    exact_search,
+    recall_at_k,
+    retrieve_candidates,
+)
 
 
 def unit(*v: float) -> np.ndarray:
@@ -159,3 +169,94 @@ def test_faiss_matches_numpy_exact_top_r() -> None:
         from embedder.retrieval import check_unit_norm
 
         check_unit_norm(pool * 2, "pool")
+
+
+# ------------------------------------------------- the stage functions, end to end on files
+
+
+def _write_embeddings(
+    folder: Path, pairs: list[dict], vectors: dict[str, np.ndarray]
+) -> Embeddings:
+    """An `embed` stage output written by hand: pair_keys.parquet and one shard."""
+    import pyarrow as pa
+
+    from embedder.datasets.schema import PAIR_KEYS_SCHEMA, write_table
+    from embedder.model.shards import write_shard
+
+    out = Embeddings(folder=folder)
+    out.shards.mkdir(parents=True)
+    keys = sorted(vectors)
+    write_shard(out.shards / "shard-00000.parquet", keys, np.stack([vectors[k] for k in keys]))
+    columns = {c: [p[c] for p in pairs] for c in PAIR_KEYS_SCHEMA.names}
+    write_table(pa.table(columns), out.pair_keys, PAIR_KEYS_SCHEMA)
+    return out
+
+
+def _star_files(tmp_path: Path) -> tuple[Embeddings, dict[str, np.ndarray]]:
+    """Subset S: the star geometry of `_star` as pairs a0..a6 (query qi, positive pi), plus
+    a repeat of a3's query with a second positive (one query content, two rows); subset T:
+    three unrelated pairs, so every subset has its own pool."""
+    pool = _star(classification=False)
+    vectors = {f"q{i}": pool.queries[i] for i in range(7)}
+    vectors |= {f"p{i}": pool.positives[i] for i in range(7)}
+    vectors["p3b"] = unit(*([0.0] * 7 + [1.0]))
+    pairs = [
+        {"id": f"a{i}", "subset": "S", "meta_task": "retrieval", "fn_group": None,
+         "qry_key": f"q{i}", "pos_key": f"p{i}"} for i in range(7)
+    ]  # fmt: skip
+    pairs.insert(4, {**pairs[3], "id": "a3b", "pos_key": "p3b"})
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        vectors[f"tq{i}"], vectors[f"tp{i}"] = unit(*rng.normal(size=8)), unit(*rng.normal(size=8))
+        pairs.append({"id": f"t{i}", "subset": "T", "meta_task": "vqa", "fn_group": None,
+                      "qry_key": f"tq{i}", "pos_key": f"tp{i}"})  # fmt: skip
+    return _write_embeddings(tmp_path / "embed", pairs, vectors), vectors
+
+
+def test_retrieve_writes_each_query_s_exact_top_r_distinct_positives(tmp_path: Path) -> None:
+    emb, vectors = _star_files(tmp_path)
+    (tmp_path / "retrieve").mkdir()
+    cands = retrieve_candidates(RetrieveConfig(top_r=4, device="cpu"), emb, tmp_path / "retrieve")
+    rows = pl.read_parquet(cands.pair_rows)
+    s_rows = rows.filter(pl.col("subset") == "S")
+    # a3 and a3b share their query content: one distinct query, two positives.
+    assert s_rows["id"].to_list() == ["a0", "a1", "a2", "a3", "a3b", "a4", "a5", "a6"]
+    assert s_rows["query"].to_list() == [0, 1, 2, 3, 3, 4, 5, 6]
+    assert s_rows["positive"].to_list() == [0, 1, 2, 3, 4, 5, 6, 7]
+    queries = pl.read_parquet(cands.queries).filter(pl.col("subset") == "S")
+    assert queries["row"].to_list() == [0, 1, 2, 4, 5, 6, 7], (
+        "a repeated query maps to its last row"
+    )
+    positives = pl.read_parquet(cands.positives).filter(pl.col("subset") == "S")
+    p_keys = positives["pos_key"].to_list()
+    found = pl.read_parquet(cands.candidates).filter(pl.col("subset") == "S").sort("query")
+    for q, row in zip(queries["qry_key"].to_list(), found.iter_rows(named=True), strict=True):
+        scores = np.array([vectors[k] @ vectors[q] for k in p_keys])
+        assert row["candidates"] == np.argsort(-scores, kind="stable")[:4].tolist()
+        np.testing.assert_allclose(row["scores"], np.sort(scores)[::-1][:4], atol=1e-5)
+    t = pl.read_parquet(cands.candidates).filter(pl.col("subset") == "T")
+    assert t["candidates"].list.len().to_list() == [3, 3, 3], "R capped by the subset's pool"
+
+
+def test_mine_clusters_name_the_pairs_the_geometry_picks(tmp_path: Path) -> None:
+    emb, _ = _star_files(tmp_path)
+    for name in ("retrieve", "mine", "topk"):
+        (tmp_path / name).mkdir()
+    cands = retrieve_candidates(RetrieveConfig(top_r=8, device="cpu"), emb, tmp_path / "retrieve")
+    pools = dict((p.name, (p, r)) for p, r in load_pools(cands, emb))
+    pool, rows = pools["S"]
+    assert pool.own_positives(3).tolist() == [3, 4], "both positives of the repeated query"
+    assert rows["id"][int(pool.query_row[3])] == "a3b"
+    cfg = MineConfig(k=2, m=3, compare_strategies=False)
+    clusters = mine_clusters(cfg, cands, emb, tmp_path / "mine")
+    table = pl.read_parquet(clusters.clusters)
+    first = table.filter(pl.col("cluster") == 0).sort("position")
+    # Anchor a0; C = 6 owners in retrieval order a1, a2, a3b, a4, a5, a6 (a3's query maps to
+    # its last row); the 2 least query-similar owners (0.1: a2, 0.5: a1) are kept.
+    assert first["id"].to_list() == ["a0", "a2", "a1"]
+    assert first["role"].to_list() == ["anchor", "negative", "negative"]
+    topk = mine_clusters(cfg.model_copy(update={"strategy": "topk"}), cands, emb, tmp_path / "topk")
+    top_first = pl.read_parquet(topk.clusters).filter(pl.col("cluster") == 0).sort("position")
+    assert top_first["id"].to_list() == ["a0", "a1", "a2"], "top-k keeps retrieval order"
+    report = json.loads(clusters.diagnostics.read_text())
+    assert report["saha"]["clusters"] == table["cluster"].n_unique()

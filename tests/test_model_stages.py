@@ -1,0 +1,129 @@
+"""The model stage functions on files: pretrain_generator, embed_pairs, zeroshot_eval.
+
+Each is called as the pipeline calls it (its config sections, upstream outputs, a folder) and
+its output is checked against what the test computes itself from the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from embedder.config import EmbedConfig, IngestConfig, ModelConfig, PretrainConfig, WorldConfig
+from embedder.datasets.ingest import ingest
+from embedder.embed import embed_pairs
+from embedder.generator import corpus_texts, pretrain_generator
+from embedder.model.backbone import build_tiny, load_backbone, save_backbone
+from embedder.model.encode import EmbedItem, encode
+from embedder.model.prompts import render
+from embedder.model.shards import load_embeddings
+from embedder.outputs import Generator, Tables
+from embedder.zeroshot import strict_hits, zeroshot_eval
+
+EMBED = EmbedConfig(num_workers=0, image_side=64)
+
+
+@pytest.fixture(scope="module")
+def generator(tmp_path_factory: pytest.TempPathFactory) -> Generator:
+    """An untrained tiny generator: enough to check what goes where."""
+    out = Generator(folder=tmp_path_factory.mktemp("generator"))
+    save_backbone(build_tiny(corpus_texts(), PretrainConfig(), image_size=64), out.model_dir)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tables(world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Tables:
+    cfg = IngestConfig(
+        source="mmeb",
+        train_dir=world_dir / "train",
+        train_images=world_dir / "train_images",
+        eval_dir=world_dir / "eval",
+        eval_images=world_dir / "eval_images",
+        train_subsets=["ShapeClass", "ShapeCaps_i2t"],
+        eval_subsets=["ShapeClass", "OutlineCaps_t2i"],
+    )
+    return ingest(cfg, None, tmp_path_factory.mktemp("ingest"))
+
+
+def _item(text: str, image: str, template: str, role: str) -> EmbedItem:
+    rendered = render(template, text, has_image=bool(image), role=role, image_token="<|image_pad|>")  # type: ignore[arg-type]
+    return EmbedItem(rendered, image)
+
+
+def test_embed_pairs_keys_each_pair_to_its_own_rendered_query_and_positive(
+    tables: Tables, generator: Generator, tmp_path: Path
+) -> None:
+    emb = embed_pairs(ModelConfig(), EMBED, tables, generator, tmp_path / "embed")
+    pairs = pq.read_table(tables.pairs).to_pylist()
+    keys = pq.read_table(emb.pair_keys).to_pylist()
+    assert [k["id"] for k in keys] == [p["id"] for p in pairs]
+    assert [k["subset"] for k in keys] == [p["subset"] for p in pairs]
+    wanted = []
+    for pair, k in zip(pairs, keys, strict=True):
+        q = _item(pair["qry_text"], pair["qry_image"], "hierarchical", "query")
+        p = _item(pair["pos_text"], pair["pos_image"], "hierarchical", "target")
+        assert (k["qry_key"], k["pos_key"]) == (q.key, p.key)
+        wanted += [q, p]
+    shard_keys, matrix = load_embeddings(emb.shards)
+    assert len(shard_keys) == len({i.key for i in wanted}) == emb.rows["unique_items"]
+    # The vectors are the encoder's own for those inputs (images from the pairs' root).
+    sample = [wanted[0], wanted[1], wanted[-2], wanted[-1]]
+    assert tables.pairs_images is not None
+    backbone = load_backbone(generator.model_dir)
+    encode(backbone, sample, tables.pairs_images, tmp_path / "direct", EMBED)
+    direct = dict(zip(*load_embeddings(tmp_path / "direct"), strict=True))
+    stored = dict(zip(shard_keys, matrix, strict=True))
+    for item in sample:
+        np.testing.assert_allclose(stored[item.key], direct[item.key], atol=1e-5)
+
+
+def test_zeroshot_scores_each_query_against_its_own_candidates(
+    tables: Tables, generator: Generator, tmp_path: Path
+) -> None:
+    from embedder.config import ZeroshotConfig
+
+    cfg = ZeroshotConfig(templates=["plain", "hierarchical"], max_queries=4)
+    report = zeroshot_eval(ModelConfig(), EMBED, cfg, tables, generator, tmp_path)
+    got = json.loads(report.report.read_text())["templates"]
+    rows = pq.read_table(tables.eval).to_pylist()
+    kept: dict[str, list[dict]] = {}
+    for r in rows:
+        if len(kept.setdefault(r["subset"], [])) < 4:
+            kept[r["subset"]].append(r)
+    assert report.rows["queries"] == 8
+    for template in ("plain", "hierarchical"):
+        vectors = dict(zip(*load_embeddings(tmp_path / template), strict=True))
+        for subset, subset_rows in kept.items():
+            hits = []
+            for r in subset_rows:
+                q = vectors[_item(r["qry_text"], r["qry_image"], template, "query").key]
+                cands = np.stack(
+                    [
+                        vectors[_item(t, im, template, "target").key]
+                        for t, im in zip(r["tgt_text"], r["tgt_image"], strict=True)
+                    ]
+                )
+                hits.append(strict_hits(q, cands))
+            assert got[template]["p1"][subset] == pytest.approx(np.mean(hits)), (template, subset)
+        assert report.metrics[f"p1.{template}.overall"] == got[template]["aggregate"]["overall"]
+
+
+def test_pretrain_generator_saves_a_loadable_seeded_model(tmp_path: Path) -> None:
+    cfg = PretrainConfig(steps=3, batch_size=4, eval_per_type=1, warmup=1)
+    first = pretrain_generator(cfg, WorldConfig(), tmp_path / "a")
+    again = pretrain_generator(cfg, WorldConfig(), tmp_path / "b")
+    other = pretrain_generator(cfg.model_copy(update={"seed": 1}), WorldConfig(), tmp_path / "c")
+    weights = [(o.model_dir / "model.safetensors").read_bytes() for o in (first, again, other)]
+    assert weights[0] == weights[1], "same seed, same generator"
+    assert weights[0] != weights[2]
+    model = load_backbone(first.model_dir, device="cpu")
+    text = model.model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers) == (cfg.hidden, cfg.layers)
+    assert model.processor.image_processor.patch_size == cfg.patch
+    assert [step for step, _ in json.loads((first.folder / "loss.json").read_text())] == [3]
+    assert {"vqa_acc.category", "final_loss", "parameters"} <= set(first.metrics)
+    assert first.metrics["final_loss"] == first.info["losses"][-1][1]
