@@ -55,7 +55,11 @@ def test_classification_never_takes_same_label_queries() -> None:
     rows = [(0, 0), (1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
     pool = make_pool(q, p, rows, r=2, classification=True)
     label = {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
-    for c in mine_subset(pool, "saha", MineConfig(k=1, m=2)):
+    clusters = mine_subset(pool, "saha", MineConfig(k=1, m=2))
+    # Rows in order: 0 (A) takes B's first free owner, 3 is the closest of 3..5 to query 0;
+    # 1 (A) takes 4; 2 (A) takes 5; every query is then used.
+    assert [(c.anchor, c.members) for c in clusters] == [(0, [3]), (1, [4]), (2, [5])]
+    for c in clusters:
         assert all(label[o] != label[c.anchor] for o in c.members)
 
 
