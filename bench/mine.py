@@ -23,7 +23,7 @@ from embedder.mining import SubsetPool, mine_subset
 from embedder.retrieval import exact_search
 
 
-def synthetic(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def random_pool(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(queries, positives, row_positive): 20% of rows share 50 label positives."""
     rng = np.random.default_rng(seed)
     n_label_rows = n // 5
@@ -120,11 +120,11 @@ def main() -> None:
     args = ap.parse_args()
     params = MineConfig(k=15, m=3)
 
-    data = synthetic(args.check_pairs, args.dim)
+    data = random_pool(args.check_pairs, args.dim)
     same = stage(*data, params) == reference(*data, params)
     print(f"equal clusters on {args.check_pairs} pairs: {same}")
 
-    data = synthetic(args.compare_pairs, args.dim)
+    data = random_pool(args.compare_pairs, args.dim)
     ours, t_ours, m_ours = measure(stage, *data, params)
     ref, t_ref, m_ref = measure(reference, *data, params)
     n = args.compare_pairs
@@ -134,7 +134,7 @@ def main() -> None:
         f"x{t_ref / t_ours:.1f} faster, clusters equal: {ours == ref}"
     )
 
-    data = synthetic(args.pairs, args.dim)
+    data = random_pool(args.pairs, args.dim)
     out, t_full, m_full = measure(stage, *data, params)
     print(
         f"{args.pairs} pairs: stage {args.pairs / t_full:9.0f} pairs/s ({t_full:.1f}s, "

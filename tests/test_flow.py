@@ -255,6 +255,24 @@ DEMO_SEED_FACTS = ["pretrain.steps=600", "zeroshot.max_queries=30"]
 def test_miniature_facts_on_the_demo_seed(tmp_path: Path) -> None:
     """Facts of the tiny run, not ranges: which pairs the clusters hold and in what order,
     and the orderings the paper predicts on the fixed demo seed."""
+    import polars as pl
+
+    paths, _ = _run(tmp_path, overrides=DEMO_SEED_FACTS, until=None)
+    check_miniature_facts(paths)
+
+    # Top-k, mined from the same cached candidates, picks other clusters.
+    other, states = _run(tmp_path, overrides=[*DEMO_SEED_FACTS, "mine.strategy=topk"], until=None)
+    assert states["retrieve"] == "Cached" and states["mine"] == "Completed"
+    topk = pl.read_parquet(Path(other["mine"]) / "clusters.parquet")
+
+    def members(table: pl.DataFrame) -> set[tuple[str, ...]]:
+        return {tuple(g["id"].to_list()) for _, g in table.sort("position").group_by("cluster")}
+
+    assert members(topk) != members(pl.read_parquet(Path(paths["mine"]) / "clusters.parquet"))
+
+
+def check_miniature_facts(paths: dict[str, str], top_r: int = 2 * 15 * 3) -> None:
+    """What a run of the miniature world on the demo seed must show (stage -> folder)."""
     import json
 
     import numpy as np
@@ -262,7 +280,6 @@ def test_miniature_facts_on_the_demo_seed(tmp_path: Path) -> None:
 
     from embedder.model.shards import load_embeddings
 
-    paths, _ = _run(tmp_path, overrides=DEMO_SEED_FACTS, until=None)
     report = json.loads((Path(paths["zeroshot"]) / "report.json").read_text())["templates"]
     assert report["hierarchical"]["aggregate"]["overall"] > report["plain"]["aggregate"]["overall"]
     diagnostics = json.loads((Path(paths["mine"]) / "diagnostics.json").read_text())
@@ -275,7 +292,6 @@ def test_miniature_facts_on_the_demo_seed(tmp_path: Path) -> None:
         keys.select("id", "meta_task", "qry_key", "pos_key"), on="id", how="left"
     )
     assert clusters["qry_key"].null_count() == 0, "every cluster member is a training pair"
-    top_r = 2 * 15 * 3
     checked = 0
     for (subset,), part in clusters.group_by(["subset"]):
         pool = keys.filter(pl.col("subset") == subset)["pos_key"].unique().to_list()
@@ -293,13 +309,3 @@ def test_miniature_facts_on_the_demo_seed(tmp_path: Path) -> None:
                 assert sims == sorted(sims), "kept negatives: least query-similar first"
             checked += 1
     assert checked == diagnostics["saha"]["clusters"]
-
-    # Top-k, mined from the same cached candidates, picks other clusters.
-    other, states = _run(tmp_path, overrides=[*DEMO_SEED_FACTS, "mine.strategy=topk"], until=None)
-    assert states["retrieve"] == "Cached" and states["mine"] == "Completed"
-    topk = pl.read_parquet(Path(other["mine"]) / "clusters.parquet")
-
-    def members(table: pl.DataFrame) -> set[tuple[str, ...]]:
-        return {tuple(g["id"].to_list()) for _, g in table.sort("position").group_by("cluster")}
-
-    assert members(topk) != members(pl.read_parquet(Path(paths["mine"]) / "clusters.parquet"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from embedder import world as synthetic
+from embedder import world
 from embedder.config import WorldConfig
 from embedder.world import CATEGORIES, Scene, build_world, caption, render
 from tests.conftest import SMALL_WORLD
@@ -95,4 +95,4 @@ def test_captions_open_with_filler_and_render_is_deterministic() -> None:
     a, b = render(s, 64, seed=5), render(s, 64, seed=5)
     assert a.tobytes() == b.tobytes()
     assert render(s, 64, seed=6).tobytes() != a.tobytes()
-    assert len(synthetic.all_scenes()) == 12 * 2 * 3 * (1 + 3 * 6)
+    assert len(world.all_scenes()) == 12 * 2 * 3 * (1 + 3 * 6)

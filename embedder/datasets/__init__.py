@@ -1,1 +1,1 @@
-"""Datasets: Arrow schemas, readers for MMEB dumps / JSONL / the hub, and the miniature world."""
+"""Datasets: Arrow schemas and the readers for MMEB dumps, JSONL and the hub."""
