@@ -36,24 +36,18 @@ class StageOutput(BaseModel):
         return self.model_dump(mode="json", exclude=set(COMMON_FIELDS))
 
 
+def file(name: str, doc: str = "") -> Any:
+    """A property naming one file (or folder) of the output: `folder / name`."""
+    return property(lambda self: self.folder / name, doc=doc or name)
+
+
 class World(StageOutput):
     """The miniature world in MMEB's on-disk layout (stage `world`)."""
 
-    @property
-    def train_dir(self) -> Path:
-        return self.folder / "train"
-
-    @property
-    def train_images(self) -> Path:
-        return self.folder / "train_images"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.folder / "eval"
-
-    @property
-    def eval_images(self) -> Path:
-        return self.folder / "eval_images"
+    train_dir = file("train")
+    train_images = file("train_images")
+    eval_dir = file("eval")
+    eval_images = file("eval_images")
 
 
 class Tables(StageOutput):
@@ -63,68 +57,38 @@ class Tables(StageOutput):
     pairs_images: Path | None = None
     eval_images: Path | None = None
 
-    @property
-    def pairs(self) -> Path:
-        return self.folder / "pairs.parquet"
-
-    @property
-    def eval(self) -> Path:
-        return self.folder / "eval.parquet"
-
-    @property
-    def rejects(self) -> Path:
-        return self.folder / "rejects.parquet"
+    pairs = file("pairs.parquet")
+    eval = file("eval.parquet")
+    rejects = file("rejects.parquet")
 
 
 class Generator(StageOutput):
-    """The pretrained tiny generator (stage `pretrain`): a folder `load_backbone` reads."""
+    """The pretrained tiny generator (stage `pretrain`)."""
 
-    @property
-    def model_dir(self) -> Path:
-        return self.folder / "model"
+    model_dir = file("model", "a folder `load_backbone` reads offline")
 
 
 class Embeddings(StageOutput):
     """Zero-shot embeddings of the training pairs (stage `embed`)."""
 
-    @property
-    def shards(self) -> Path:
-        """Parquet shards of (key, vector), one row per distinct rendered input."""
-        return self.folder / "shards"
-
-    @property
-    def pair_keys(self) -> Path:
-        """Every training pair with the keys of its query and positive (PAIR_KEYS_SCHEMA)."""
-        return self.folder / "pair_keys.parquet"
+    shards = file("shards", "Parquet shards of (key, vector), one per distinct rendered input")
+    pair_keys = file("pair_keys.parquet", "each pair with its query and positive keys")
 
 
 class ZeroShotReport(StageOutput):
     """Precision@1 of the prompt templates on the eval set (stage `zeroshot`)."""
 
-    @property
-    def report(self) -> Path:
-        return self.folder / "report.json"
+    report = file("report.json")
 
 
 class Candidates(StageOutput):
-    """Each distinct training query's top-R distinct positives (stage `retrieve`)."""
+    """Each distinct training query's top-R distinct positives (stage `retrieve`); tables
+    with schemas POOL_ROWS / POOL_QUERIES / POOL_POSITIVES / CANDIDATES."""
 
-    @property
-    def pair_rows(self) -> Path:
-        """Every training pair with its distinct query and positive (POOL_ROWS_SCHEMA)."""
-        return self.folder / "rows.parquet"
-
-    @property
-    def queries(self) -> Path:
-        return self.folder / "queries.parquet"
-
-    @property
-    def positives(self) -> Path:
-        return self.folder / "positives.parquet"
-
-    @property
-    def candidates(self) -> Path:
-        return self.folder / "candidates.parquet"
+    pair_rows = file("rows.parquet", "every training pair with its query and positive index")
+    queries = file("queries.parquet")
+    positives = file("positives.parquet")
+    candidates = file("candidates.parquet")
 
 
 class Clusters(StageOutput):
@@ -132,10 +96,5 @@ class Clusters(StageOutput):
 
     strategy: str = "saha"
 
-    @property
-    def clusters(self) -> Path:
-        return self.folder / "clusters.parquet"
-
-    @property
-    def diagnostics(self) -> Path:
-        return self.folder / "diagnostics.json"
+    clusters = file("clusters.parquet")
+    diagnostics = file("diagnostics.json")

@@ -33,7 +33,7 @@ import types
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
@@ -96,10 +96,13 @@ class Stage(Generic[OutputT]):
         self.inputs = inputs
         hints = typing.get_type_hints(function)
         section_fields = {
-            info.annotation: name for name, info in PipelineConfig.model_fields.items()
+            info.annotation: name
+            for name, info in PipelineConfig.model_fields.items()
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel)
         }
         self.sections: dict[str, str] = {}  # parameter -> PipelineConfig field
-        self.upstream: list[str] = []  # parameters taking upstream outputs, in order
+        # Parameters taking upstream outputs, in order, with the output type each expects.
+        self.upstream: dict[str, type[StageOutput]] = {}
         for param in inspect.signature(function).parameters:
             hint = _without_none(hints[param])
             if param == "out":
@@ -107,7 +110,7 @@ class Stage(Generic[OutputT]):
             if hint in section_fields:
                 self.sections[param] = section_fields[hint]
             elif isinstance(hint, type) and issubclass(hint, StageOutput):
-                self.upstream.append(param)
+                self.upstream[param] = hint
             else:
                 raise TypeError(
                     f"{function.__qualname__}({param}: {hint}): a stage function takes config "
@@ -130,20 +133,28 @@ class Stage(Generic[OutputT]):
         return code_version(self.function)
 
     def __call__(self, cfg: PipelineConfig, *upstream: StageOutput | None) -> OutputT:
-        if len(upstream) != len(self.upstream):
-            raise TypeError(
-                f"stage {self.name} takes the outputs of {', '.join(self.upstream) or 'nothing'}"
-            )
+        expected = ", ".join(f"{p}: {t.__name__}" for p, t in self.upstream.items())
+        if len(upstream) != len(self.upstream) or not all(
+            u is None or isinstance(u, t)
+            for u, t in zip(upstream, self.upstream.values(), strict=False)
+        ):
+            raise TypeError(f"stage {self.name} takes ({expected or 'no upstream outputs'})")
         sections = {f: getattr(cfg, f) for f in self.sections.values()}
         inputs = {u.stage: u.fingerprint for u in upstream if u is not None}
         if self.inputs is not None:
             by_param = {p: sections[f] for p, f in self.sections.items()}
             inputs.update(self.inputs(**by_param))
-        fp = fingerprint(self.name, _dump(sections), inputs, self.code_version)
-        step = _ACTIVE.get(None)
-        if step is None:
+        call = StageCall(
+            self,
+            fingerprint(self.name, _dump(sections), inputs, self.code_version),
+            sections,
+            dict(zip(self.upstream, upstream, strict=True)),
+            inputs,
+        )
+        runner = _RUNNER.get(None)
+        if runner is None:
             raise RuntimeError(f"stage {self.name} called outside a PipelineRun or plan()")
-        return step.run(self, fp, sections, dict(zip(self.upstream, upstream, strict=True)), inputs)
+        return runner(call)
 
     def published(self, store: ArtifactStore, fp: str) -> OutputT | None:
         """The published output of fingerprint `fp` if its folder can be trusted, else None.
@@ -173,15 +184,20 @@ class Stage(Generic[OutputT]):
         )
 
 
-def stage(
-    name: str,
-    function: Callable[..., OutputT],
-    *,
-    resumable: bool = False,
-    inputs: Callable[..., dict[str, str]] | None = None,
-) -> Stage[OutputT]:
-    """Make `function` (an embedder stage function) a pipeline stage called `name`."""
-    return Stage(name, function, resumable=resumable, inputs=inputs)
+@dataclass(frozen=True)
+class StageCall(Generic[OutputT]):
+    """A stage applied to its config sections and upstream outputs: what its task gets."""
+
+    stage: Stage[OutputT]
+    fingerprint: str
+    sections: dict[str, BaseModel]  # PipelineConfig field -> section
+    upstream: dict[str, StageOutput | None]  # function parameter -> output
+    inputs: dict[str, str]  # what the fingerprint hashed besides the sections
+
+    def arguments(self, out: Path) -> dict[str, Any]:
+        """The stage function's keyword arguments."""
+        by_param = {p: self.sections[f] for p, f in self.stage.sections.items()}
+        return {**by_param, **self.upstream, "out": out}
 
 
 def _dump(sections: dict[str, BaseModel]) -> dict[str, Any]:
@@ -231,89 +247,65 @@ def _flow_run_id() -> str:
     return str(run.id)
 
 
-def _execute(
-    definition: Stage[Any],
-    fingerprint: str,
-    sections: dict[str, BaseModel],
-    upstream: dict[str, StageOutput | None],
-    inputs: dict[str, str],
-    run: RunSettings,
-) -> Any:
+def _execute(call: StageCall[Any], run: RunSettings) -> Any:
     """The body of every stage task: reuse the published folder, or compute and publish."""
-    stage = definition.name
+    name, fp = call.stage.name, call.fingerprint
     task_run = TaskRunContext.get()
     if task_run is not None:
-        # Shown as the task run's cache key in the Prefect UI.
-        task_run.task_run.cache_key = f"{stage}-{fingerprint}"
+        task_run.task_run.cache_key = f"{name}-{fp}"  # shown on the task run in the UI
     store = ArtifactStore(run.workdir)
     tracker = Tracker.for_workdir(store.workdir, run.tracking_uri)
-    path = store.path(stage, fingerprint)
-    with store.lock(stage, fingerprint):
+    path = store.path(name, fp)
+    with store.lock(name, fp):
         if run.mode != "recompute":
-            published = definition.published(store, fingerprint)
+            published = call.stage.published(store, fp)
             if published is not None:
-                log.info("%s: cached (%s)", stage, path)
-                manifest = store.manifest(stage, fingerprint)
-                log_cached_run(stage, manifest, tracker, run.parent_run_id, path)
+                log.info("%s: cached (%s)", name, path)
+                log_cached_run(name, store.manifest(name, fp), tracker, run.parent_run_id, path)
                 return Completed(data=published, name="Cached", message=f"reused {path}")
             if run.mode == "reuse":
                 raise PipelineError(
-                    f"--from {run.from_stage} needs published results of {stage}; "
+                    f"--from {run.from_stage} needs published results of {name}; "
                     "run without --from first"
                 )
-        return _compute(definition, fingerprint, sections, upstream, inputs, run, store, tracker)
+        return _compute(call, run, store, tracker)
 
 
 def _compute(
-    definition: Stage[Any],
-    fp: str,
-    sections: dict[str, BaseModel],
-    upstream: dict[str, StageOutput | None],
-    inputs: dict[str, str],
-    run: RunSettings,
-    store: ArtifactStore,
-    tracker: Tracker,
-) -> StageOutput:
-    name = definition.name
-    params = _dump(sections)
+    call: StageCall[OutputT], run: RunSettings, store: ArtifactStore, tracker: Tracker
+) -> OutputT:
+    stage, fp = call.stage, call.fingerprint
+    params = _dump(call.sections)
     flow_run_id = _flow_run_id()
-    tags = {
-        "gen2embed.stage": name,
-        "gen2embed.fingerprint": fp,
-        "prefect.flow_run_id": flow_run_id,
-    }
-    with tracker.run(name, parent_run_id=run.parent_run_id, tags=tags, params=params) as run_id:
-        fresh = run.mode == "recompute" or not definition.resumable
-        partial = store.open_partial(name, fp, fresh=fresh)
-        log.info("%s: computing into %s", name, partial)
-        arguments = {p: sections[f] for p, f in definition.sections.items()}
-        output = definition.function(**arguments, **upstream, out=partial)
-        ids = {"mlflow_run_id": run_id, "prefect_flow_run_id": flow_run_id}
-        output = output.model_copy(update={"info": {**output.info, **ids}})
+    tags = {"gen2embed.stage": stage.name, "gen2embed.fingerprint": fp}
+    tags["prefect.flow_run_id"] = flow_run_id
+    with tracker.run(stage.name, parent_run_id=run.parent_run_id, tags=tags, params=params) as rid:
+        fresh = run.mode == "recompute" or not stage.resumable
+        partial = store.open_partial(stage.name, fp, fresh=fresh)
+        log.info("%s: computing into %s", stage.name, partial)
+        output = stage.function(**call.arguments(partial))
+        ids = {"mlflow_run_id": rid, "prefect_flow_run_id": flow_run_id}
         manifest = store.publish(
-            name,
+            stage.name,
             fp,
-            code_version=definition.code_version,
+            code_version=stage.code_version,
             config=params,
-            inputs=inputs,
-            output=output,
+            inputs=call.inputs,
+            output=output.model_copy(update={"info": {**output.info, **ids}}),
         )
-        published = store.path(name, fp)
-        tracker.log_metrics(run_id, manifest.metrics)
-        tracker.log_metrics(run_id, {f"rows.{k}": v for k, v in manifest.rows.items()})
-        tracker.log_json(run_id, manifest.__dict__, "manifest.json")
+        published = store.path(stage.name, fp)
+        tracker.log_metrics(rid, manifest.metrics)
+        tracker.log_metrics(rid, {f"rows.{k}": v for k, v in manifest.rows.items()})
+        tracker.log_json(rid, manifest.__dict__, "manifest.json")
         for rel, entry in manifest.files.items():
             # Top-level reports and plots travel to MLflow; tables, shards and weights stay,
             # referenced by the folder path tag.
-            if (
-                "/" not in rel
-                and Path(rel).suffix in REPORT_SUFFIXES
-                and entry["size"] <= REPORT_MAX_BYTES
-            ):
-                tracker.log_file(run_id, published / rel)
-        tracker.set_tags(run_id, {"gen2embed.path": str(published)})
-        _publish_summary(manifest, published, tracker, run_id, cached=False)
-    return definition.restore(published, manifest)
+            report = "/" not in rel and Path(rel).suffix in REPORT_SUFFIXES
+            if report and entry["size"] <= REPORT_MAX_BYTES:
+                tracker.log_file(rid, published / rel)
+        tracker.set_tags(rid, {"gen2embed.path": str(published)})
+        _publish_summary(manifest, published, tracker, rid, cached=False)
+    return stage.restore(published, manifest)
 
 
 def summary_markdown(manifest: Manifest, path: Path, *, cached: bool, run_url: str | None) -> str:
@@ -371,22 +363,19 @@ def log_cached_run(
 
 # ------------------------------------------------------------------ running and planning
 
-
-class _Steps:
-    """What a stage call does: `PipelineRun` runs it, `_Planner` only records it."""
-
-    def run(
-        self,
-        stage: Stage[OutputT],
-        fp: str,
-        sections: dict[str, BaseModel],
-        upstream: dict[str, StageOutput | None],
-        inputs: dict[str, str],
-    ) -> OutputT:
-        raise NotImplementedError
+# What a stage call does: inside `PipelineRun` it runs, inside `plan` it is only recorded.
+_RUNNER: contextvars.ContextVar[Callable[[StageCall[Any]], Any]] = contextvars.ContextVar(
+    "gen2embed_runner"
+)
 
 
-_ACTIVE: contextvars.ContextVar[_Steps] = contextvars.ContextVar("gen2embed_steps")
+@contextmanager
+def _running(runner: Callable[[StageCall[Any]], Any]) -> Iterator[None]:
+    token = _RUNNER.set(runner)
+    try:
+        yield
+    finally:
+        _RUNNER.reset(token)
 
 
 @dataclass(frozen=True)
@@ -401,36 +390,6 @@ class PlannedStage:
         return self.problems == ()
 
 
-@dataclass
-class _Planner(_Steps):
-    store: ArtifactStore
-    verify: bool
-    planned: list[PlannedStage] = field(default_factory=list)
-
-    def run(
-        self,
-        stage: Stage[OutputT],
-        fp: str,
-        sections: dict[str, BaseModel],
-        upstream: dict[str, StageOutput | None],
-        inputs: dict[str, str],
-    ) -> OutputT:
-        path = self.store.path(stage.name, fp)
-        problems = tuple(self.store.verify(stage.name, fp)) if self.verify else None
-        self.planned.append(PlannedStage(stage.name, fp, path, problems))
-        # A stand-in carrying what downstream fingerprints need; nothing is read.
-        return stage.output_type(folder=path, stage=stage.name, fingerprint=fp)
-
-
-@contextmanager
-def _active(steps: _Steps) -> Iterator[None]:
-    token = _ACTIVE.set(steps)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
 def plan(
     method: Callable[[PipelineConfig], Any],
     cfg: PipelineConfig,
@@ -440,17 +399,25 @@ def plan(
 ) -> list[PlannedStage]:
     """The stages `method(cfg)` would run, in order, with their fingerprints (and, with
     `verify`, whether each is published), computing nothing."""
-    planner = _Planner(store, verify)
-    with _active(planner):
+    planned: list[PlannedStage] = []
+
+    def record(call: StageCall[OutputT]) -> OutputT:
+        name, fp = call.stage.name, call.fingerprint
+        problems = tuple(store.verify(name, fp)) if verify else None
+        planned.append(PlannedStage(name, fp, store.path(name, fp), problems))
+        # A stand-in carrying what downstream fingerprints need; nothing is read.
+        return call.stage.output_type(folder=store.path(name, fp), stage=name, fingerprint=fp)
+
+    with _running(record):
         method(cfg)
-    return planner.planned
+    return planned
 
 
 class _StopAfter(Exception):
     """Raised after the --until stage; ends the run early and cleanly."""
 
 
-class PipelineRun(_Steps):
+class PipelineRun:
     """One run of the pipeline: the MLflow parent run, the choice of what to recompute
     (--from / --force / --until) and the published folder of every stage that ran."""
 
@@ -467,9 +434,8 @@ class PipelineRun(_Steps):
     ) -> None:
         self.store = ArtifactStore(workdir)
         names = [p.name for p in plan(method, cfg, self.store)]
-        for option, name in [("--from", from_stage), ("--until", until)] + [
-            ("--force", f) for f in force or []
-        ]:
+        options = [("--from", from_stage), ("--until", until)]
+        for option, name in options + [("--force", f) for f in force or []]:
             if name is not None and name not in names:
                 raise PipelineError(
                     f"{option} {name}: not part of this pipeline (stages: {', '.join(names)})"
@@ -488,49 +454,39 @@ class PipelineRun(_Steps):
         if swept:
             log.warning("marked %d MLflow run(s) of dead processes as KILLED", len(swept))
         self.started = time.perf_counter()
+        tags = {
+            "prefect.flow_run_id": str(flow_run.get_id() or ""),
+            "gen2embed.preset": self.preset,
+        }
+        params = self.cfg.model_dump(mode="json")
         self.parent_id = self._exit.enter_context(
-            self.tracker.run(
-                "pipeline",
-                tags={
-                    "prefect.flow_run_id": str(flow_run.get_id() or ""),
-                    "gen2embed.preset": self.preset,
-                },
-                params=self.cfg.model_dump(mode="json"),
-            )
+            self.tracker.run("pipeline", tags=tags, params=params)
         )
-        self._exit.enter_context(_active(self))
+        self._exit.enter_context(_running(self.run))
         return self
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
         if kind is None or kind is _StopAfter:
-            self.tracker.log_metrics(
-                self.parent_id,
-                {"seconds": time.perf_counter() - self.started, "stages_cached": self.cached},
-            )
+            elapsed = time.perf_counter() - self.started
+            metrics = {"seconds": elapsed, "stages_cached": self.cached}
+            self.tracker.log_metrics(self.parent_id, metrics)
             tags = {f"gen2embed.path.{k}": v for k, v in self.paths.items()}
             self.tracker.set_tags(self.parent_id, tags)
             self._exit.close()
             return True
         return bool(self._exit.__exit__(kind, exc, tb))
 
-    def mode(self, name: str, upstream: dict[str, StageOutput | None]) -> Mode:
-        if (
-            name in self.force
-            or name == self.from_stage
-            or any(u is not None and u.fingerprint in self.recomputed for u in upstream.values())
-        ):
+    def mode(self, call: StageCall[Any]) -> Mode:
+        name = call.stage.name
+        upstream_recomputed = any(
+            u is not None and u.fingerprint in self.recomputed for u in call.upstream.values()
+        )
+        if name in self.force or name == self.from_stage or upstream_recomputed:
             return "recompute"
         return "reuse" if self.from_stage else "compute"
 
-    def run(
-        self,
-        stage: Stage[OutputT],
-        fp: str,
-        sections: dict[str, BaseModel],
-        upstream: dict[str, StageOutput | None],
-        inputs: dict[str, str],
-    ) -> OutputT:
-        mode = self.mode(stage.name, upstream)
+    def run(self, call: StageCall[OutputT]) -> OutputT:
+        mode = self.mode(call)
         settings = RunSettings(
             workdir=str(self.store.workdir),
             tracking_uri=self.tracker.tracking_uri,
@@ -541,22 +497,14 @@ class PipelineRun(_Steps):
         # Arguments are quoted (Prefect matches results by identity, and an interned string
         # such as a stage name would draw false edges); the run graph's edges are exactly the
         # upstream stages, given as `wait_for`.
-        state = stage.task(
-            definition=quote(stage),
-            fingerprint=fp,
-            sections=quote(sections),
-            upstream=quote(upstream),
-            inputs=quote(inputs),
-            run=quote(settings),
-            wait_for=[self.states[u.fingerprint] for u in upstream.values() if u is not None],
-            return_state=True,
-        )
-        self.states[fp] = state
+        upstream = [self.states[u.fingerprint] for u in call.upstream.values() if u is not None]
+        state = call.stage.task(quote(call), quote(settings), wait_for=upstream, return_state=True)
+        self.states[call.fingerprint] = state
         output: OutputT = state.result()  # raises the stage's own error if it failed
         if mode == "recompute":
-            self.recomputed.add(fp)
+            self.recomputed.add(call.fingerprint)
         self.cached += state.name == "Cached"
-        self.paths[stage.name] = str(output.folder)
-        if stage.name == self.until:
+        self.paths[call.stage.name] = str(output.folder)
+        if call.stage.name == self.until:
             raise _StopAfter
         return output

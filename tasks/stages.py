@@ -14,15 +14,15 @@ from embedder.mining import mine_clusters
 from embedder.retrieval import retrieve_candidates
 from embedder.world import build_world
 from embedder.zeroshot import zeroshot_eval
-from tasks.contract import Stage, stage
+from tasks.contract import Stage
 
-world = stage("world", build_world)
-ingest = stage("ingest", ingest_tables, inputs=source_inputs)
-pretrain = stage("pretrain", pretrain_generator)
-embed = stage("embed", embed_pairs, resumable=True)
-zeroshot = stage("zeroshot", zeroshot_eval, resumable=True)
-retrieve = stage("retrieve", retrieve_candidates)
-mine = stage("mine", mine_clusters)
+world = Stage("world", build_world)
+ingest = Stage("ingest", ingest_tables, inputs=source_inputs)
+pretrain = Stage("pretrain", pretrain_generator)
+embed = Stage("embed", embed_pairs, resumable=True)
+zeroshot = Stage("zeroshot", zeroshot_eval, resumable=True)
+retrieve = Stage("retrieve", retrieve_candidates)
+mine = Stage("mine", mine_clusters)
 
 STAGE_NAMES: tuple[str, ...] = tuple(
     v.name for v in list(globals().values()) if isinstance(v, Stage)

@@ -33,9 +33,7 @@ TINY_MODEL_OVERRIDES = [
     "pretrain.eval_per_type=2",
     "embed.num_workers=0",
     "zeroshot.max_queries=3",
-    "mine.recipe=custom",
-    "mine.k=3",
-    "mine.m=2",
+    "mine.k=5",  # over the default recipe's k=15: m stays 3, so R = 2km = 30
 ]
 
 

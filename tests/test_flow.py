@@ -212,6 +212,15 @@ def test_full_tiny_pipeline_reports_zero_shot_p1(tmp_path: Path) -> None:
         assert 0.0 <= mine[f"planted_fn_rate.{strategy}"] <= 1.0
     assert 0 < mine["coverage"] <= 1
     assert runs["retrieve"].data.metrics["queries"] > 0
+    # An explicit mine.k wins over the default recipe, and R = 2km follows it.
+    from embedder.artifacts import MANIFEST, Manifest
+
+    def manifest(stage: str) -> Manifest:
+        return Manifest.from_json((Path(paths[stage]) / MANIFEST).read_text())
+
+    assert manifest("mine").config["mine"].items() >= {"k": 5, "m": 3, "recipe": "custom"}.items()
+    assert manifest("retrieve").config["retrieve"]["top_r"] == 30
+    assert manifest("retrieve").inputs == {"embed": manifest("embed").fingerprint}
     import polars as pl
 
     clusters = pl.read_parquet(Path(paths["mine"]) / "clusters.parquet")
@@ -249,7 +258,7 @@ def _assert_run_graph(task_runs: list[Any], paths: dict[str, str]) -> None:
 
 # The demo's seeds and world with a shorter pretraining: the facts below hold for it (and
 # for the full demo); see bench/RESULTS.md for the numbers.
-DEMO_SEED_FACTS = ["pretrain.steps=600", "zeroshot.max_queries=30"]
+DEMO_SEED_FACTS = ["pretrain.steps=900", "zeroshot.max_queries=30"]
 
 
 def test_miniature_facts_on_the_demo_seed(tmp_path: Path) -> None:

@@ -71,3 +71,24 @@ def test_only_transient_errors_are_retried() -> None:
     assert is_transient(OSError(errno.ESTALE, "stale NFS handle"))
     assert not is_transient(OSError(errno.ENOENT, "missing"))
     assert not is_transient(ValueError("bad row"))
+
+
+def test_a_stage_reads_its_shape_from_the_function_signature() -> None:
+    from tasks import stages
+
+    assert stages.zeroshot.sections == {"model": "model", "embed": "embed", "cfg": "zeroshot"}
+    assert list(stages.mine.upstream) == ["cands", "emb"]
+    assert stages.ingest.inputs is not None
+    cfg = load_config("tiny")
+    with pytest.raises(TypeError, match=r"stage mine takes \(cands: Candidates, emb: Embeddings\)"):
+        stages.mine(cfg, None)
+
+
+def test_a_function_of_another_shape_is_refused() -> None:
+    from tasks.contract import Stage
+
+    def wrong(cfg: dict, out: Path) -> None:  # type: ignore[empty-body]
+        """Not a stage function: a plain dict is not a config section."""
+
+    with pytest.raises(TypeError, match="a stage function takes config sections"):
+        Stage("wrong", wrong)
