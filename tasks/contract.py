@@ -3,9 +3,8 @@ a cached, published, tracked pipeline step.
 
 A stage function (embedder/) takes its config sections (the pydantic models), its upstream
 stages' outputs and an output folder `out`, and returns a typed output (embedder.outputs).
-`stage(name, function)` reads that shape from the function's signature and makes a `Stage`;
-calling it with the config and the upstream outputs, inside a `PipelineRun`, runs one Prefect
-task that
+`Stage(name, function)` reads that shape from the function's signature; calling the stage
+with the config and the upstream outputs, inside a `PipelineRun`, runs one Prefect task that
 
 - fingerprints the stage: its sections + upstream fingerprints + code version (the import
   closure of the function's module); the fingerprint is the folder name and the task run's

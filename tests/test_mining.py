@@ -264,3 +264,18 @@ def test_mine_clusters_name_the_pairs_the_geometry_picks(tmp_path: Path) -> None
     assert top_first["id"].to_list() == ["a0", "a1", "a2"], "top-k keeps retrieval order"
     report = json.loads(clusters.diagnostics.read_text())
     assert report["saha"]["clusters"] == table["cluster"].n_unique()
+
+
+def test_every_subset_with_the_same_r_still_mines(tmp_path: Path) -> None:
+    """R = 3 in both subsets: a fixed-size (n, 3) block must still be written as the schema's
+    list column, which is what the miner reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    emb, _ = _star_files(tmp_path)
+    (tmp_path / "retrieve").mkdir()
+    (tmp_path / "mine").mkdir()
+    cands = retrieve_candidates(RetrieveConfig(top_r=3, device="cpu"), emb, tmp_path / "retrieve")
+    assert pa.types.is_list(pq.read_schema(cands.candidates).field("candidates").type)
+    clusters = mine_clusters(MineConfig(k=1, m=1), cands, emb, tmp_path / "mine")
+    assert clusters.rows["clusters"] > 0
