@@ -225,8 +225,10 @@ class ArtifactStore:
         return Manifest.from_json((self.path(stage, fp) / MANIFEST).read_text())
 
     def load(self, stage: str, fp: str) -> Manifest | None:
-        """The manifest of a published, verified result, or None."""
-        if self.verify(stage, fp):
+        """The manifest of a published, verified result, or None (logging why not)."""
+        problems = self.verify(stage, fp)
+        if problems:
+            log.info("%s/%s: not reusable (%s)", stage, fp, "; ".join(problems[:3]))
             return None
         return Manifest.from_json((self.path(stage, fp) / MANIFEST).read_text())
 

@@ -271,13 +271,6 @@ class PipelineConfig(_Section):
             object.__setattr__(self.retrieve, "top_r", 2 * self.mine.k * self.mine.m)
         return self
 
-    def section_name(self, section: type[BaseModel]) -> str:
-        """The field holding a section class (`EmbedConfig` -> "embed")."""
-        for name, info in type(self).model_fields.items():
-            if info.annotation is section:
-                return name
-        raise KeyError(f"{section.__name__} is not a section of PipelineConfig")
-
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The miniature world and its tiny generator, sized for minutes on 2 CPU cores.

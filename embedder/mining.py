@@ -6,13 +6,16 @@ SaHa follows METHOD.md section 3 step by step, per training subset:
 2. the owner map: each distinct positive -> the distinct queries whose positive it is; each
    query -> its training row (the last row with that content);
 3. phase 1: visit rows in dataset order (or a seeded shuffle), skip used anchors, take the
-   top R = 2km retrieved positives minus the anchor's own;
-4. walk them in rank order, mapping each to one unused owner (not the anchor): one -> take it,
-   several -> the one most similar to the anchor (query-query cosine), none -> skip; stop at
-   C = km owners;
+   top R = 2km retrieved positives minus every positive of the anchor's query (the authors'
+   code drops only the visited row's: a departure, so an anchor never meets its own pairs);
+4. walk them in rank order, mapping each to one unused owner, never the anchor and never one
+   already chosen in this walk (the authors' code allows both: the second departure): one ->
+   take it, several -> the one most similar to the anchor (query-query cosine), none -> skip;
+   stop at C = km owners;
 5. false-negative filter: outside classification, keep the k owners *least* similar to the
    anchor (stable sort: ties keep retrieval order); classification keeps the first k;
-6. a cluster = anchor row + chosen owners' rows; mark them used; no owner -> phase 2;
+6. a cluster = the visited anchor row (a repeated query's first row) + the chosen owners'
+   rows (each owner's last row); mark them used; no owner -> phase 2;
 7. phase 2: the leftover anchors, C = 2km, owners may have been used in phase 1, only owners
    already taken in phase 2 are excluded.
 
@@ -91,6 +94,12 @@ class Cluster:
     anchor: int  # query index
     members: list[int]  # owner query indices, in kept order
     phase: int
+    anchor_row: int  # the row visited (a repeated query's first row), heading the cluster
+
+    def rows(self, pool: SubsetPool) -> list[int]:
+        """The cluster's training rows: the visited anchor row, then each owner's row (the
+        last with its content, METHOD.md section 3 steps 2 and 6)."""
+        return [self.anchor_row, *pool.query_row[self.members].tolist()]
 
 
 @dataclass
@@ -146,10 +155,10 @@ def mine_subset(
     k, m = params.k, params.m
     if strategy == "in_batch":
         rng = np.random.default_rng(params.seed)
-        distinct = np.unique(pool.row_query)
+        distinct, first_row = np.unique(pool.row_query, return_index=True)
         order = rng.permutation(distinct)
         return [
-            Cluster(int(c[0]), [int(x) for x in c[1:]], 0)
+            Cluster(int(c[0]), [int(x) for x in c[1:]], 0, int(first_row[c[0]]))
             for c in np.array_split(order, max(1, int(np.ceil(len(order) / (k + 1)))))
             if len(c)
         ]
@@ -189,7 +198,7 @@ def mine_subset(
                 dropped = set(range(len(chosen))) - set(keep_pos)
                 trace.kept += [scores[i] for i in keep_pos]
                 trace.filtered += [scores[i] for i in sorted(dropped)]
-            clusters.append(Cluster(a, kept, phase))
+            clusters.append(Cluster(a, kept, phase, r))
             used[a] = True
             used[kept] = True
             taken_p2[a] = True
@@ -215,11 +224,10 @@ def diagnose(pool: SubsetPool, clusters: list[Cluster], fn_groups: list[str | No
     cluster_of_row = np.full(len(pool.row_query), -1)
     sizes: dict[int, int] = {}
     for cid, c in enumerate(clusters):
-        members = [c.anchor, *c.members]
-        rows = pool.query_row[members]
+        rows = c.rows(pool)
         rows_in[rows] = True
         cluster_of_row[rows] = cid
-        sizes[len(members)] = sizes.get(len(members), 0) + 1
+        sizes[len(rows)] = sizes.get(len(rows), 0) + 1
     groups: dict[str, list[int]] = {}
     for row, g in enumerate(fn_groups):
         if g:
@@ -350,15 +358,15 @@ def mine_clusters(cfg: MineConfig, cands: Candidates, emb: Embeddings, out: Path
             if name == strategy:
                 ids = rows["id"].to_list()
                 for c in clusters:
-                    members = [c.anchor, *c.members]
+                    rows_of = c.rows(pool)
                     frames.append(
                         {
-                            "cluster": [next_id] * len(members),
-                            "subset": [pool.name] * len(members),
-                            "phase": [c.phase] * len(members),
-                            "position": list(range(len(members))),
-                            "id": [ids[pool.query_row[q]] for q in members],
-                            "role": ["anchor"] + ["negative"] * (len(members) - 1),
+                            "cluster": [next_id] * len(rows_of),
+                            "subset": [pool.name] * len(rows_of),
+                            "phase": [c.phase] * len(rows_of),
+                            "position": list(range(len(rows_of))),
+                            "id": [ids[r] for r in rows_of],
+                            "role": ["anchor"] + ["negative"] * (len(rows_of) - 1),
                         }
                     )
                     next_id += 1

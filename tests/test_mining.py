@@ -279,3 +279,16 @@ def test_every_subset_with_the_same_r_still_mines(tmp_path: Path) -> None:
     assert pa.types.is_list(pq.read_schema(cands.candidates).field("candidates").type)
     clusters = mine_clusters(MineConfig(k=1, m=1), cands, emb, tmp_path / "mine")
     assert clusters.rows["clusters"] > 0
+
+
+def test_a_cluster_is_headed_by_the_row_being_visited(tmp_path: Path) -> None:
+    """METHOD.md 3.6: a3 and a3b share their query; the anchor visited is a3 (its first row),
+    while as an owner the query stands for its last row, a3b."""
+    emb, _ = _star_files(tmp_path)
+    for name in ("retrieve", "mine"):
+        (tmp_path / name).mkdir()
+    cands = retrieve_candidates(RetrieveConfig(top_r=8, device="cpu"), emb, tmp_path / "retrieve")
+    clusters = mine_clusters(MineConfig(k=2, m=3), cands, emb, tmp_path / "mine")
+    table = pl.read_parquet(clusters.clusters)
+    anchors = table.filter(pl.col("role") == "anchor")["id"].to_list()
+    assert "a3" in anchors and "a3b" not in anchors
