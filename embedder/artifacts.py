@@ -33,6 +33,8 @@ from embedder.outputs import StageOutput
 log = logging.getLogger("gen2embed.artifacts")
 
 MANIFEST = "manifest.json"
+MANIFEST_TMP = "manifest.json.tmp"
+RETIRED_INFIX = ".retired-"
 PARTIAL_SUFFIX = ".partial"
 # Files up to this size get a sha256 in the manifest that every verification checks; bigger
 # files are checked by size only, so a cache hit never re-reads gigabytes.
@@ -211,8 +213,12 @@ class ArtifactStore:
         if fresh and partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
-        # A manifest left by a crash between writing it and the rename is stale.
+        # A manifest (or its temporary file) left by a crash before the rename is stale.
         (partial / MANIFEST).unlink(missing_ok=True)
+        (partial / MANIFEST_TMP).unlink(missing_ok=True)
+        # A folder retired by a publish that was killed before it could delete it.
+        for retired in partial.parent.glob(f"{fp}{RETIRED_INFIX}*"):
+            shutil.rmtree(retired, ignore_errors=True)
         return partial
 
     def verify(self, stage: str, fp: str) -> list[str]:
@@ -253,7 +259,7 @@ class ArtifactStore:
         files: dict[str, dict[str, Any]] = {}
         for path in sorted(p for p in partial.rglob("*") if p.is_file()):
             rel = path.relative_to(partial).as_posix()
-            if rel == MANIFEST:
+            if rel in (MANIFEST, MANIFEST_TMP):
                 continue
             entry: dict[str, Any] = {"size": path.stat().st_size}
             if entry["size"] <= CHECKSUM_MAX_BYTES:
@@ -272,7 +278,7 @@ class ArtifactStore:
             output=output.own_fields(),
             created=time.time(),
         )
-        tmp = partial / f"{MANIFEST}.tmp"
+        tmp = partial / MANIFEST_TMP
         tmp.write_text(manifest.to_json())
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
@@ -281,7 +287,7 @@ class ArtifactStore:
         final = self.path(stage, fp)
         retired = None
         if final.exists():
-            retired = final.with_name(f"{fp}.retired-{os.getpid()}-{time.time_ns()}")
+            retired = final.with_name(f"{fp}{RETIRED_INFIX}{os.getpid()}-{time.time_ns()}")
             final.rename(retired)
         partial.rename(final)
         if retired is not None:
@@ -298,17 +304,19 @@ def verify_folder(folder: Path) -> list[str]:
         return [f"{folder} has no {MANIFEST} (never published)"]
     try:
         manifest = Manifest.from_json(manifest_path.read_text())
-    except (ValueError, TypeError) as exc:
+        if not isinstance(manifest.files, dict):
+            raise TypeError("`files` is not a mapping")
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
         return [f"{manifest_path} is unreadable: {exc}"]
     problems = []
     for rel, entry in manifest.files.items():
         path = folder / rel
-        if not path.is_file():
+        if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
+            problems.append(f"{rel}: manifest entry without a size ({entry!r})")
+        elif not path.is_file():
             problems.append(f"{rel}: missing")
-            continue
-        size = path.stat().st_size
-        if size != entry["size"]:
-            problems.append(f"{rel}: size {size} != recorded {entry['size']}")
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{rel}: size {path.stat().st_size} != recorded {entry['size']}")
         elif "sha256" in entry and sha256_file(path) != entry["sha256"]:
             problems.append(f"{rel}: checksum differs from the recorded one")
     return problems

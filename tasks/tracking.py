@@ -20,6 +20,7 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
+from prefect.exceptions import TerminationSignal
 
 from embedder.processes import pid_alive
 
@@ -110,7 +111,8 @@ class Tracker:
                 self.log_params(run_id, params)
             yield run_id
             status = RunStatus.FINISHED
-        except (KeyboardInterrupt, SystemExit):
+        except (KeyboardInterrupt, SystemExit, TerminationSignal):
+            # TerminationSignal: SIGTERM inside a flow, where Prefect's handler replaces ours.
             status = RunStatus.KILLED
             raise
         except BaseException as exc:

@@ -169,3 +169,41 @@ def test_stage_code_versions_cover_the_modules_they_run() -> None:
         closure
     )
     assert "embedder.mining" not in closure
+
+
+def test_leftovers_of_a_killed_publish_are_never_published(tmp_path: Path) -> None:
+    """Killed between writing manifest.json.tmp and the rename, or between retiring the old
+    folder and renaming the new one (issue 8.2): the next attempt publishes a valid folder and
+    no retired folder stays behind."""
+    store = ArtifactStore(tmp_path)
+    _publish(store, "fp1")
+    partial = store.open_partial("demo", "fp1")
+    (partial / "table.bin").write_bytes(b"y" * 100)
+    (partial / "manifest.json.tmp").write_text('{"half": ')
+    retired = store.path("demo", "fp1").with_name("fp1.retired-123-456")
+    store.path("demo", "fp1").rename(retired)
+    partial = store.open_partial("demo", "fp1")
+    _publish(store, "fp1")
+    assert store.verify("demo", "fp1") == []
+    manifest = store.load("demo", "fp1")
+    assert manifest is not None and "manifest.json.tmp" not in manifest.files
+    assert [p.name for p in (tmp_path / "artifacts" / "demo").iterdir() if p.is_dir()] == ["fp1"]
+
+
+def test_a_manifest_entry_without_size_means_recompute(tmp_path: Path) -> None:
+    """A manifest that cannot be trusted makes the folder invalid; it never crashes (8.3)."""
+    import json
+
+    store = ArtifactStore(tmp_path)
+    _publish(store, "fp1")
+    path = store.path("demo", "fp1") / MANIFEST
+    data = json.loads(path.read_text())
+    del data["files"]["table.bin"]["size"]
+    path.write_text(json.dumps(data))
+    assert store.verify("demo", "fp1") == [
+        "table.bin: manifest entry without a size ({'sha256': '"
+        + data["files"]["table.bin"]["sha256"]
+        + "'})"
+    ]
+    path.write_text(json.dumps({**data, "files": ["table.bin"]}))
+    assert "unreadable" in store.verify("demo", "fp1")[0]

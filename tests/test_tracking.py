@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from prefect.exceptions import TerminationSignal
 
 from tasks.tracking import Tracker, flatten_params
 
@@ -21,6 +23,9 @@ def test_run_statuses_follow_the_block(tmp_path: Path) -> None:
             raise ValueError("boom")
         with pytest.raises(KeyboardInterrupt), tracker.run("killed", parent_run_id=parent) as k:
             raise KeyboardInterrupt
+        # SIGTERM inside a flow arrives as Prefect's TerminationSignal (issue 8.9).
+        with pytest.raises(TerminationSignal), tracker.run("term", parent_run_id=parent) as t:
+            raise TerminationSignal(signal.SIGTERM)
     get = tracker.client.get_run
     assert get(parent).info.status == "FINISHED"
     assert get(parent).data.params == {"a.b": "1"}
@@ -29,6 +34,7 @@ def test_run_statuses_follow_the_block(tmp_path: Path) -> None:
     assert get(bad).info.status == "FAILED"
     assert get(bad).data.tags["gen2embed.error"] == "ValueError: boom"
     assert get(k).info.status == "KILLED"
+    assert get(t).info.status == "KILLED", "SIGTERM ends a run KILLED, not FAILED"
     assert (tmp_path / "mlflow.db").is_file()
 
 
