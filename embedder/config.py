@@ -9,6 +9,7 @@ always wins, or the combination is an error naming both keys.
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -310,12 +311,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys valid where `loc` points (a section's fields, or the sections)."""
+    model: type[BaseModel] = PipelineConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
 def _format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key")
+            close = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(err["loc"]), 1)
+            hint = ".".join([*map(str, err["loc"][:-1]), *close])
+            lines.append(f"{where}: unknown key" + (f" (did you mean {hint}?)" if close else ""))
         else:
             got = err.get("input")
             shown = "" if isinstance(got, dict) else f" (got {json.dumps(got, default=str)})"
@@ -337,7 +353,12 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         for section, values in loaded.items():

@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     # it: set up the workdir's environment from --workdir first.
     workdir = argparse.ArgumentParser(add_help=False)
     workdir.add_argument("--workdir")
-    configure(workdir.parse_known_args(argv)[0].workdir)
-    args = build_parser().parse_args(argv)
     try:
+        configure(workdir.parse_known_args(argv)[0].workdir)
+        args = build_parser().parse_args(argv)
         return {"run": cmd_run, "stages": cmd_stages, "up": cmd_up}[args.command](args)
     except UserError as exc:
         print(f"gen2embed: {exc}", file=sys.stderr)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from embedder.artifacts import WORKDIR_ENV, resolve_workdir
+from embedder.errors import UserError
 from embedder.processes import pid_alive
 
 SERVICES_FILE = "services.json"
@@ -31,9 +33,26 @@ def running_services(workdir: Path) -> dict[str, str] | None:
     return None
 
 
-def configure(workdir: str | Path | None) -> Path:
+class WorkdirError(UserError, OSError):
+    pass
+
+
+def usable_workdir(workdir: str | Path | None) -> Path:
+    """The workdir, created if needed, or a WorkdirError saying why it cannot be used."""
     root = resolve_workdir(workdir)
-    root.mkdir(parents=True, exist_ok=True)
+    if root.exists() and not root.is_dir():
+        raise WorkdirError(f"workdir {root} is a file, not a folder; pick another --workdir")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise WorkdirError(f"workdir {root} is not writable ({exc.strerror})") from None
+    return root
+
+
+def configure(workdir: str | Path | None) -> Path:
+    root = usable_workdir(workdir)
     os.environ[WORKDIR_ENV] = str(root)
     defaults = {
         "PREFECT_HOME": str(root / "prefect"),

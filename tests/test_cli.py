@@ -59,3 +59,14 @@ def test_bad_data_exits_2_with_the_rows_and_no_traceback(tmp_path: Path) -> None
     assert res.returncode == 2, res.stdout + res.stderr
     assert "is not a readable Parquet file" in res.stderr
     assert "gen2embed: " in res.stderr
+
+
+def test_a_workdir_that_is_a_file_is_one_clear_message(tmp_path: Path) -> None:
+    afile = tmp_path / "data"
+    afile.write_text("not a folder")
+    res = _cli("stages", workdir=afile)
+    assert res.returncode == 2
+    assert (
+        res.stderr.strip()
+        == f"gen2embed: workdir {afile} is a file, not a folder; pick another --workdir"
+    )

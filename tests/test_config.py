@@ -86,3 +86,23 @@ def test_resolved_config_round_trips() -> None:
     cfg = load_config("tiny", overrides=["mine.k=5"])
     again = type(cfg).model_validate(cfg.model_dump(mode="json"))
     assert again == cfg
+
+
+def test_an_unknown_key_suggests_the_closest_one() -> None:
+    with pytest.raises(
+        ConfigError, match=r"ingest\.on_bad_row: unknown key \(did you mean ingest\.on_bad_rows\?\)"
+    ):
+        load_config("tiny", overrides=["ingest.on_bad_row=skip"])
+    with pytest.raises(ConfigError, match=r"minee: unknown key \(did you mean mine\?\)"):
+        load_config("tiny", overrides=["minee.k=3"])
+
+
+def test_unreadable_config_files_are_config_errors(tmp_path: Path) -> None:
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("ingest:\n  source: [mmeb\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML"):
+        load_config("tiny", bad_yaml)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("world:\n  seed: 1 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin\.yaml is not UTF-8 text"):
+        load_config("tiny", latin)
