@@ -332,3 +332,32 @@ def test_hub_reader_on_a_local_copy_of_the_repo(
             pq.read_table(local / f"{table}.parquet")
         ), "the hub path and the local-folder path give the same table"
     assert result.rows["pairs"] == 2 * SMALL_WORLD["train_pairs"]
+
+
+def test_no_split_file_is_an_error_naming_the_pattern_even_with_skip(
+    world_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 8.12: train_splits=[train] finds no file; `skip` must not publish 0 pairs."""
+    cfg = _world_config(world_dir, train_splits=["train"], on_bad_rows="skip")
+    with pytest.raises(SourceError, match=r"looked for <subset>/train-\*\.parquet in its 5"):
+        ingest(cfg, None, tmp_path)
+
+
+def test_every_row_rejected_is_an_error_even_with_skip(tmp_path: Path) -> None:
+    root = tmp_path / "train" / "VOC2007"
+    root.mkdir(parents=True)
+    (tmp_path / "img").mkdir()
+    row = {"qry": "<|image_1|>\nx", "qry_image_path": "gone.png", "pos_text": "a",
+           "pos_image_path": "", "neg_text": "", "neg_image_path": ""}  # fmt: skip
+    pq.write_table(pa.Table.from_pylist([row]), root / "original-0.parquet")
+    cfg = IngestConfig(
+        source="mmeb", train_dir=tmp_path / "train", train_images=tmp_path / "img",
+        on_bad_rows="skip",
+    )  # fmt: skip
+    with pytest.raises(BadRowsError, match="no usable pairs rows: all 1 row"):
+        ingest(cfg, None, tmp_path)
+
+
+def test_an_unknown_subset_suggests_the_folder_name(world_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match=r"did you mean: Shape-Class -> ShapeClass"):
+        ingest(_world_config(world_dir, train_subsets=["Shape-Class"]), None, tmp_path)

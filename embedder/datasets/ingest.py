@@ -382,6 +382,12 @@ def ingest(config: IngestConfig, world: World | None, out: Path) -> Tables:
             "(or list the others in ingest.train_subsets / ingest.eval_subsets), or set "
             "ingest.on_bad_rows=skip to carry on without them."
         )
+    for table, written in rows.items():
+        if written == 0:  # even with on_bad_rows=skip: an empty table is no dataset
+            raise BadRowsError(
+                f"no usable {table} rows: all {rejects.total} row(s) were rejected; nothing was "
+                f"published. Reasons: {out / 'rejects.parquet'}"
+            )
     if rejects.total:
         log.warning("ingest: skipped %d bad row(s); see rejects.parquet", rejects.total)
     rows["rejects"] = rejects.total

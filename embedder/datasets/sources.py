@@ -84,13 +84,16 @@ def discover_folder(
     if subsets is not None:
         unknown = [s for s in subsets if s not in names]
         if unknown:
+            close = {s: difflib.get_close_matches(s, names, 1) for s in unknown}
+            hints = [f"{s} -> {c[0]}" for s, c in close.items() if c]
             raise SourceError(
                 f"subsets {unknown} not found in {root}; it holds: {', '.join(names) or 'nothing'}"
+                + (f" (did you mean: {', '.join(hints)}?)" if hints else "")
             )
         folders = [p for p in folders if p.name in set(subsets)]
     if not folders:
         raise SourceError(f"{root} holds no subset folders")
-    return [
+    found = [
         SubsetSource(
             subset=folder.name,
             split=split,
@@ -101,6 +104,12 @@ def discover_folder(
         for folder in folders
         for split in splits
     ]
+    if not any(source.files for source in found):
+        patterns = " or ".join(f"<subset>/{split}-*.parquet" for split in splits)
+        raise SourceError(
+            f"no table in {root}: looked for {patterns} in its {len(folders)} subset folder(s)"
+        )
+    return found
 
 
 def _check_columns(found: Sequence[str], required: Sequence[str], where: str) -> None:
