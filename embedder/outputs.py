@@ -28,7 +28,8 @@ class StageOutput(BaseModel):
     fingerprint: str = ""
     rows: dict[str, int] = {}
     metrics: dict[str, float] = {}
-    # Facts for the manifest and the run summary (backend used, printed summary lines, ...).
+    # Facts for the manifest and the run summary (backend used, printed `summary` lines, and
+    # `warnings`: what makes the results doubtful, repeated at the end of every run).
     info: dict[str, Any] = {}
 
     def own_fields(self) -> dict[str, Any]:

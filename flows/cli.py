@@ -91,14 +91,17 @@ def run_summary(paths: dict[str, str], workdir: Path) -> str:
     from embedder.artifacts import MANIFEST, Manifest
 
     lines = ["", "Published stage folders:"]
-    summaries = []
+    summaries, warnings = [], []
     for stage, path in paths.items():
         manifest = Manifest.from_json((Path(path) / MANIFEST).read_text())
         rows = ", ".join(f"{k} {v:,}" for k, v in manifest.rows.items() if ":" not in k)
         lines.append(f"  {stage:8s} {path}" + (f"  ({rows})" if rows else ""))
         if manifest.info.get("summary"):
             summaries += ["", *manifest.info["summary"]]
+        warnings += [f"  {stage}: {w}" for w in manifest.info.get("warnings", [])]
     lines += summaries
+    if warnings:
+        lines += ["", "WARNINGS (also tagged gen2embed.warnings on the MLflow runs):", *warnings]
     lines += [
         "",
         f"MLflow runs:  sqlite:///{workdir / 'mlflow.db'}   Prefect state: {workdir / 'prefect'}",

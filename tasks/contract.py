@@ -300,7 +300,7 @@ def _compute(
             report = "/" not in rel and Path(rel).suffix in REPORT_SUFFIXES
             if report and entry["size"] <= REPORT_MAX_BYTES:
                 tracker.log_file(rid, published / rel)
-        tracker.set_tags(rid, {"gen2embed.path": str(published)})
+        tracker.set_tags(rid, {"gen2embed.path": str(published), **_warning_tags(manifest)})
         _publish_summary(manifest, published, tracker, rid, cached=False)
     return stage.restore(published, manifest)
 
@@ -355,7 +355,15 @@ def log_cached_run(
     ) as run_id:
         tracker.log_metrics(run_id, manifest.metrics)
         tracker.log_metrics(run_id, {f"rows.{k}": v for k, v in manifest.rows.items()})
+        tracker.set_tags(run_id, _warning_tags(manifest))
         _publish_summary(manifest, path, tracker, run_id, cached=True)
+
+
+def _warning_tags(manifest: Manifest) -> dict[str, str]:
+    warnings = manifest.info.get("warnings", [])
+    for warning in warnings:
+        log.warning("%s: %s", manifest.stage, warning)
+    return {"gen2embed.warnings": " | ".join(warnings)[:5000]} if warnings else {}
 
 
 # ------------------------------------------------------------------ running and planning
@@ -443,6 +451,7 @@ class PipelineRun:
         self.recomputed: set[str] = set()  # fingerprints recomputed on purpose in this run
         self.states: dict[str, State] = {}  # fingerprint -> final state of its task run
         self.paths: dict[str, str] = {}
+        self.warnings: list[str] = []
         self.cached = 0
         self._exit = ExitStack()
 
@@ -468,6 +477,8 @@ class PipelineRun:
             metrics = {"seconds": elapsed, "stages_cached": self.cached}
             self.tracker.log_metrics(self.parent_id, metrics)
             tags = {f"gen2embed.path.{k}": v for k, v in self.paths.items()}
+            if self.warnings:
+                tags["gen2embed.warnings"] = " | ".join(self.warnings)[:5000]
             self.tracker.set_tags(self.parent_id, tags)
             self._exit.close()
             return True
@@ -502,6 +513,7 @@ class PipelineRun:
             self.recomputed.add(call.fingerprint)
         self.cached += state.name == "Cached"
         self.paths[call.stage.name] = str(output.folder)
+        self.warnings += [f"{call.stage.name}: {w}" for w in output.info.get("warnings", [])]
         if call.stage.name == self.until:
             raise _StopAfter
         return output

@@ -200,6 +200,12 @@ def test_full_tiny_pipeline_reports_zero_shot_p1(tmp_path: Path) -> None:
         assert 0.0 <= zs[f"p1.{template}.overall"] <= 1.0
         assert f"p1.{template}.ShapeClass" in zs
     assert zs["chance.ShapeClass"] == 1 / 12
+    # Three pretraining steps make an unready generator: said at the end and tagged (8.15).
+    assert "not ready" in runs["pipeline"].data.tags["gen2embed.warnings"]
+    assert "not ready" in runs["pretrain"].data.tags["gen2embed.warnings"]
+    from flows.cli import run_summary
+
+    assert "pretrain: the tiny generator is not ready" in run_summary(paths, tmp_path)
     pre = runs["pretrain"].data.metrics
     assert {"vqa_acc.category", "vqa_acc.position", "final_loss"} <= set(pre)
     emb = runs["embed"].data.metrics
