@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
+BUSY_MACHINE = (
+    "Prefect's temporary server did not start in time (a busy machine, or several runs "
+    "starting at once). Start the servers once with `gen2embed up --workdir DIR` and run "
+    "again: runs then use them; or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+    "(90 by default here)."
+)
+
+
 def _terminate_as_interrupt(_signum: int, _frame: Any) -> None:
     # SIGTERM unwinds like Ctrl-C so open MLflow runs are ended as KILLED, not left RUNNING.
     raise KeyboardInterrupt
@@ -150,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"gen2embed: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if EPHEMERAL_TIMEOUT not in str(exc):
+            raise
+        print(f"gen2embed: {BUSY_MACHINE}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("gen2embed: interrupted", file=sys.stderr)
         return 130

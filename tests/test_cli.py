@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BIN = Path(sys.executable).parent / "gen2embed"
 
 
@@ -70,3 +72,18 @@ def test_a_workdir_that_is_a_file_is_one_clear_message(tmp_path: Path) -> None:
         res.stderr.strip()
         == f"gen2embed: workdir {afile} is a file, not a folder; pick another --workdir"
     )
+
+
+def test_a_prefect_start_up_timeout_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 8.13: the busy-machine failure is one message with the remedy, not a traceback."""
+    from flows import cli
+
+    def slow_start(_args: object) -> int:
+        raise RuntimeError(cli.EPHEMERAL_TIMEOUT + ". stdout: ...")
+
+    monkeypatch.setenv("GEN2EMBED_HOME", str(tmp_path))  # configure() sets it; restored after
+    monkeypatch.setattr(cli, "cmd_stages", slow_start)
+    assert cli.main(["stages", "--workdir", str(tmp_path)]) == 3
+    assert "gen2embed up" in capsys.readouterr().err
