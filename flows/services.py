@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from embedder.errors import UserError
 from flows.environment import SERVICES_FILE
 
 HOST = "127.0.0.1"
@@ -54,7 +56,44 @@ def _stop(procs: list[subprocess.Popen[Any]]) -> None:
         proc.wait()
 
 
+class PortTakenError(UserError, OSError):
+    pass
+
+
+def _listener(port: int) -> str:
+    """Who listens on a TCP port, from /proc (Linux); a plain phrase elsewhere."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    inodes.add(f"socket:[{fields[9]}]")
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+                return f"pid {proc.name} ({cmd[:120]})"
+    return "another process"
+
+
+def check_ports_free(**ports: int) -> None:
+    """Fail before starting anything when a port is taken, saying by what: a health check
+    would otherwise find another workdir's server and take it for ours."""
+    for name, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                flag = name.replace("_", "-")
+                raise PortTakenError(
+                    f"port {port} on {HOST} is taken by {_listener(port)}; stop it or pass "
+                    f"--{flag} with a free port"
+                ) from None
+
+
 def serve(workdir: Path, *, prefect_port: int, mlflow_port: int) -> int:
+    check_ports_free(prefect_port=prefect_port, mlflow_port=mlflow_port)
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (workdir / "mlartifacts").mkdir(exist_ok=True)

@@ -111,3 +111,22 @@ def test_up_serves_both_and_a_run_uses_them(tmp_path: Path) -> None:
     assert not services.exists()
     time.sleep(0.5)
     assert _processes_mentioning(str(work)) == [], "servers or workers outlived `up`"
+
+
+def test_up_on_a_taken_port_says_by_what_and_starts_nothing(tmp_path: Path) -> None:
+    """Issue 8.14: another process listening on the Prefect port: exit 2, naming it."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        res = subprocess.run(
+            [str(Path(sys.executable).parent / "gen2embed"), "up", "--workdir", str(tmp_path),
+             "--prefect-port", str(port), "--mlflow-port", "1"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        holder.close()
+    assert res.returncode == 2, res.stderr
+    assert f"port {port} on 127.0.0.1 is taken by pid {os.getpid()}" in res.stderr
+    assert "--prefect-port" in res.stderr and "Traceback" not in res.stderr
