@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -69,6 +70,35 @@ BUSY_MACHINE = (
 )
 
 
+class _DropUserErrors(logging.Filter):
+    """Prefect logs a failed run's exception (traceback included) on its task and flow run
+    loggers; for a mistake the user can fix, the CLI's one message says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, UserError):
+            return False
+        message = record.getMessage()
+        return not any(
+            f"exception {name}:" in message or f"exception: {name}:" in message
+            for name in _user_error_names()
+        )
+
+
+def _user_error_names() -> set[str]:
+    names, todo = set(), [UserError]
+    while todo:
+        cls = todo.pop()
+        names.add(cls.__name__)
+        todo += cls.__subclasses__()
+    return names
+
+
+def quiet_user_errors() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_DropUserErrors())
+
+
 def _terminate_as_interrupt(_signum: int, _frame: Any) -> None:
     # SIGTERM unwinds like Ctrl-C so open MLflow runs are ended as KILLED, not left RUNNING.
     raise KeyboardInterrupt
@@ -78,8 +108,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.environment import configure
 
     workdir = configure(args.workdir)
-    load_config(args.preset, args.config_file, args.overrides)  # fail fast, before Prefect starts
-    from flows.pipeline import pipeline
+    # Fail fast, before Prefect's server starts: config, source paths, stage options.
+    cfg = load_config(args.preset, args.config_file, args.overrides)
+    from embedder.artifacts import ArtifactStore
+    from embedder.datasets.ingest import check_sources
+    from flows.pipeline import method, pipeline
+    from tasks.contract import check_selection, plan
+
+    check_sources(cfg.ingest)
+    planned = plan(method, cfg, ArtifactStore(workdir), verify=args.from_stage is not None)
+    check_selection(planned, args.from_stage, args.force, args.until)
+    quiet_user_errors()
 
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     paths = pipeline(

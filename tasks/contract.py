@@ -389,10 +389,40 @@ class PlannedStage:
     fingerprint: str
     path: Path
     problems: tuple[str, ...] | None  # None: not checked
+    upstream: tuple[str, ...] = ()  # the stages whose outputs it reads
 
     @property
     def cached(self) -> bool:
         return self.problems == ()
+
+
+def check_selection(
+    planned: list[PlannedStage],
+    from_stage: str | None = None,
+    force: list[str] | None = None,
+    until: str | None = None,
+) -> None:
+    """--from / --force / --until name stages of this pipeline, and --from finds every stage
+    it will not run already published. Needs only a plan: runs before any server starts."""
+    names = [p.name for p in planned]
+    options = [("--from", from_stage), ("--until", until)]
+    for option, name in options + [("--force", f) for f in force or []]:
+        if name is not None and name not in names:
+            raise PipelineError(
+                f"{option} {name}: not part of this pipeline (stages: {', '.join(names)})"
+            )
+    if from_stage is None:
+        return
+    downstream = {from_stage}
+    for p in planned:
+        if downstream.intersection(p.upstream):
+            downstream.add(p.name)
+    missing = [p.name for p in planned if p.name not in downstream and not p.cached]
+    if missing:
+        raise PipelineError(
+            f"--from {from_stage} needs published results of {', '.join(missing)}; "
+            "run without --from first"
+        )
 
 
 def plan(
@@ -409,7 +439,8 @@ def plan(
     def record(call: StageCall[OutputT]) -> OutputT:
         name, fp = call.stage.name, call.fingerprint
         problems = tuple(store.verify(name, fp)) if verify else None
-        planned.append(PlannedStage(name, fp, store.path(name, fp), problems))
+        upstream = tuple(u.stage for u in call.upstream.values() if u is not None)
+        planned.append(PlannedStage(name, fp, store.path(name, fp), problems, upstream))
         # A stand-in carrying what downstream fingerprints need; nothing is read.
         return call.stage.output_type(folder=store.path(name, fp), stage=name, fingerprint=fp)
 
@@ -438,13 +469,8 @@ class PipelineRun:
         until: str | None = None,
     ) -> None:
         self.store = ArtifactStore(workdir)
-        names = [p.name for p in plan(method, cfg, self.store)]
-        options = [("--from", from_stage), ("--until", until)]
-        for option, name in options + [("--force", f) for f in force or []]:
-            if name is not None and name not in names:
-                raise PipelineError(
-                    f"{option} {name}: not part of this pipeline (stages: {', '.join(names)})"
-                )
+        planned = plan(method, cfg, self.store, verify=from_stage is not None)
+        check_selection(planned, from_stage, force, until)
         self.tracker = Tracker.for_workdir(self.store.workdir)
         self.cfg, self.preset = cfg, preset
         self.from_stage, self.force, self.until = from_stage, set(force or []), until

@@ -61,6 +61,9 @@ def test_bad_data_exits_2_with_the_rows_and_no_traceback(tmp_path: Path) -> None
     assert res.returncode == 2, res.stdout + res.stderr
     assert "is not a readable Parquet file" in res.stderr
     assert "gen2embed: " in res.stderr
+    out = res.stdout + res.stderr
+    assert out.count("is not a readable Parquet file") == 1, "said once (issue 8.10)"
+    assert "Traceback" not in out
 
 
 def test_a_workdir_that_is_a_file_is_one_clear_message(tmp_path: Path) -> None:
@@ -87,3 +90,22 @@ def test_a_prefect_start_up_timeout_says_what_to_do(
     monkeypatch.setattr(cli, "cmd_stages", slow_start)
     assert cli.main(["stages", "--workdir", str(tmp_path)]) == 3
     assert "gen2embed up" in capsys.readouterr().err
+
+
+def test_mistakes_found_before_prefect_starts_are_one_message(tmp_path: Path) -> None:
+    """Issue 8.10: --from without published inputs and a missing source folder fail before
+    any server starts, with one message and no traceback."""
+    res = _cli("run", "--from", "ingest", workdir=tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr.strip() == (
+        "gen2embed: --from ingest needs published results of world, pretrain; "
+        "run without --from first"
+    )
+    assert "temporary server" not in res.stdout + res.stderr
+    res = _cli(
+        "run", "--set", "ingest.source=mmeb", "--set", f"ingest.train_dir={tmp_path / 'nope'}",
+        "--set", f"ingest.train_images={tmp_path}", workdir=tmp_path,
+    )  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"gen2embed: dataset folder {tmp_path / 'nope'} does not exist"
+    assert "temporary server" not in res.stdout + res.stderr

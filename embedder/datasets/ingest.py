@@ -311,6 +311,20 @@ def _plans(config: IngestConfig) -> list[_Plan]:
     return plans
 
 
+def check_sources(config: IngestConfig) -> None:
+    """The source's folders and files exist and hold tables for the asked splits and subsets,
+    and its images roots exist: what can be checked in a second, before anything starts.
+    (A hub repository that is not a local folder is checked when it is read.)"""
+    if config.source == "world":
+        return
+    remote_hub = config.source == "hub" and not Path(config.hub_train).is_dir()
+    plans = [] if remote_hub else _plans(config)
+    roots = {p.images_root for p in plans} or {config.train_images}
+    for root in roots:
+        if root is not None and not Path(root).is_dir():
+            raise sources.SourceError(f"images root {root} does not exist")
+
+
 def source_inputs(config: IngestConfig) -> dict[str, str]:
     """What ingest's fingerprint depends on besides its config and upstream stages: the
     source files themselves.
