@@ -275,7 +275,7 @@ class ArtifactStore:
             rows=dict(output.rows),
             metrics={k: float(v) for k, v in output.metrics.items()},
             info=_canonical(dict(output.info)),
-            output=output.own_fields(),
+            output=output.own_fields(self.workdir),
             created=time.time(),
         )
         tmp = partial / MANIFEST_TMP

@@ -9,7 +9,7 @@ stage only ever sees typed fields and file names, never another stage's manifest
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict
 
@@ -32,9 +32,24 @@ class StageOutput(BaseModel):
     # `warnings`: what makes the results doubtful, repeated at the end of every run).
     info: dict[str, Any] = {}
 
-    def own_fields(self) -> dict[str, Any]:
-        """The stage-specific fields, as JSON (what the manifest records as `output`)."""
-        return self.model_dump(mode="json", exclude=set(COMMON_FIELDS))
+    def own_fields(self, root: Path) -> dict[str, Any]:
+        """The stage-specific fields, as JSON (what the manifest records as `output`); paths
+        inside `root` (the workdir) relative to it, so a moved workdir still resolves."""
+        fields = self.model_dump(mode="json", exclude=set(COMMON_FIELDS))
+        for name in fields:
+            value = getattr(self, name)
+            if isinstance(value, Path) and value.is_relative_to(root):
+                fields[name] = value.relative_to(root).as_posix()
+        return fields
+
+    def resolved(self, root: Path) -> Self:
+        """The output with relative path fields (as recorded) made absolute under `root`."""
+        paths = {
+            name: root / value
+            for name in type(self).model_fields
+            if isinstance(value := getattr(self, name), Path) and not value.is_absolute()
+        }
+        return self.model_copy(update=paths)
 
 
 def file(name: str, doc: str = "") -> Any:

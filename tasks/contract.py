@@ -162,16 +162,17 @@ class Stage(Generic[OutputT]):
         if manifest is None:
             return None
         try:
-            return self.restore(store.path(self.name, fp), manifest)
+            return self.restore(store, manifest)
         except ValidationError as exc:  # a folder from before its output was recorded
             log.info("%s: manifest does not describe the output (%s)", self.name, exc)
             return None
 
-    def restore(self, folder: Path, manifest: Manifest) -> OutputT:
-        return self.output_type.model_validate(
+    def restore(self, store: ArtifactStore, manifest: Manifest) -> OutputT:
+        """The output recorded in a published folder's manifest."""
+        output = self.output_type.model_validate(
             {
                 **manifest.output,
-                "folder": folder,
+                "folder": store.path(self.name, manifest.fingerprint),
                 "stage": self.name,
                 "fingerprint": manifest.fingerprint,
                 "rows": manifest.rows,
@@ -179,6 +180,7 @@ class Stage(Generic[OutputT]):
                 "info": manifest.info,
             }
         )
+        return output.resolved(store.workdir)
 
 
 @dataclass(frozen=True)
@@ -302,7 +304,7 @@ def _compute(
                 tracker.log_file(rid, published / rel)
         tracker.set_tags(rid, {"gen2embed.path": str(published), **_warning_tags(manifest)})
         _publish_summary(manifest, published, tracker, rid, cached=False)
-    return stage.restore(published, manifest)
+    return stage.restore(store, manifest)
 
 
 def summary_markdown(manifest: Manifest, path: Path, *, cached: bool, run_url: str | None) -> str:

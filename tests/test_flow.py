@@ -324,3 +324,20 @@ def check_miniature_facts(paths: dict[str, str], top_r: int = 2 * 15 * 3) -> Non
                 assert sims == sorted(sims), "kept negatives: least query-similar first"
             checked += 1
     assert checked == diagnostics["saha"]["clusters"]
+
+
+def test_a_moved_workdir_still_runs(tmp_path: Path) -> None:
+    """Issue 8.4: folders record paths relative to the workdir, so after moving it a forced
+    embed finds the images the ingest stage checked."""
+    import json
+    import shutil
+
+    before = tmp_path / "before"
+    paths, _ = _run(before, overrides=TINY_MODEL_OVERRIDES, until="embed")
+    recorded = json.loads((Path(paths["ingest"]) / "manifest.json").read_text())["output"]
+    assert not Path(recorded["pairs_images"]).is_absolute()
+    after = tmp_path / "after"
+    shutil.move(before, after)
+    moved, states = _run(after, overrides=TINY_MODEL_OVERRIDES, until="embed", force=["embed"])
+    assert states["ingest"] == "Cached" and states["embed"] == "Completed"
+    assert moved["embed"].startswith(str(after))
