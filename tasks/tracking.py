@@ -9,6 +9,7 @@ that died are swept to KILLED when the next pipeline starts.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -25,12 +26,35 @@ from prefect.exceptions import TerminationSignal
 from embedder.processes import pid_alive
 
 EXPERIMENT = "gen2embed"
+DB_FILE = "mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
 
 
 def default_tracking_uri(workdir: Path) -> str:
     """$MLFLOW_TRACKING_URI if set (e.g. a running server), else SQLite in the workdir."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / DB_FILE}"
+
+
+def create_store(workdir: Path) -> None:
+    """Create the workdir's MLflow database once, under a lock and atomically: the tables
+    and the experiment are built in a temporary file renamed into place, so a kill at any
+    point leaves no database or a complete one (MLflow migrates in place, unlocked)."""
+    db = workdir / DB_FILE
+    if db.is_file():
+        return
+    with (workdir / f"{DB_FILE}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second first run waits, then finds the file
+        if db.is_file():
+            return
+        for stale in workdir.glob(f"{DB_FILE}.tmp-*"):  # left by a killed setup
+            stale.unlink()
+        tmp = workdir / f"{DB_FILE}.tmp-{os.getpid()}"
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp}")
+        location = (workdir / "mlartifacts").resolve().as_uri()
+        client.create_experiment(EXPERIMENT, artifact_location=location)
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(db)
 
 
 def flatten_params(section: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -61,6 +85,8 @@ class Tracker:
     @classmethod
     def for_workdir(cls, workdir: Path, tracking_uri: str | None = None) -> Tracker:
         uri = tracking_uri or default_tracking_uri(workdir)
+        if uri == f"sqlite:///{workdir / DB_FILE}":
+            create_store(workdir)
         artifacts = workdir / "mlartifacts" if uri.startswith("sqlite:") else None
         return cls(uri, artifacts)
 

@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +64,40 @@ def test_sweep_ends_runs_of_dead_processes(tmp_path: Path) -> None:
 def test_flatten_params_truncates_long_values() -> None:
     flat = flatten_params({"s": {"x": "y" * 7000, "n": None, "l": [1, 2]}})
     assert flat == {"s.x": "y" * 6000, "s.n": "null", "s.l": "[1, 2]"}
+
+
+SETUP = """
+import sys, time
+from pathlib import Path
+from tasks.tracking import Tracker
+print("ready", flush=True)
+Tracker.for_workdir(Path(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+def test_a_kill_during_the_first_database_setup_leaves_a_usable_workdir(
+    tmp_path: Path, delay: float
+) -> None:
+    """Issue 8.1: SIGKILL at points through the store's creation; the next run works."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SETUP, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    tracker = Tracker.for_workdir(tmp_path)
+    with tracker.run("after") as run_id:
+        pass
+    assert tracker.client.get_run(run_id).info.status == "FINISHED"
+    assert not list(tmp_path.glob("mlflow.db.tmp-*"))
+
+
+def test_two_first_runs_at_once_share_one_database(tmp_path: Path) -> None:
+    code = SETUP.replace('print("ready", flush=True)', "")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)]) for _ in range(2)]
+    assert [p.wait() for p in procs] == [0, 0]
+    tracker = Tracker.for_workdir(tmp_path)
+    names = [e.name for e in tracker.client.search_experiments()]
+    assert sorted(names) == ["Default", "gen2embed"]
