@@ -120,6 +120,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_selection(planned, args.from_stage, args.force, args.until)
     quiet_user_errors()
 
+    from flows.ephemeral import isolate_ephemeral_server
+
+    isolate_ephemeral_server()
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     paths = pipeline(
         preset=args.preset,
@@ -204,8 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gen2embed: {BUSY_MACHINE}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("gen2embed: interrupted", file=sys.stderr)
+        print("gen2embed: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
         return 130
+    except BaseException as exc:
+        # SIGTERM inside a flow arrives as Prefect's TerminationSignal.
+        if type(exc).__name__ != "TerminationSignal":
+            raise
+        print("gen2embed: terminated; finished stages are kept, rerun to resume", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

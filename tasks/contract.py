@@ -415,6 +415,8 @@ def check_selection(
             )
     if from_stage is None:
         return
+    if until is not None:  # stages after --until do not run, so they need nothing
+        planned = planned[: names.index(until) + 1]
     downstream = {from_stage}
     for p in planned:
         if downstream.intersection(p.upstream):

@@ -42,6 +42,7 @@ def create_store(workdir: Path) -> None:
     db = workdir / DB_FILE
     if db.is_file():
         return
+    workdir.mkdir(parents=True, exist_ok=True)
     with (workdir / f"{DB_FILE}.lock").open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second first run waits, then finds the file
         if db.is_file():

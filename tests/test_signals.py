@@ -1,0 +1,87 @@
+"""Ctrl-C and SIGTERM to the whole process group, as a terminal or a supervisor sends them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import SMALL_WORLD_OVERRIDES
+
+BIN = Path(sys.executable).parent / "gen2embed"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_group_signal_ends_the_run_in_seconds_with_its_records_closed(
+    tmp_path: Path, signum: int
+) -> None:
+    """Issue 8.8/8.9: signalled in the middle of a long step (pretraining), the run ends
+    within seconds, MLflow says KILLED, Prefect's flow run is not left Running, the
+    partial folder stays for resume and no process of the run is left behind."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "GEN2EMBED_HOME")}
+    overrides = [*SMALL_WORLD_OVERRIDES, "pretrain.steps=100000", "pretrain.batch_size=4"]
+    args = [str(BIN), "run", "--workdir", str(tmp_path)]
+    for o in overrides:
+        args += ["--set", o]
+    log = (tmp_path / "run.log").open("w+")
+    proc = subprocess.Popen(
+        args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while "pretrain step" not in (tmp_path / "run.log").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            tmp_path / "run.log"
+        ).read_text()
+        time.sleep(0.5)
+    server_pids = [
+        int(p.name)
+        for p in Path("/proc").glob("[0-9]*")
+        if b"prefect.server.api.server:create_app" in _cmdline(p)
+        and str(tmp_path).encode() in _environ(p)
+    ]
+    sent = time.monotonic()
+    os.killpg(proc.pid, signum)
+    code = proc.wait(timeout=60)
+    took = time.monotonic() - sent
+    out = (tmp_path / "run.log").read_text()
+    assert took < 15, f"{took:.1f}s to end\n{out}"
+    assert code == (130 if signum == signal.SIGINT else 143), out
+    assert "Traceback" not in out
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {r.info.run_name: r.info.status for r in client.search_runs(["1"])}
+    assert runs["pipeline"] == "KILLED" and runs["pretrain"] == "KILLED", runs
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        states = [row[0] for row in db.execute("select state_type from flow_run")]
+    assert states and "RUNNING" not in states, states
+    assert list((tmp_path / "artifacts" / "pretrain").glob("*.partial")), "kept for resume"
+    time.sleep(1)
+    assert server_pids and not any(_alive(pid) for pid in server_pids), "server stopped"
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _environ(proc: Path) -> bytes:
+    try:
+        return (proc / "environ").read_bytes()
+    except OSError:
+        return b""
