@@ -99,9 +99,12 @@ def quiet_user_errors() -> None:
         logging.getLogger(name).addFilter(_DropUserErrors())
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwinding like Ctrl-C so open MLflow runs are ended as KILLED."""
+
+
 def _terminate_as_interrupt(_signum: int, _frame: Any) -> None:
-    # SIGTERM unwinds like Ctrl-C so open MLflow runs are ended as KILLED, not left RUNNING.
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -206,9 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gen2embed: {BUSY_MACHINE}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        print("gen2embed: interrupted; finished stages are kept, rerun to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        print(f"gen2embed: {how}; finished stages are kept, rerun to resume", file=sys.stderr)
+        return code
     except BaseException as exc:
         # SIGTERM inside a flow arrives as Prefect's TerminationSignal.
         if type(exc).__name__ != "TerminationSignal":
