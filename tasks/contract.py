@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
+from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -453,6 +454,29 @@ def plan(
     return planned
 
 
+def crash_flow_runs(flow_run_ids: set[str]) -> None:
+    """Mark Crashed the Prefect flow runs (and their task runs) of processes that died while
+    running them: Prefect itself leaves them Running forever."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Crashed
+
+    message = "its process is gone (found by the next gen2embed run)"
+    with get_client(sync_client=True) as client:
+        for flow_run_id in flow_run_ids:
+            try:
+                run = client.read_flow_run(UUID(flow_run_id))
+            except (ObjectNotFound, ValueError):
+                continue  # another Prefect server's run, or no id
+            if run.state is not None and not run.state.is_final():
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+            only_this = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+            for task_run in client.read_task_runs(flow_run_filter=only_this):
+                if task_run.state is not None and not task_run.state.is_final():
+                    client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+
+
 class _StopAfter(Exception):
     """Raised after the --until stage; ends the run early and cleanly."""
 
@@ -489,6 +513,7 @@ class PipelineRun:
         swept = self.tracker.sweep_stale_runs()
         if swept:
             log.warning("marked %d MLflow run(s) of dead processes as KILLED", len(swept))
+            crash_flow_runs({f for f in swept.values() if f})
         self.started = time.perf_counter()
         tags = {
             "prefect.flow_run_id": str(flow_run.get_id() or ""),

@@ -97,20 +97,21 @@ class Tracker:
             return f"{base}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return None
 
-    def sweep_stale_runs(self) -> list[str]:
-        """End as KILLED the RUNNING runs started on this host by processes that are gone."""
+    def sweep_stale_runs(self) -> dict[str, str]:
+        """End as KILLED the RUNNING runs started on this host by processes that are gone;
+        returns their ids with the Prefect flow run each belonged to ("" if none)."""
         host = socket.gethostname()
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"attributes.status = 'RUNNING' and tags.`gen2embed.host` = '{host}'",
             max_results=1000,
         )
-        swept = []
+        swept = {}
         for run in runs:
             pid = int(run.data.tags.get("gen2embed.pid", "0") or 0)
             if pid and pid != os.getpid() and not pid_alive(pid):
                 self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
-                swept.append(run.info.run_id)
+                swept[run.info.run_id] = run.data.tags.get("prefect.flow_run_id", "")
         return swept
 
     @contextmanager

@@ -33,27 +33,7 @@ def test_a_group_signal_ends_the_run_in_seconds_with_its_records_closed(
     """Issue 8.8/8.9: signalled in the middle of a long step (pretraining), the run ends
     within seconds, MLflow says KILLED, Prefect's flow run is not left Running, the
     partial folder stays for resume and no process of the run is left behind."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "GEN2EMBED_HOME")}
-    overrides = [*SMALL_WORLD_OVERRIDES, "pretrain.steps=100000", "pretrain.batch_size=4"]
-    args = [str(BIN), "run", "--workdir", str(tmp_path)]
-    for o in overrides:
-        args += ["--set", o]
-    log = (tmp_path / "run.log").open("w+")
-    proc = subprocess.Popen(
-        args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    deadline = time.monotonic() + 240
-    while "pretrain step" not in (tmp_path / "run.log").read_text():
-        assert proc.poll() is None and time.monotonic() < deadline, (
-            tmp_path / "run.log"
-        ).read_text()
-        time.sleep(0.5)
-    server_pids = [
-        int(p.name)
-        for p in Path("/proc").glob("[0-9]*")
-        if b"prefect.server.api.server:create_app" in _cmdline(p)
-        and str(tmp_path).encode() in _environ(p)
-    ]
+    proc, server_pids = _start_pretraining(tmp_path)
     sent = time.monotonic()
     os.killpg(proc.pid, signum)
     code = proc.wait(timeout=60)
@@ -71,6 +51,62 @@ def test_a_group_signal_ends_the_run_in_seconds_with_its_records_closed(
     assert list((tmp_path / "artifacts" / "pretrain").glob("*.partial")), "kept for resume"
     time.sleep(1)
     assert server_pids and not any(_alive(pid) for pid in server_pids), "server stopped"
+
+
+def _start_pretraining(workdir: Path) -> tuple[subprocess.Popen[bytes], list[int]]:
+    """`gen2embed run` in its own process group, returned once it is in the middle of a long
+    pretraining, with the pids of the Prefect server it started."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "GEN2EMBED_HOME")}
+    overrides = [*SMALL_WORLD_OVERRIDES, "pretrain.steps=100000", "pretrain.batch_size=4"]
+    args = [str(BIN), "run", "--workdir", str(workdir)]
+    for o in overrides:
+        args += ["--set", o]
+    log = (workdir / "run.log").open("w")
+    proc = subprocess.Popen(
+        args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    while "pretrain step" not in (workdir / "run.log").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            workdir / "run.log"
+        ).read_text()
+        time.sleep(0.5)
+    servers = [
+        int(p.name)
+        for p in Path("/proc").glob("[0-9]*")
+        if b"prefect.server.api.server:create_app" in _cmdline(p)
+        and str(workdir).encode() in _environ(p)
+    ]
+    return proc, servers
+
+
+def test_sigkill_of_the_run_alone_leaves_no_server_and_the_next_run_ends_its_records(
+    tmp_path: Path,
+) -> None:
+    """Issue 8.5: the server dies with its run; the next run marks the dead run's MLflow runs
+    KILLED and its Prefect flow and task runs Crashed, not Running forever."""
+    proc, server_pids = _start_pretraining(tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while any(_alive(pid) for pid in server_pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server_pids and not any(_alive(pid) for pid in server_pids), "no orphaned server"
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        assert "RUNNING" in [r[0] for r in db.execute("select state_type from flow_run")]
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "GEN2EMBED_HOME")}
+    args = [str(BIN), "run", "--workdir", str(tmp_path), "--until", "world"]
+    for o in SMALL_WORLD_OVERRIDES:
+        args += ["--set", o]
+    subprocess.run(args, env=env, check=True, capture_output=True, timeout=240)
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        flows = [r[0] for r in db.execute("select state_type from flow_run order by created")]
+        tasks = [r[0] for r in db.execute("select state_type from task_run")]
+    assert flows == ["CRASHED", "COMPLETED"], flows
+    assert "RUNNING" not in tasks, tasks
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    statuses = [r.info.status for r in client.search_runs(["1"])]
+    assert "RUNNING" not in statuses, statuses
 
 
 def _cmdline(proc: Path) -> bytes:

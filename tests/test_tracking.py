@@ -56,7 +56,7 @@ def test_sweep_ends_runs_of_dead_processes(tmp_path: Path) -> None:
         },
     ).info.run_id
     with tracker.run("alive") as alive:
-        assert tracker.sweep_stale_runs() == [orphan]
+        assert tracker.sweep_stale_runs() == {orphan: ""}
         assert tracker.client.get_run(alive).info.status == "RUNNING"
     assert tracker.client.get_run(orphan).info.status == "KILLED"
 
