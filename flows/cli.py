@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -123,8 +124,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_selection(planned, args.from_stage, args.force, args.until)
     quiet_user_errors()
 
+    from flows.environment import create_prefect_store, uses_own_prefect_server
     from flows.ephemeral import isolate_ephemeral_server
 
+    if not uses_own_prefect_server():
+        create_prefect_store(Path(os.environ["PREFECT_HOME"]))
     isolate_ephemeral_server()
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     paths = pipeline(

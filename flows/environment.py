@@ -6,9 +6,12 @@ imports flows afterwards. Values the user already exported win.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -72,3 +75,44 @@ def configure(workdir: str | Path | None) -> Path:
         os.environ.setdefault(key, value)
     logging.getLogger("gen2embed").setLevel(logging.INFO)
     return root
+
+
+PREFECT_DB = "prefect.db"
+
+
+def uses_own_prefect_server() -> bool:
+    """Runs talk to a Prefect server or database the user configured, not the workdir's."""
+    return bool(
+        os.environ.get("PREFECT_API_URL") or os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")
+    )
+
+
+def create_prefect_store(home: Path) -> None:
+    """Create the Prefect database in `home` once, under a lock and atomically (migrated in
+    a temporary file renamed into place), before any server uses it: Prefect migrates in
+    place, so a kill during a first run, or two first runs at once, could leave a database
+    no later run can open."""
+    db = home / PREFECT_DB
+    if db.is_file():
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / f"{PREFECT_DB}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second first run waits, then finds the file
+        if db.is_file():
+            return
+        for stale in home.glob(f"{PREFECT_DB}.tmp-*"):  # left by a killed setup
+            stale.unlink()
+        tmp = home / f"{PREFECT_DB}.tmp-{os.getpid()}"
+        env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}"}
+        prefect = Path(sys.executable).with_name("prefect")
+        done = subprocess.run(
+            [str(prefect), "server", "database", "upgrade", "-y"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"creating the Prefect database failed:\n{done.stderr[-2000:]}")
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(db)

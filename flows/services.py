@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from embedder.errors import UserError
-from flows.environment import SERVICES_FILE
+from flows.environment import SERVICES_FILE, create_prefect_store
+from tasks.tracking import create_store
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 120
@@ -94,6 +95,8 @@ def check_ports_free(**ports: int) -> None:
 
 def serve(workdir: Path, *, prefect_port: int, mlflow_port: int) -> int:
     check_ports_free(prefect_port=prefect_port, mlflow_port=mlflow_port)
+    create_prefect_store(workdir / "prefect")
+    create_store(workdir)
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (workdir / "mlartifacts").mkdir(exist_ok=True)

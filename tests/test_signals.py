@@ -121,3 +121,41 @@ def _environ(proc: Path) -> bytes:
         return (proc / "environ").read_bytes()
     except OSError:
         return b""
+
+
+PREFECT_SETUP = """
+import sys
+from pathlib import Path
+from flows.environment import create_prefect_store
+print("ready", flush=True)
+create_prefect_store(Path(sys.argv[1]))
+"""
+
+
+def test_a_kill_during_prefect_s_first_database_setup_leaves_a_usable_home(
+    tmp_path: Path,
+) -> None:
+    """Issue 8.1 (Prefect's store): killed at points through the migration, the next setup
+    builds a complete database and leaves no temporary file."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path)}
+    for delay in (1.0, 4.0):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", PREFECT_SETUP, str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)  # the setup and its migration process
+        proc.wait()
+        assert not (tmp_path / "prefect.db").exists(), "nothing half-built in place"
+    done = subprocess.run(
+        [sys.executable, "-c", PREFECT_SETUP, str(tmp_path)], env=env, capture_output=True
+    )
+    assert done.returncode == 0, done.stderr
+    with sqlite3.connect(tmp_path / "prefect.db") as db:
+        tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
+    assert {"flow_run", "task_run", "alembic_version"} <= tables
+    assert not list(tmp_path.glob("prefect.db.tmp-*"))
