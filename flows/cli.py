@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -95,6 +96,20 @@ def _user_error_names() -> set[str]:
     return names
 
 
+def _user_cause(exc: BaseException) -> str | None:
+    """The first error in `exc`'s chain a user can act on, as one line of text."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, UserError):
+            return str(seen)
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return f"no space left on the device ({seen.filename or seen})"
+        if "database or disk is full" in str(seen):
+            return "no space left on the device holding the workdir's databases"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def quiet_user_errors() -> None:
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_DropUserErrors())
@@ -129,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if not uses_own_prefect_server():
         create_prefect_store(Path(os.environ["PREFECT_HOME"]))
-    isolate_ephemeral_server()
+    isolate_ephemeral_server(workdir / "logs" / "prefect-server.log")
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     paths = pipeline(
         preset=args.preset,
@@ -209,14 +224,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gen2embed: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        if EPHEMERAL_TIMEOUT not in str(exc):
+        if EPHEMERAL_TIMEOUT in str(exc):
+            print(f"gen2embed: {BUSY_MACHINE}", file=sys.stderr)
+            return 3
+        cause = _user_cause(exc)
+        if cause is None:
             raise
-        print(f"gen2embed: {BUSY_MACHINE}", file=sys.stderr)
-        return 3
+        print(f"gen2embed: {cause}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:
         how, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
         print(f"gen2embed: {how}; finished stages are kept, rerun to resume", file=sys.stderr)
         return code
+    except Exception as exc:
+        # Bookkeeping failing in turn (a full disk breaks MLflow's and Prefect's databases
+        # too) can bury the error that says what to do: report the first one a user can fix.
+        cause = _user_cause(exc)
+        if cause is None:
+            raise
+        print(f"gen2embed: {cause}", file=sys.stderr)
+        return 2
     except BaseException as exc:
         # SIGTERM inside a flow arrives as Prefect's TerminationSignal.
         if type(exc).__name__ != "TerminationSignal":

@@ -80,6 +80,10 @@ def configure(workdir: str | Path | None) -> Path:
 PREFECT_DB = "prefect.db"
 
 
+class StoreError(UserError, RuntimeError):
+    pass
+
+
 def uses_own_prefect_server() -> bool:
     """Runs talk to a Prefect server or database the user configured, not the workdir's."""
     return bool(
@@ -112,7 +116,11 @@ def create_prefect_store(home: Path) -> None:
             text=True,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"creating the Prefect database failed:\n{done.stderr[-2000:]}")
+            for partial in home.glob(f"{tmp.name}*"):
+                partial.unlink()
+            full = any(m in done.stderr for m in ("No space left", "database or disk is full"))
+            reason = f"the disk holding {home} is full" if full else done.stderr[-1500:]
+            raise StoreError(f"could not create the Prefect database in {home}: {reason}")
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
         tmp.replace(db)

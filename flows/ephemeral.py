@@ -14,6 +14,7 @@ import ctypes
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 PR_SET_PDEATHSIG = 1
@@ -23,8 +24,9 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def isolate_ephemeral_server() -> None:
-    """Make Prefect's ephemeral server start in its own session, dying with this process."""
+def isolate_ephemeral_server(log_file: Path) -> None:
+    """Make Prefect's ephemeral server start in its own session, dying with this process,
+    its own output going to `log_file` rather than the run's console."""
     if not sys.platform.startswith("linux"):
         return
     from prefect.server.api import server
@@ -38,7 +40,9 @@ def isolate_ephemeral_server() -> None:
 
         def popen_isolated(*args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
             kwargs.update(start_new_session=True, preexec_fn=_die_with_parent)
-            return popen(*args, **kwargs)
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            with log_file.open("ab") as out:
+                return popen(*args, stdout=out, stderr=subprocess.STDOUT, **kwargs)
 
         subprocess.Popen = popen_isolated  # type: ignore[misc]
         try:

@@ -64,6 +64,10 @@ class PipelineError(UserError, RuntimeError):
     pass
 
 
+class DiskFullError(UserError, OSError):
+    pass
+
+
 # ------------------------------------------------------------------ what a stage is
 
 
@@ -283,7 +287,15 @@ def _compute(
         fresh = run.mode == "recompute" or not stage.resumable
         partial = store.open_partial(stage.name, fp, fresh=fresh)
         log.info("%s: computing into %s", stage.name, partial)
-        output = stage.function(**call.arguments(partial))
+        try:
+            output = stage.function(**call.arguments(partial))
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise DiskFullError(
+                f"no space left on the device holding {partial} ({stage.name}); free some and "
+                "run again: finished stages are kept"
+            ) from None
         ids = {"mlflow_run_id": rid, "prefect_flow_run_id": flow_run_id}
         manifest = store.publish(
             stage.name,

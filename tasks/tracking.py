@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,7 @@ from prefect.exceptions import TerminationSignal
 
 from embedder.processes import pid_alive
 
+log = logging.getLogger("gen2embed.tracking")
 EXPERIMENT = "gen2embed"
 DB_FILE = "mlflow.db"
 PARENT_TAG = "mlflow.parentRunId"
@@ -144,10 +146,20 @@ class Tracker:
             status = RunStatus.KILLED
             raise
         except BaseException as exc:
-            self.client.set_tag(run_id, "gen2embed.error", f"{type(exc).__name__}: {exc}"[:5000])
+            error = f"{type(exc).__name__}: {exc}"[:5000]
+            self._best_effort(self.client.set_tag, run_id, "gen2embed.error", error)
             raise
         finally:
-            self.client.set_terminated(run_id, RunStatus.to_string(status))
+            self._best_effort(self.client.set_terminated, run_id, RunStatus.to_string(status))
+
+    @staticmethod
+    def _best_effort(call: Any, *args: Any) -> None:
+        """Bookkeeping while a run is already failing (a full disk, say) must not replace the
+        error the user needs with MLflow's; a run left RUNNING is swept by the next start."""
+        try:
+            call(*args)
+        except Exception as exc:
+            log.warning("MLflow: could not record the run's end (%s)", str(exc).splitlines()[0])
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         flat = flatten_params(params)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,38 @@ def test_mistakes_found_before_prefect_starts_are_one_message(tmp_path: Path) ->
     assert res.returncode == 2
     assert res.stderr.strip() == f"gen2embed: dataset folder {tmp_path / 'nope'} does not exist"
     assert "temporary server" not in res.stdout + res.stderr
+
+
+@contextmanager
+def _tmpfs(path: Path, options: str) -> Iterator[Path]:
+    """A small or read-only filesystem at `path`; skips where mounting is not allowed."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)]).returncode:
+        pytest.skip("mounting a tmpfs needs privileges this machine does not give")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_read_only_workdir_is_one_clear_message(tmp_path: Path) -> None:
+    """Issue 8.11: not a 155-second timeout and 883 lines."""
+    with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        res = _cli("stages", workdir=ro)
+    assert res.returncode == 2
+    assert res.stderr.strip() == (
+        f"gen2embed: workdir {ro} is not writable (Read-only file system)"
+    )
+
+
+def test_a_full_disk_is_one_clear_message(tmp_path: Path) -> None:
+    """Issue 8.11: with no room for the workdir's databases the run stops with one line."""
+    with _tmpfs(tmp_path / "full", "size=3m") as full:
+        res = _cli("run", "--until", "world", workdir=full)
+        leftovers = sorted(p.name for p in (full / "prefect").iterdir())
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip() == (
+        f"gen2embed: could not create the Prefect database in {full / 'prefect'}: "
+        f"the disk holding {full / 'prefect'} is full"
+    )
+    assert leftovers == ["prefect.db.lock"], "no half-built database left behind"
