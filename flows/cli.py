@@ -27,6 +27,7 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         help="dotted override, e.g. --set ingest.on_bad_rows=skip (repeatable)",
     )
     p.add_argument("--workdir", help="workspace (default: $GEN2EMBED_HOME or ./data)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of every error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start Prefect and MLflow servers on 127.0.0.1")
     up.add_argument("--workdir", help="workspace (default: $GEN2EMBED_HOME or ./data)")
+    up.add_argument("--debug", action="store_true", help="show tracebacks of every error")
     up.add_argument("--prefect-port", type=int, default=4200)
     up.add_argument("--mlflow-port", type=int, default=5000)
     return parser
@@ -137,7 +139,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_sources(cfg.ingest)
     planned = plan(method, cfg, ArtifactStore(workdir), verify=args.from_stage is not None)
     check_selection(planned, args.from_stage, args.force, args.until)
-    quiet_user_errors()
+    if not args.debug:
+        quiet_user_errors()
 
     from flows.environment import create_prefect_store, uses_own_prefect_server
     from flows.ephemeral import isolate_ephemeral_server
@@ -214,13 +217,17 @@ def main(argv: list[str] | None = None) -> int:
 
     # Prefect reads its settings when first imported, and the parser's stage choices import
     # it: set up the workdir's environment from --workdir first.
-    workdir = argparse.ArgumentParser(add_help=False)
-    workdir.add_argument("--workdir")
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--workdir")
+    early.add_argument("--debug", action="store_true")
+    known = early.parse_known_args(argv)[0]
     try:
-        configure(workdir.parse_known_args(argv)[0].workdir)
+        configure(known.workdir)
         args = build_parser().parse_args(argv)
         return {"run": cmd_run, "stages": cmd_stages, "up": cmd_up}[args.command](args)
     except UserError as exc:
+        if known.debug:
+            raise
         print(f"gen2embed: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gen2embed: {BUSY_MACHINE}", file=sys.stderr)
             return 3
         cause = _user_cause(exc)
-        if cause is None:
+        if cause is None or known.debug:
             raise
         print(f"gen2embed: {cause}", file=sys.stderr)
         return 2
@@ -240,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         # Bookkeeping failing in turn (a full disk breaks MLflow's and Prefect's databases
         # too) can bury the error that says what to do: report the first one a user can fix.
         cause = _user_cause(exc)
-        if cause is None:
+        if cause is None or known.debug:
             raise
         print(f"gen2embed: {cause}", file=sys.stderr)
         return 2

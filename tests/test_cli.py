@@ -146,3 +146,9 @@ def test_a_full_disk_is_one_clear_message(tmp_path: Path) -> None:
         f"the disk holding {full / 'prefect'} is full"
     )
     assert leftovers == ["prefect.db.lock"], "no half-built database left behind"
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    res = _cli("stages", "--set", "ingest.on_bad_row=skip", "--debug", workdir=tmp_path)
+    assert res.returncode == 1
+    assert "Traceback" in res.stderr and "ConfigError" in res.stderr

@@ -110,6 +110,8 @@ def test_zeroshot_scores_each_query_against_its_own_candidates(
                 hits.append(strict_hits(q, cands))
             assert got[template]["p1"][subset] == pytest.approx(np.mean(hits)), (template, subset)
         assert report.metrics[f"p1.{template}.overall"] == got[template]["aggregate"]["overall"]
+    again = zeroshot_eval(ModelConfig(), EMBED, cfg, tables, generator, tmp_path / "again")
+    assert again.report.read_bytes() == report.report.read_bytes(), "no timings in the report"
 
 
 def test_pretrain_generator_saves_a_loadable_seeded_model(tmp_path: Path) -> None:
