@@ -114,7 +114,7 @@ def test_resume_after_a_crash_is_bit_identical(
     items, root = _items(world_dir)
     settings = EmbedConfig(batch_size=4, shard_size=8, num_workers=0, image_side=64)
     full = tmp_path / "full"
-    encode(tiny, items, root, full, settings)
+    whole = encode(tiny, items, root, full, settings)
 
     class Crash(Exception):
         pass
@@ -129,6 +129,9 @@ def test_resume_after_a_crash_is_bit_identical(
     assert len(list(part.glob("shard-*.parquet"))) == 2
     stats = encode(tiny, items, root, part, settings)
     assert stats.resumed_shards == 2 and stats.shards == 3
+    # The metrics cover the whole job, not just the last attempt (issue 8, minor).
+    assert stats.tokens() == whole.tokens() and stats.encoded == whole.encoded == stats.unique
+    assert stats.metrics()["padding_efficiency"] == whole.metrics()["padding_efficiency"]
     k1, v1 = load_embeddings(full)
     k2, v2 = load_embeddings(part)
     assert k1 == k2 and np.array_equal(v1, v2)

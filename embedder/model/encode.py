@@ -36,6 +36,13 @@ from embedder.model.shards import write_shard
 log = logging.getLogger("gen2embed.encode")
 
 PLAN_FILE = "plan.json"
+STATS_SUFFIX = ".stats.json"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    tmp.replace(path)
 
 
 @dataclass(frozen=True)
@@ -58,16 +65,33 @@ def item_key(text: str, image: str) -> str:
 class EncodeStats:
     items: int = 0
     unique: int = 0
-    encoded: int = 0  # unique items computed in this call (resumed shards excluded)
+    encoded: int = 0  # unique items encoded, over every attempt (from the per-shard stats)
     seconds: float = 0.0
     real_tokens: int = 0
     padded_tokens: int = 0
     peak_memory_mib: float = 0.0
     shards: int = 0
     resumed_shards: int = 0
+    encode_seconds: float = 0.0  # model time summed over every shard, all attempts
+
+    def tokens(self) -> tuple[int, int]:
+        return self.real_tokens, self.padded_tokens
+
+    def count_all_attempts(self, out_dir: Path, n_shards: int) -> None:
+        """Throughput and padding over every shard, including those an earlier (crashed)
+        attempt wrote, from the per-shard stats: a resumed run reports the whole job."""
+        per_shard = [
+            json.loads(path.read_text())
+            for s in range(n_shards)
+            if (path := out_dir / f"shard-{s:05d}{STATS_SUFFIX}").is_file()
+        ]
+        self.real_tokens = sum(x["real_tokens"] for x in per_shard)
+        self.padded_tokens = sum(x["padded_tokens"] for x in per_shard)
+        self.encoded = sum(x["items"] for x in per_shard)
+        self.encode_seconds = sum(x["seconds"] for x in per_shard)
 
     def metrics(self) -> dict[str, float]:
-        sec = max(self.seconds, 1e-9)
+        sec = max(self.encode_seconds or self.seconds, 1e-9)
         return {
             "items": self.items,
             "unique_items": self.unique,
@@ -75,7 +99,7 @@ class EncodeStats:
             "tokens_per_s": self.real_tokens / sec,
             "padding_efficiency": self.real_tokens / max(1, self.padded_tokens),
             "peak_memory_mib": self.peak_memory_mib,
-            "seconds": self.seconds,
+            "seconds": self.encode_seconds or self.seconds,
             "shards": self.shards,
             "resumed_shards": self.resumed_shards,
         }
@@ -232,13 +256,15 @@ def _encode(
     plan = {
         "settings": settings.model_dump(mode="json"),
         "keys": hashlib.sha256("".join(i.key for i in todo).encode()).hexdigest(),
-        "model": backbone.source,
+        # A local model folder by name only: the path moves with the workdir, and the stage
+        # folder this plan sits in is already specific to that model.
+        "model": Path(backbone.source).name if Path(backbone.source).exists() else backbone.source,
         "shards": len(shards),
     }
     plan_path = out_dir / PLAN_FILE
     if plan_path.exists() and json.loads(plan_path.read_text()) != plan:
         log.warning("encode: %s holds shards of another plan; starting over", out_dir)
-        for old in out_dir.glob("shard-*.parquet"):
+        for old in out_dir.glob("shard-*"):
             old.unlink()
     plan_path.write_text(json.dumps(plan))
 
@@ -267,6 +293,7 @@ def _encode(
         )
         keys: list[str] = []
         vectors: list[np.ndarray] = []
+        shard_started, real_before, padded_before = time.perf_counter(), *stats.tokens()
         with torch.inference_mode():
             for batch_items, inputs in zip(batches, loader, strict=True):
                 mask = inputs["attention_mask"]
@@ -288,10 +315,20 @@ def _encode(
                 keys.extend(it.key for it in batch_items)
                 stats.encoded += len(batch_items)
                 bar.update(len(batch_items))
+        real, padded = stats.tokens()
+        shard_stats = {
+            "items": len(keys),
+            "real_tokens": real - real_before,
+            "padded_tokens": padded - padded_before,
+            "seconds": time.perf_counter() - shard_started,
+        }
+        # Stats first, then the shard: a kill in between recomputes the shard and its stats.
+        _write_json(out_dir / f"shard-{s:05d}{STATS_SUFFIX}", shard_stats)
         write_shard(out_dir / f"shard-{s:05d}.parquet", keys, np.concatenate(vectors))
         if on_shard is not None:
             on_shard(s)
     bar.close()
+    stats.count_all_attempts(out_dir, len(shards))
     stats.seconds = time.perf_counter() - started
     if on_gpu:
         stats.peak_memory_mib = torch.cuda.max_memory_allocated(backbone.device) / 2**20
