@@ -336,6 +336,8 @@ def test_a_moved_workdir_still_runs(tmp_path: Path) -> None:
     paths, _ = _run(before, overrides=TINY_MODEL_OVERRIDES, until="embed")
     recorded = json.loads((Path(paths["ingest"]) / "manifest.json").read_text())["output"]
     assert not Path(recorded["pairs_images"]).is_absolute()
+    plan = json.loads((Path(paths["embed"]) / "shards" / "plan.json").read_text())
+    assert plan["model"] == "model", "the resume plan names no absolute path"
     after = tmp_path / "after"
     shutil.move(before, after)
     moved, states = _run(after, overrides=TINY_MODEL_OVERRIDES, until="embed", force=["embed"])
