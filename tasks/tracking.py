@@ -77,8 +77,15 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         exp = self.client.get_experiment_by_name(EXPERIMENT)
+        location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+        if exp is not None and location is not None and exp.artifact_location != location:
+            # The workdir moved: MLflow keeps absolute artifact paths, so carry on in a fresh
+            # experiment whose artifacts land in this workdir; the old one keeps its runs.
+            moved = f"{EXPERIMENT} (artifacts at {exp.artifact_location})"
+            self.client.rename_experiment(exp.experiment_id, moved)
+            log.warning("the workdir moved: earlier MLflow runs are in experiment %r", moved)
+            exp = None
         if exp is None:
-            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
             self.experiment_id = self.client.create_experiment(
                 EXPERIMENT, artifact_location=location
             )

@@ -343,3 +343,8 @@ def test_a_moved_workdir_still_runs(tmp_path: Path) -> None:
     moved, states = _run(after, overrides=TINY_MODEL_OVERRIDES, until="embed", force=["embed"])
     assert states["ingest"] == "Cached" and states["embed"] == "Completed"
     assert moved["embed"].startswith(str(after))
+    client = _mlflow(after)
+    exp = client.get_experiment_by_name("gen2embed")
+    assert exp.artifact_location == (after / "mlartifacts").as_uri(), "artifacts stay inside"
+    assert any(e.name.startswith("gen2embed (artifacts at") for e in client.search_experiments())
+    assert not before.exists()

@@ -159,3 +159,13 @@ def test_a_kill_during_prefect_s_first_database_setup_leaves_a_usable_home(
         tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
     assert {"flow_run", "task_run", "alembic_version"} <= tables
     assert not list(tmp_path.glob("prefect.db.tmp-*"))
+
+
+def test_two_first_runs_at_once_share_one_prefect_database(tmp_path: Path) -> None:
+    code = PREFECT_SETUP.replace('print("ready", flush=True)', "")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env) for _ in range(2)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prefect.db", "prefect.db.lock"]
