@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import logging
 import os
 import signal
 import sys
@@ -13,6 +11,7 @@ from typing import Any
 
 from embedder.config import PRESETS, load_config
 from embedder.errors import UserError
+from flows.user_errors import BUSY_MACHINE, EPHEMERAL_TIMEOUT, quiet_user_errors, user_cause
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -63,58 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prefect-port", type=int, default=4200)
     up.add_argument("--mlflow-port", type=int, default=5000)
     return parser
-
-
-EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
-BUSY_MACHINE = (
-    "Prefect's temporary server did not start in time (a busy machine, or several runs "
-    "starting at once). Start the servers once with `gen2embed up --workdir DIR` and run "
-    "again: runs then use them; or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
-    "(90 by default here)."
-)
-
-
-class _DropUserErrors(logging.Filter):
-    """Prefect logs a failed run's exception (traceback included) on its task and flow run
-    loggers; for a mistake the user can fix, the CLI's one message says it all."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, UserError):
-            return False
-        message = record.getMessage()
-        return not any(
-            f"exception {name}:" in message or f"exception: {name}:" in message
-            for name in _user_error_names()
-        )
-
-
-def _user_error_names() -> set[str]:
-    names, todo = set(), [UserError]
-    while todo:
-        cls = todo.pop()
-        names.add(cls.__name__)
-        todo += cls.__subclasses__()
-    return names
-
-
-def _user_cause(exc: BaseException) -> str | None:
-    """The first error in `exc`'s chain a user can act on, as one line of text."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, UserError):
-            return str(seen)
-        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
-            return f"no space left on the device ({seen.filename or seen})"
-        if "database or disk is full" in str(seen):
-            return "no space left on the device holding the workdir's databases"
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def quiet_user_errors() -> None:
-    for name in ("prefect.task_runs", "prefect.flow_runs"):
-        logging.getLogger(name).addFilter(_DropUserErrors())
 
 
 class Terminated(KeyboardInterrupt):
@@ -234,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if EPHEMERAL_TIMEOUT in str(exc):
             print(f"gen2embed: {BUSY_MACHINE}", file=sys.stderr)
             return 3
-        cause = _user_cause(exc)
+        cause = user_cause(exc)
         if cause is None or known.debug:
             raise
         print(f"gen2embed: {cause}", file=sys.stderr)
@@ -246,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         # Bookkeeping failing in turn (a full disk breaks MLflow's and Prefect's databases
         # too) can bury the error that says what to do: report the first one a user can fix.
-        cause = _user_cause(exc)
+        cause = user_cause(exc)
         if cause is None or known.debug:
             raise
         print(f"gen2embed: {cause}", file=sys.stderr)
