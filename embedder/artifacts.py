@@ -143,6 +143,32 @@ def code_version(function: Callable[..., Any]) -> str:
     return digest.hexdigest()[:12]
 
 
+def create_once(path: Path, build: Callable[[Path], None]) -> None:
+    """Create the file `path` once, atomically: under a lock (a second creator waits, then
+    finds it), built by `build` into a temporary sibling that is renamed into place. A kill
+    at any point leaves no file or a complete one; a killed build's leftovers are removed by
+    the next attempt, a failed build's by this one."""
+    if path.is_file():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (path.parent / f"{path.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return
+        for stale in path.parent.glob(f"{path.name}.tmp-*"):
+            stale.unlink()
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            build(tmp)
+        except BaseException:
+            for leftover in path.parent.glob(f"{tmp.name}*"):  # with SQLite's -wal, -shm
+                leftover.unlink(missing_ok=True)
+            raise
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:

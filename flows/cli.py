@@ -177,20 +177,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"gen2embed: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        if EPHEMERAL_TIMEOUT in str(exc):
-            print(f"gen2embed: {BUSY_MACHINE}", file=sys.stderr)
-            return 3
-        cause = user_cause(exc)
-        if cause is None or known.debug:
-            raise
-        print(f"gen2embed: {cause}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as exc:
         how, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
         print(f"gen2embed: {how}; finished stages are kept, rerun to resume", file=sys.stderr)
         return code
     except Exception as exc:
+        if isinstance(exc, RuntimeError) and EPHEMERAL_TIMEOUT in str(exc):
+            print(f"gen2embed: {BUSY_MACHINE}", file=sys.stderr)
+            return 3
         # Bookkeeping failing in turn (a full disk breaks MLflow's and Prefect's databases
         # too) can bury the error that says what to do: report the first one a user can fix.
         cause = user_cause(exc)

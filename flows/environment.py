@@ -6,7 +6,6 @@ imports flows afterwards. Values the user already exported win.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from embedder.artifacts import WORKDIR_ENV, resolve_workdir
+from embedder.artifacts import WORKDIR_ENV, create_once, resolve_workdir
 from embedder.errors import UserError
 from embedder.processes import pid_alive
 
@@ -92,35 +91,22 @@ def uses_own_prefect_server() -> bool:
 
 
 def create_prefect_store(home: Path) -> None:
-    """Create the Prefect database in `home` once, under a lock and atomically (migrated in
-    a temporary file renamed into place), before any server uses it: Prefect migrates in
+    """Create the Prefect database in `home` once (embedder.artifacts.create_once), migrated
+    in a temporary file renamed into place, before any server uses it: Prefect migrates in
     place, so a kill during a first run, or two first runs at once, could leave a database
     no later run can open."""
-    db = home / PREFECT_DB
-    if db.is_file():
-        return
-    home.mkdir(parents=True, exist_ok=True)
-    with (home / f"{PREFECT_DB}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second first run waits, then finds the file
-        if db.is_file():
-            return
-        for stale in home.glob(f"{PREFECT_DB}.tmp-*"):  # left by a killed setup
-            stale.unlink()
-        tmp = home / f"{PREFECT_DB}.tmp-{os.getpid()}"
+
+    def build(tmp: Path) -> None:
         env = {**os.environ, "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}"}
-        prefect = Path(sys.executable).with_name("prefect")
         done = subprocess.run(
-            [str(prefect), "server", "database", "upgrade", "-y"],
+            [str(Path(sys.executable).with_name("prefect")), "server", "database", "upgrade", "-y"],
             env=env,
             capture_output=True,
             text=True,
         )
         if done.returncode != 0:
-            for partial in home.glob(f"{tmp.name}*"):
-                partial.unlink()
             full = any(m in done.stderr for m in ("No space left", "database or disk is full"))
             reason = f"the disk holding {home} is full" if full else done.stderr[-1500:]
             raise StoreError(f"could not create the Prefect database in {home}: {reason}")
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        tmp.replace(db)
+
+    create_once(home / PREFECT_DB, build)

@@ -9,7 +9,6 @@ that died are swept to KILLED when the next pipeline starts.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 from prefect.exceptions import TerminationSignal
 
+from embedder.artifacts import create_once
 from embedder.processes import pid_alive
 
 log = logging.getLogger("gen2embed.tracking")
@@ -38,26 +38,17 @@ def default_tracking_uri(workdir: Path) -> str:
 
 
 def create_store(workdir: Path) -> None:
-    """Create the workdir's MLflow database once, under a lock and atomically: the tables
+    """Create the workdir's MLflow database once (embedder.artifacts.create_once): the tables
     and the experiment are built in a temporary file renamed into place, so a kill at any
     point leaves no database or a complete one (MLflow migrates in place, unlocked)."""
-    db = workdir / DB_FILE
-    if db.is_file():
-        return
-    workdir.mkdir(parents=True, exist_ok=True)
-    with (workdir / f"{DB_FILE}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second first run waits, then finds the file
-        if db.is_file():
-            return
-        for stale in workdir.glob(f"{DB_FILE}.tmp-*"):  # left by a killed setup
-            stale.unlink()
-        tmp = workdir / f"{DB_FILE}.tmp-{os.getpid()}"
-        client = MlflowClient(tracking_uri=f"sqlite:///{tmp}")
+
+    def build(tmp: Path) -> None:
         location = (workdir / "mlartifacts").resolve().as_uri()
-        client.create_experiment(EXPERIMENT, artifact_location=location)
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        tmp.replace(db)
+        MlflowClient(tracking_uri=f"sqlite:///{tmp}").create_experiment(
+            EXPERIMENT, artifact_location=location
+        )
+
+    create_once(workdir / DB_FILE, build)
 
 
 def flatten_params(section: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
