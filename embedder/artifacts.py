@@ -251,11 +251,6 @@ class ArtifactStore:
         """Problems with the published folder; empty when it can be trusted."""
         return verify_folder(self.path(stage, fp))
 
-    def manifest(self, stage: str, fp: str) -> Manifest:
-        """The manifest of a published folder, without re-verifying its files (for callers
-        that just did, like a pipeline run right after planning)."""
-        return Manifest.from_json((self.path(stage, fp) / MANIFEST).read_text())
-
     def load(self, stage: str, fp: str) -> Manifest | None:
         """The manifest of a published, verified result, or None (logging why not)."""
         problems = self.verify(stage, fp)

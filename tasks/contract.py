@@ -160,14 +160,14 @@ class Stage(Generic[OutputT]):
             raise RuntimeError(f"stage {self.name} called outside a PipelineRun or plan()")
         return runner(call)
 
-    def published(self, store: ArtifactStore, fp: str) -> OutputT | None:
-        """The published output of fingerprint `fp` if its folder can be trusted, else None.
-        The only place a cache hit is decided."""
+    def published(self, store: ArtifactStore, fp: str) -> tuple[OutputT, Manifest] | None:
+        """The published output of fingerprint `fp` (with its manifest) if its folder can be
+        trusted, else None. The only place a cache hit is decided."""
         manifest = store.load(self.name, fp)
         if manifest is None:
             return None
         try:
-            return self.restore(store, manifest)
+            return self.restore(store, manifest), manifest
         except ValidationError as exc:  # a folder from before its output was recorded
             log.info("%s: manifest does not describe the output (%s)", self.name, exc)
             return None
@@ -264,9 +264,10 @@ def _execute(call: StageCall[Any], run: RunSettings) -> Any:
         if run.mode != "recompute":
             published = call.stage.published(store, fp)
             if published is not None:
+                output, manifest = published
                 log.info("%s: cached (%s)", name, path)
-                log_cached_run(name, store.manifest(name, fp), tracker, run.parent_run_id, path)
-                return Completed(data=published, name="Cached", message=f"reused {path}")
+                log_cached_run(name, manifest, tracker, run.parent_run_id, path)
+                return Completed(data=output, name="Cached", message=f"reused {path}")
             if run.mode == "reuse":
                 raise PipelineError(
                     f"--from {run.from_stage} needs published results of {name}; "
@@ -402,7 +403,6 @@ def _running(runner: Callable[[StageCall[Any]], Any]) -> Iterator[None]:
 class PlannedStage:
     name: str
     fingerprint: str
-    path: Path
     problems: tuple[str, ...] | None  # None: not checked
     upstream: tuple[str, ...] = ()  # the stages whose outputs it reads
 
@@ -457,7 +457,7 @@ def plan(
         name, fp = call.stage.name, call.fingerprint
         problems = tuple(store.verify(name, fp)) if verify else None
         upstream = tuple(u.stage for u in call.upstream.values() if u is not None)
-        planned.append(PlannedStage(name, fp, store.path(name, fp), problems, upstream))
+        planned.append(PlannedStage(name, fp, problems, upstream))
         # A stand-in carrying what downstream fingerprints need; nothing is read.
         return call.stage.output_type(folder=store.path(name, fp), stage=name, fingerprint=fp)
 
