@@ -61,5 +61,9 @@ def user_cause(exc: BaseException) -> str | None:
 
 
 def quiet_user_errors() -> None:
+    # Prefect's API log handler writes "--- Error logging to API ---" and the server's 500 to
+    # stderr when the server cannot store a log (its database on a full disk); like the stdlib
+    # handlers it stays silent when logging errors are turned off, as they are in production.
+    logging.raiseExceptions = False
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_DropUserErrors())

@@ -63,10 +63,17 @@ def flatten_params(section: Mapping[str, Any], prefix: str = "") -> dict[str, st
     return out
 
 
+def _first_line(exc: BaseException) -> str:
+    # SQLAlchemy prefixes "(raised as a result of Query-invoked autoflush ...)": skip it.
+    lines = [ln for ln in str(exc).splitlines() if ln and not ln.startswith("(raised as")]
+    return lines[0] if lines else type(exc).__name__
+
+
 class Tracker:
     def __init__(self, tracking_uri: str, artifact_root: Path | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._end_failed = False
         exp = self.client.get_experiment_by_name(EXPERIMENT)
         location = artifact_root.resolve().as_uri() if artifact_root is not None else None
         if exp is not None and location is not None and exp.artifact_location != location:
@@ -150,14 +157,21 @@ class Tracker:
         finally:
             self._best_effort(self.client.set_terminated, run_id, RunStatus.to_string(status))
 
-    @staticmethod
-    def _best_effort(call: Any, *args: Any) -> None:
+    def _best_effort(self, call: Any, *args: Any) -> None:
         """Bookkeeping while a run is already failing (a full disk, say) must not replace the
-        error the user needs with MLflow's; a run left RUNNING is swept by the next start."""
+        error the user needs with MLflow's; a run left RUNNING is swept by the next start.
+        MLflow's store logs each failed statement with its traceback: muted here, and only the
+        first failure of a run is reported (the parent and every stage hit the same wall)."""
+        store_log = logging.getLogger("mlflow.store.db.utils")
+        muted, store_log.disabled = store_log.disabled, True
         try:
             call(*args)
         except Exception as exc:
-            log.warning("MLflow: could not record the run's end (%s)", str(exc).splitlines()[0])
+            if not self._end_failed:
+                log.warning("MLflow: could not record the run's end (%s)", _first_line(exc))
+            self._end_failed = True
+        finally:
+            store_log.disabled = muted
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         flat = flatten_params(params)

@@ -148,6 +148,27 @@ def test_a_full_disk_is_one_clear_message(tmp_path: Path) -> None:
     assert leftovers == ["prefect.db.lock"], "no half-built database left behind"
 
 
+def test_a_disk_filling_up_mid_run_ends_with_the_cause_not_database_noise(
+    tmp_path: Path,
+) -> None:
+    """Issue 8.11: room for the databases but not for the world's images. MLflow's and
+    Prefect's bookkeeping then fail in turn; the run still ends with the one line to act on,
+    not thousands of lines of their tracebacks."""
+    with _tmpfs(tmp_path / "full", "size=6m") as full:
+        res = _cli("run", "--until", "world", workdir=full)
+        partial = list((full / "artifacts" / "world").glob("*.partial"))
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    cause = next(ln for ln in lines if ln.startswith("gen2embed: "))
+    assert cause.startswith("gen2embed: no space left on the device holding ")
+    assert "(world); free some and run again" in cause
+    assert "Traceback" not in res.stderr
+    assert "Error logging to API" not in res.stderr
+    assert sum("could not record the run's end" in ln for ln in lines) <= 2  # parent, stage
+    assert len(lines) < 20, res.stderr
+    assert partial, "the partial folder stays for the rerun"
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     res = _cli("stages", "--set", "ingest.on_bad_row=skip", "--debug", workdir=tmp_path)
     assert res.returncode == 1
