@@ -1,0 +1,1 @@
+"""Contrastive fine-tuning of the backbone: loss, GradCache, the training loop."""

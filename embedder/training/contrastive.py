@@ -1,0 +1,144 @@
+"""The contrastive loss of METHOD.md section 4 and GradCache, which makes its batch size
+independent of memory.
+
+InfoNCE runs query-to-target only: each query's row of logits covers every target of the
+global batch (all ranks), its own positive is the label. Under `torchrun` the embeddings are
+gathered across ranks (this rank's slice keeps its autograd graph) and the loss is multiplied
+by the world size, because DDP averages gradients over ranks: the averaged gradient is then
+the gradient of the global batch's mean loss.
+
+GradCache (Gao et al. 2021) computes that loss over a batch too large for one forward pass:
+1. embed the batch in chunks without a graph, remembering each chunk's RNG state;
+2. compute the loss on the detached embeddings and its gradient with respect to them;
+3. embed each chunk again with a graph, under its remembered RNG state (so dropout draws the
+   same masks as in step 1), and backpropagate the cached embedding gradient through it.
+The result equals the plain computation's loss and parameter gradients; memory is that of
+one chunk. Gradient accumulation is something else (it adds no negatives) and is not offered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, in rank order; only this rank's slice carries gradients (the others
+    come from other processes, whose own backward passes handle them)."""
+    rank, size = world()
+    if size == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(size)]
+    dist.all_gather(parts, local.detach().contiguous())
+    parts[rank] = local
+    return torch.cat(parts)
+
+
+def info_nce(
+    queries: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    target_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, the global batch's mean loss for logging).
+
+    `queries[i]`'s positive is `targets[i]`; every other target of the global batch is a
+    negative, except a target equal to its own positive (same `target_ids`), which is masked:
+    two clusters may hold the same class label, and it is not a negative of itself. Inputs are
+    L2-normalised embeddings of this rank's pairs.
+    """
+    rank, size = world()
+    all_q = gather_with_grad(queries)
+    all_t = gather_with_grad(targets)
+    logits = all_q @ all_t.T / temperature
+    labels = torch.arange(len(all_q), device=logits.device)
+    if target_ids is not None:
+        ids = gather_with_grad(target_ids)
+        same = ids[:, None] == ids[None, :]
+        same.fill_diagonal_(False)
+        logits = logits.masked_fill(same, float("-inf"))
+    loss = F.cross_entropy(logits, labels)
+    return loss * size, loss.detach()
+
+
+@dataclass
+class RandState:
+    """The RNG state before a forward pass, to replay it (RandContext in GradCache)."""
+
+    cpu: torch.Tensor
+    cuda: list[torch.Tensor]
+
+    @classmethod
+    def capture(cls) -> RandState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        return cls(torch.get_rng_state(), cuda)
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run under this state; the global RNG is left as it was before."""
+        devices = list(range(len(self.cuda)))
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda:
+                torch.cuda.set_rng_state_all(self.cuda)
+            yield
+
+
+Encode = Callable[[Any], torch.Tensor]  # one chunk of inputs -> (n, d) normalised embeddings
+Loss = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def plain_step(
+    encode: Encode, query_chunks: Sequence[Any], target_chunks: Sequence[Any], loss_fn: Loss
+) -> torch.Tensor:
+    """The reference computation: every chunk embedded with its graph kept, then the loss's
+    backward. Memory grows with the batch; GradCache must match it."""
+    q = torch.cat([encode(c) for c in query_chunks])
+    t = torch.cat([encode(c) for c in target_chunks])
+    loss, logged = loss_fn(q, t)
+    loss.backward()
+    return logged
+
+
+def grad_cache_step(
+    encode: Encode,
+    query_chunks: Sequence[Any],
+    target_chunks: Sequence[Any],
+    loss_fn: Loss,
+    no_sync: Callable[[], Any] | None = None,
+) -> torch.Tensor:
+    """One GradCache step; accumulates parameter gradients, returns the logged loss.
+
+    `no_sync` (DDP's `model.no_sync`) keeps all but the last chunk's backward from
+    all-reducing gradients; the last one reduces the sum once."""
+    chunks = [*query_chunks, *target_chunks]
+    states, reps = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(RandState.capture())
+            reps.append(encode(chunk))
+    leaves = [r.detach().requires_grad_() for r in reps]
+    n_q = len(query_chunks)
+    loss, logged = loss_fn(torch.cat(leaves[:n_q]), torch.cat(leaves[n_q:]))
+    loss.backward()
+    for i, (chunk, state, leaf) in enumerate(zip(chunks, states, leaves, strict=True)):
+        last = i == len(chunks) - 1
+        sync = nullcontext() if last or no_sync is None else no_sync()
+        with sync, state.replay():
+            rep = encode(chunk)
+            # d(loss)/d(params) = sum over rows of (d loss / d rep) . (d rep / d params)
+            torch.autograd.backward(rep, grad_tensors=leaf.grad)
+    return logged

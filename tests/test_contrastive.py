@@ -1,0 +1,124 @@
+"""InfoNCE, its gather across ranks, and GradCache against the plain computation."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from embedder.training.contrastive import grad_cache_step, info_nce, plain_step
+
+
+def _unit(*shape: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+
+def test_info_nce_is_query_to_target_cross_entropy() -> None:
+    q, t = _unit(6, 4, seed=0), _unit(6, 4, seed=1)
+    tau = 0.02
+    expected = 0.0
+    for i in range(6):
+        scores = [float(q[i] @ t[j]) / tau for j in range(6)]
+        top = max(scores)
+        log_z = top + math.log(sum(math.exp(s - top) for s in scores))
+        expected += log_z - scores[i]
+    loss, logged = info_nce(q, t, tau)
+    assert loss.item() == pytest.approx(expected / 6, rel=1e-5)
+    assert logged.item() == pytest.approx(expected / 6, rel=1e-5)
+    # Only query-to-target: transposing the roles gives another number.
+    assert info_nce(t, q, tau)[0].item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_a_target_equal_to_the_own_positive_is_not_a_negative() -> None:
+    q, t = _unit(4, 3, seed=2), _unit(4, 3, seed=3)
+    t[2] = t[0]  # two clusters holding the same label
+    ids = torch.tensor([7, 8, 7, 9])
+    masked, _ = info_nce(q, t, 0.1, target_ids=ids)
+    # Query 0 sees targets 1 and 3 as negatives, not target 2 (its own label again).
+    logits = q[0] @ t.T / 0.1
+    row0 = -logits[0] + torch.logsumexp(logits[[0, 1, 3]], 0)
+    full = torch.stack(
+        [
+            -(q[i] @ t[i] / 0.1) + torch.logsumexp((q[i] @ t.T / 0.1)[[j for j in range(4) if j == i or ids[j] != ids[i]]], 0)
+            for i in range(4)
+        ]
+    ).mean()
+    assert masked.item() == pytest.approx(full.item(), rel=1e-5)
+    assert row0.item() < (-logits[0] + torch.logsumexp(logits, 0)).item()
+
+
+class _Encoder(torch.nn.Module):
+    """A small encoder with dropout: GradCache must replay its masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 16), torch.nn.Dropout(0.3), torch.nn.GELU(), torch.nn.Linear(16, 8)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), dim=-1)
+
+
+def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_grad_cache_equals_the_plain_computation_with_dropout_on() -> None:
+    data = torch.randn(24, 8, generator=torch.Generator().manual_seed(5))
+    queries, targets = data[:12].split(4), data[12:].split(4)  # three chunks each
+
+    def loss_fn(q: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return info_nce(q, t, 0.05)
+
+    results = []
+    for step in (plain_step, grad_cache_step):
+        model = _Encoder().train()
+        torch.manual_seed(123)
+        loss = step(model, queries, targets, loss_fn)
+        results.append((loss.item(), _grads(model), torch.rand(1).item()))
+    (plain_loss, plain_grads, plain_next), (gc_loss, gc_grads, gc_next) = results
+    assert gc_loss == pytest.approx(plain_loss, rel=1e-6)
+    for a, b in zip(plain_grads, gc_grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert gc_next == plain_next, "the RNG stream continues as after one plain pass"
+    assert any(g.abs().sum() > 0 for g in gc_grads)
+
+
+def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    q_all, t_all = _unit(8, 5, seed=10), _unit(8, 5, seed=11)
+    q = q_all[rank * 4 : rank * 4 + 4].clone().requires_grad_()
+    t = t_all[rank * 4 : rank * 4 + 4].clone().requires_grad_()
+    loss, logged = info_nce(q, t, 0.05)
+    loss.backward()
+    torch.save(
+        {"loss": loss.detach(), "logged": logged, "gq": q.grad, "gt": t.grad},
+        Path(out_dir) / f"rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+def test_two_ranks_gather_negatives_and_match_the_single_process_loss(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    q_all = _unit(8, 5, seed=10).requires_grad_()
+    t_all = _unit(8, 5, seed=11).requires_grad_()
+    single, _ = info_nce(q_all, t_all, 0.05)
+    single.backward()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["logged"].item() == pytest.approx(single.item(), rel=1e-6)
+        assert got["loss"].item() == pytest.approx(2 * single.item(), rel=1e-6)
+        # DDP averages over the 2 ranks: each rank's gradient / 2 is the global gradient.
+        rows = slice(rank * 4, rank * 4 + 4)
+        torch.testing.assert_close(got["gq"] / 2, q_all.grad[rows], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got["gt"] / 2, t_all.grad[rows], rtol=1e-5, atol=1e-7)
