@@ -176,13 +176,113 @@ class EmbedConfig(_Section):
     generic_system: str = GENERIC_SYSTEM
 
 
-class ZeroshotConfig(_Section):
-    """Precision@1 of zero-shot embeddings on the miniature eval, per template."""
+LM_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-    templates: list[Literal["hierarchical", "plain", "chat"]] = Field(
-        default_factory=lambda: ["plain", "chat", "hierarchical"]
+
+class FinetuneConfig(_Section):
+    """LoRA fine-tuning on mined clusters (METHOD.md section 4). Defaults are the paper's 7B
+    recipe; presets carry the 2B and tiny ones."""
+
+    template: Literal["hierarchical", "plain", "chat"] = Field(
+        "hierarchical", description="Prompt template of the training inputs (set per table row)."
+    )
+    steps: int = Field(1500, ge=1, description="Optimizer steps.")
+    warmup: int = Field(100, ge=0, description="Linear warm-up steps, then linear decay to 0.")
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(
+        None, gt=0, description="Clip the gradient norm (None: no clipping, as the paper)."
+    )
+    temperature: float = Field(0.02, gt=0, description="InfoNCE temperature.")
+    clusters_per_batch: int = Field(
+        16, ge=1, description="Whole clusters per device per step (16 x 16 pairs in the paper)."
+    )
+    grad_cache: bool = Field(True, description="GradCache: batch size independent of memory.")
+    chunk_size: int = Field(
+        32, ge=1, description="Inputs per forward pass (GradCache chunk; memory knob only)."
+    )
+    gradient_checkpointing: bool = False
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(64, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    dora: bool = True
+    lora_init: Literal["gaussian", "default"] = Field(
+        "gaussian", description="Initialisation of the LoRA A matrices (B starts at zero)."
+    )
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(LM_PROJECTIONS),
+        description="Module names given LoRA: the language model's attention and MLP projections.",
+    )
+    checkpoint_every: int = Field(100, ge=1, description="Steps between resumable checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1)
+    merge: bool = Field(False, description="Also save the merged full model (large).")
+    seed: int = 0
+
+
+class EvaluateConfig(_Section):
+    """MMEB-style evaluation (METHOD.md section 5): strict Precision@1 per subset, with the
+    base model (zero-shot) or a fine-tuned adapter."""
+
+    template: Literal["hierarchical", "plain", "chat"] = Field(
+        "hierarchical", description="Prompt template of the eval inputs (set per table row)."
     )
     max_queries: int | None = Field(None, ge=1, description="Cap per eval subset (None: all).")
+    image_mode: Literal["fixed", "eval", "native"] = Field(
+        "eval",
+        description="eval: aspect <= 2:1, long side <= 992, short side >= 336 (the paper); "
+        "fixed: image_side square.",
+    )
+    image_side: int = Field(448, ge=16, description="Side for image_mode=fixed.")
+    max_pixels: int = Field(
+        992 * 992, ge=1, description="Hard cap on pixels per image given to the processor."
+    )
+    hit_k: int = Field(5, ge=1, description="Hit@k reported beside P@1.")
+    sanity_items: int = Field(
+        16, ge=0, description="Items embedded twice in different batches before the run; each "
+        "must find itself first (0: skip the check)."
+    )
+
+
+NEGATIVES = ("none", "in_batch", "saha", "topk", "topk_margin")
+
+
+class TableRow(_Section):
+    """One row of the comparison table: a template, and how the model was fine-tuned."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    template: Literal["hierarchical", "plain", "chat"]
+    negatives: Literal["none", "in_batch", "saha", "topk", "topk_margin"] = Field(
+        description="none: zero-shot (no fine-tuning); otherwise the mining strategy whose "
+        "clusters make the training batches (in_batch: random clusters)."
+    )
+
+
+def _paper_rows() -> list[TableRow]:
+    """The paper's ablation (METHOD.md sections 2 and 4)."""
+    return [
+        TableRow(name="zeroshot-plain", template="plain", negatives="none"),
+        TableRow(name="zeroshot-chat", template="chat", negatives="none"),
+        TableRow(name="zeroshot-hierarchical", template="hierarchical", negatives="none"),
+        TableRow(name="inbatch-plain", template="plain", negatives="in_batch"),
+        TableRow(name="inbatch-hierarchical", template="hierarchical", negatives="in_batch"),
+        TableRow(name="saha-hierarchical", template="hierarchical", negatives="saha"),
+    ]
+
+
+class TableConfig(_Section):
+    """The rows the run produces; each is its own MLflow run, all share cached stages."""
+
+    rows: list[TableRow] = Field(default_factory=_paper_rows)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> TableConfig:
+        names = [r.name for r in self.rows]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"table.rows: names must be unique ({', '.join(dup)} repeated)")
+        if not names:
+            raise ValueError("table.rows: at least one row")
+        return self
 
 
 class RetrieveConfig(_Section):
@@ -262,9 +362,11 @@ class PipelineConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
-    zeroshot: ZeroshotConfig = Field(default_factory=ZeroshotConfig)
     retrieve: RetrieveConfig = Field(default_factory=RetrieveConfig)
     mine: MineConfig = Field(default_factory=MineConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    table: TableConfig = Field(default_factory=TableConfig)
 
     @model_validator(mode="after")
     def _retrieval_depth_from_mining(self) -> PipelineConfig:
@@ -272,15 +374,61 @@ class PipelineConfig(_Section):
             object.__setattr__(self.retrieve, "top_r", 2 * self.mine.k * self.mine.m)
         return self
 
+    @model_validator(mode="after")
+    def _rows_own_their_settings(self) -> PipelineConfig:
+        # Each table row sets these; a value given in the section would be silently replaced.
+        owned = {
+            "mine": ("strategy", "negatives"),
+            "finetune": ("template", "template"),
+            "evaluate": ("template", "template"),
+        }
+        for section, (key, row_key) in owned.items():
+            if key in getattr(self, section).model_fields_set:
+                raise ValueError(
+                    f"{section}.{key} is set by each table row (table.rows[].{row_key}); "
+                    f"drop {section}.{key} and set the rows instead"
+                )
+        return self
+
+    def for_row(self, row: TableRow) -> PipelineConfig:
+        """This config as the row runs it: the row's template and negatives filled in."""
+        updates = {
+            "evaluate": self.evaluate.model_copy(update={"template": row.template}),
+            "finetune": self.finetune.model_copy(update={"template": row.template}),
+            "mine": self.mine.model_copy(
+                update={"strategy": row.negatives if row.negatives != "none" else "saha"}
+            ),
+        }
+        return self.model_copy(update=updates)
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The miniature world and its tiny generator, sized for minutes on 2 CPU cores.
-    "tiny": {"embed": {"image_side": 64}},
+    "tiny": {
+        "embed": {"image_side": 64},
+        "evaluate": {"image_mode": "fixed", "image_side": 64},
+        "finetune": {
+            "steps": 60,
+            "warmup": 6,
+            "lr": 1e-3,
+            "clusters_per_batch": 8,
+            "chunk_size": 48,
+            "checkpoint_every": 20,
+        },
+    },
     # The paper's backbone on a local MMEB-train copy (set ingest.train_dir / train_images).
     "qwen2vl-2b": {
         "model": {"backbone": "Qwen/Qwen2-VL-2B-Instruct"},
         "ingest": {"source": "mmeb"},
         "embed": {"batch_size": 64, "num_workers": 8, "image_side": 448},
+        "mine": {"compare_strategies": False},
+    },
+    # The paper's recipe (METHOD.md section 4) on the 7B backbone; the 2B one shares it.
+    "qwen2vl-7b": {
+        "model": {"backbone": "Qwen/Qwen2-VL-7B-Instruct"},
+        "ingest": {"source": "mmeb"},
+        "embed": {"batch_size": 32, "num_workers": 8, "image_side": 448},
+        "finetune": {"gradient_checkpointing": True, "chunk_size": 16},
         "mine": {"compare_strategies": False},
     },
 }

@@ -91,8 +91,20 @@ class Embeddings(StageOutput):
     pair_keys = file("pair_keys.parquet", "each pair with its query and positive keys")
 
 
-class ZeroShotReport(StageOutput):
-    """Precision@1 of the prompt templates on the eval set (stage `zeroshot`)."""
+class Adapter(StageOutput):
+    """A LoRA adapter trained on mined clusters (stage `finetune`)."""
+
+    base: str = ""
+    template: str = ""
+
+    adapter = file("adapter", "peft adapter folder (safetensors)")
+    history = file("history.json", "per-step loss, lr and pairs/s")
+
+
+class EvalReport(StageOutput):
+    """Precision@1 on the eval set of one model and template (stage `evaluate`)."""
+
+    template: str = ""
 
     report = file("report.json")
 

@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from embedder.config import WorldConfig
+from embedder.config import IngestConfig, PretrainConfig, WorldConfig
+from embedder.datasets.ingest import ingest
+from embedder.generator import corpus_texts
+from embedder.model.backbone import build_tiny, save_backbone
+from embedder.outputs import Generator, Tables
 from embedder.world import build_world
 
 # Settings Prefect reads at import time; tests must never touch a user's ~/.prefect.
@@ -32,7 +36,9 @@ TINY_MODEL_OVERRIDES = [
     "pretrain.batch_size=8",
     "pretrain.eval_per_type=2",
     "embed.num_workers=0",
-    "zeroshot.max_queries=3",
+    "evaluate.max_queries=3",
+    "finetune.steps=2",
+    "finetune.clusters_per_batch=2",
     "mine.k=5",  # over the default recipe's k=15: m stays 3, so R = 2km = 30
 ]
 
@@ -48,6 +54,28 @@ def world_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("world")
     build_world(WorldConfig(**SMALL_WORLD), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def generator(tmp_path_factory: pytest.TempPathFactory) -> Generator:
+    """An untrained tiny generator: enough to check what goes where."""
+    out = Generator(folder=tmp_path_factory.mktemp("generator"))
+    save_backbone(build_tiny(corpus_texts(), PretrainConfig(), image_size=64), out.model_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tables(world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Tables:
+    cfg = IngestConfig(
+        source="mmeb",
+        train_dir=world_dir / "train",
+        train_images=world_dir / "train_images",
+        eval_dir=world_dir / "eval",
+        eval_images=world_dir / "eval_images",
+        train_subsets=["ShapeClass", "ShapeCaps_i2t"],
+        eval_subsets=["ShapeClass", "OutlineCaps_t2i"],
+    )
+    return ingest(cfg, None, tmp_path_factory.mktemp("ingest"))
 
 
 @pytest.fixture(scope="session")

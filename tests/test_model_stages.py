@@ -13,11 +13,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from embedder.config import EmbedConfig, IngestConfig, ModelConfig, PretrainConfig, WorldConfig
-from embedder.datasets.ingest import ingest
+from embedder.config import EmbedConfig, ModelConfig, PretrainConfig, WorldConfig
 from embedder.embed import embed_pairs
-from embedder.generator import corpus_texts, pretrain_generator
-from embedder.model.backbone import build_tiny, load_backbone, save_backbone
+from embedder.generator import pretrain_generator
+from embedder.model.backbone import load_backbone
 from embedder.model.encode import EmbedItem, encode
 from embedder.model.prompts import render
 from embedder.model.shards import load_embeddings
@@ -25,28 +24,6 @@ from embedder.outputs import Generator, Tables
 from embedder.zeroshot import strict_hits, zeroshot_eval
 
 EMBED = EmbedConfig(num_workers=0, image_side=64)
-
-
-@pytest.fixture(scope="module")
-def generator(tmp_path_factory: pytest.TempPathFactory) -> Generator:
-    """An untrained tiny generator: enough to check what goes where."""
-    out = Generator(folder=tmp_path_factory.mktemp("generator"))
-    save_backbone(build_tiny(corpus_texts(), PretrainConfig(), image_size=64), out.model_dir)
-    return out
-
-
-@pytest.fixture(scope="module")
-def tables(world_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Tables:
-    cfg = IngestConfig(
-        source="mmeb",
-        train_dir=world_dir / "train",
-        train_images=world_dir / "train_images",
-        eval_dir=world_dir / "eval",
-        eval_images=world_dir / "eval_images",
-        train_subsets=["ShapeClass", "ShapeCaps_i2t"],
-        eval_subsets=["ShapeClass", "OutlineCaps_t2i"],
-    )
-    return ingest(cfg, None, tmp_path_factory.mktemp("ingest"))
 
 
 def _item(text: str, image: str, template: str, role: str) -> EmbedItem:

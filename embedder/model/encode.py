@@ -178,19 +178,34 @@ class ProcessedBatches(torch.utils.data.Dataset):
         return len(self.batches)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        items = self.batches[index]
-        images = [
-            load_image(
-                self.images_root, i.image, self.settings.image_mode, self.settings.image_side
-            )
-            for i in items
-            if i.image
-        ]
-        self.processor.tokenizer.padding_side = self.settings.padding_side
-        inputs = self.processor(
-            text=[i.text for i in items], images=images or None, padding=True, return_tensors="pt"
-        )
-        return dict(inputs)
+        return process_items(self.processor, self.batches[index], self.images_root, self.settings)
+
+
+def process_items(
+    processor: Any, items: Sequence[EmbedItem], images_root: Path, settings: EmbedConfig
+) -> dict[str, Any]:
+    """One batch as model inputs: images decoded and resized by `settings`, texts padded on
+    `settings.padding_side`."""
+    images = [
+        load_image(images_root, i.image, settings.image_mode, settings.image_side)
+        for i in items
+        if i.image
+    ]
+    processor.tokenizer.padding_side = settings.padding_side
+    inputs = processor(
+        text=[i.text for i in items], images=images or None, padding=True, return_tensors="pt"
+    )
+    return dict(inputs)
+
+
+def embed_inputs(backbone: Backbone, inputs: dict[str, Any]) -> torch.Tensor:
+    """L2-normalised last-token states of one processed batch (graph kept if grad is on)."""
+    inputs = {k: v.to(backbone.device) for k, v in inputs.items()}
+    on_gpu = backbone.device.type == "cuda"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_gpu):
+        hidden = backbone.adapter.last_hidden_state(backbone.model, inputs)
+    pooled = pool_last_token(hidden, inputs["attention_mask"]).float()
+    return torch.nn.functional.normalize(pooled, dim=-1)
 
 
 def _identity(batch: Any) -> Any:

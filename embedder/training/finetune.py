@@ -1,0 +1,366 @@
+"""Stage `finetune`: LoRA contrastive training on mined clusters (METHOD.md section 4).
+
+A batch is a set of whole clusters (SaHa's, or a baseline's from the `mine` stage): every
+pair's hard negatives are its cluster mates' positives, at no extra forward pass. The loss is
+InfoNCE over every query/positive pair of the global batch (embedder.training.contrastive),
+computed with GradCache unless turned off. Incomplete last batches are dropped.
+
+Resuming: which clusters make step s is a pure function of (seed, s), so a checkpoint needs
+only the adapter, the optimizer, the scheduler, the RNG states and s. Checkpoints are written
+every `checkpoint_every` steps into the stage's partial folder (each by an atomic rename);
+a rerun continues from the newest and ends where an uninterrupted run ends.
+
+Several GPUs: run under `torchrun`; each rank takes its share of the global batch's clusters,
+embeddings are gathered for the loss, and the (small) LoRA gradients are all-reduced after
+each step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from embedder.config import EmbedConfig, FinetuneConfig, ModelConfig
+from embedder.datasets.schema import CLUSTERS_SCHEMA, PAIRS_SCHEMA, read_table
+from embedder.embed import make_item, open_backbone
+from embedder.errors import UserError
+from embedder.model.backbone import Backbone
+from embedder.model.encode import EmbedItem, embed_inputs, item_key, process_items
+from embedder.outputs import Adapter, Clusters, Generator, Tables
+from embedder.training import adapters
+from embedder.training.contrastive import grad_cache_step, info_nce, plain_step, world
+
+log = logging.getLogger("gen2embed.finetune")
+
+CHECKPOINTS = "checkpoints"
+
+
+class TrainingDataError(UserError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainPair:
+    query: EmbedItem
+    target: EmbedItem
+
+
+def training_clusters(
+    clusters: Clusters, data: Tables, template: str, image_token: str, strings: EmbedConfig
+) -> list[list[TrainPair]]:
+    """The clusters as lists of rendered (query, positive) pairs, in cluster order."""
+    members = read_table(clusters.clusters, CLUSTERS_SCHEMA, ["cluster", "position", "id"])
+    pairs = read_table(
+        data.pairs, PAIRS_SCHEMA, ["id", "qry_text", "qry_image", "pos_text", "pos_image"]
+    )
+    frame = (
+        pl.from_arrow(members)
+        .join(pl.from_arrow(pairs).unique("id", keep="first"), on="id", how="left")
+        .sort("cluster", "position")
+    )
+    lost = frame.filter(pl.col("qry_text").is_null())["id"].to_list()
+    if lost:
+        raise TrainingDataError(
+            f"{len(lost)} cluster members are not in the pairs table (ids {lost[:5]}): the "
+            "mine and ingest outputs do not belong together"
+        )
+    out: list[list[TrainPair]] = []
+    for (_,), part in frame.group_by(["cluster"], maintain_order=True):
+        cluster = []
+        for r in part.iter_rows(named=True):
+            q = make_item(
+                r["qry_text"], r["qry_image"], template=template, role="query",
+                image_token=image_token, strings=strings,
+            )
+            t = make_item(
+                r["pos_text"], r["pos_image"], template=template, role="target",
+                image_token=image_token, strings=strings,
+            )
+            cluster.append(TrainPair(q, t))
+        out.append(cluster)
+    return out
+
+
+def step_clusters(n_clusters: int, per_step: int, seed: int, step: int) -> list[int]:
+    """Cluster indices of global step `step`: epochs are seeded permutations, cut into
+    batches of `per_step` clusters, the incomplete last one dropped."""
+    per_epoch = n_clusters // per_step
+    epoch, index = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_clusters)
+    return order[index * per_step : (index + 1) * per_step].tolist()
+
+
+@dataclass
+class History:
+    steps: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    pairs_per_s: list[float] = field(default_factory=list)
+
+    def add(self, step: int, loss: float, lr: float, pairs_per_s: float) -> None:
+        self.steps.append(step)
+        self.loss.append(loss)
+        self.lr.append(lr)
+        self.pairs_per_s.append(pairs_per_s)
+
+    def until(self, step: int) -> History:
+        keep = [i for i, s in enumerate(self.steps) if s <= step]
+        return History(*([getattr(self, f)[i] for i in keep] for f in self.__dataclass_fields__))
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+class Checkpoints:
+    """`folder/step-NNNNNN/` with the adapter weights and the training state; written into a
+    temporary sibling and renamed, so a kill never leaves a half checkpoint behind."""
+
+    def __init__(self, folder: Path, keep: int) -> None:
+        self.folder, self.keep = folder, keep
+
+    def latest(self) -> Path | None:
+        done = sorted(p for p in self.folder.glob("step-*") if p.name[5:].isdigit())
+        return done[-1] if done else None
+
+    def save(self, step: int, peft_model: Any, state: dict[str, Any]) -> None:
+        from peft.utils import get_peft_model_state_dict
+
+        final = self.folder / f"step-{step:06d}"
+        tmp = self.folder / f"step-{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(
+            peft_model
+        ).items()}
+        save_file(weights, tmp / adapters.WEIGHTS)
+        torch.save(state, tmp / "state.pt")
+        tmp.rename(final)
+        for old in sorted(p for p in self.folder.glob("step-*") if p.name[5:].isdigit())[
+            : -self.keep
+        ]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path, peft_model: Any) -> dict[str, Any]:
+        from peft.utils import set_peft_model_state_dict
+
+        weights = load_file(str(path / adapters.WEIGHTS))
+        set_peft_model_state_dict(peft_model, weights)
+        # Our own file (optimizer state, RNG states, numpy's included): not a foreign pickle.
+        return torch.load(path / "state.pt", weights_only=False)
+
+
+@dataclass
+class TrainResult:
+    history: History
+    resumed_from: int
+    seconds: float
+    pairs_per_step: int
+
+
+def train(
+    backbone: Backbone,
+    clusters: list[list[TrainPair]],
+    cfg: FinetuneConfig,
+    settings: EmbedConfig,
+    images_root: Path,
+    out: Path,
+    *,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> tuple[Any, TrainResult]:
+    """Train a fresh adapter on `clusters`; returns (PeftModel, result). Resumes from the
+    newest checkpoint under `out/checkpoints`. `stop_after` ends early after that many steps
+    in total (a checkpoint is written there): how tests interrupt a run."""
+    rank, size = world()
+    per_step = cfg.clusters_per_batch * size
+    if len(clusters) < per_step:
+        raise TrainingDataError(
+            f"{len(clusters)} clusters cannot fill one step of {per_step} "
+            f"(finetune.clusters_per_batch={cfg.clusters_per_batch} x {size} ranks): lower "
+            "finetune.clusters_per_batch or mine more data"
+        )
+    torch.manual_seed(cfg.seed)
+    peft_model = adapters.attach(backbone, cfg)
+    model = backbone.model
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup, cfg.steps)
+    checkpoints = Checkpoints(out / CHECKPOINTS, cfg.keep_checkpoints)
+    history, start = History(), 0
+    latest = checkpoints.latest()
+    if latest is not None:
+        state = checkpoints.load(latest, peft_model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start = state["step"]
+        history = History(**state["history"])
+        log.info("finetune: resuming from %s (step %d of %d)", latest, start, cfg.steps)
+    else:
+        torch.manual_seed(cfg.seed + 1 + rank)  # dropout draws; ranks differ
+
+    def encode(items: list[EmbedItem]) -> torch.Tensor:
+        return embed_inputs(backbone, process_items(backbone.processor, items, images_root,
+                                                    settings))
+
+    def loss_fn(q: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> Any:
+        return info_nce(q, t, cfg.temperature, target_ids=ids)
+
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(
+        total=cfg.steps, initial=start, unit="step", desc="finetune",
+        disable=not progress or rank != 0,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+    )
+    started = time.perf_counter()
+    pairs_per_step = 0
+    for step in range(start, end):
+        tic = time.perf_counter()
+        chosen = step_clusters(len(clusters), per_step, cfg.seed, step)
+        mine = chosen[rank * cfg.clusters_per_batch : (rank + 1) * cfg.clusters_per_batch]
+        pairs = [p for c in mine for p in clusters[c]]
+        pairs_per_step = len(pairs) * size
+        queries = [p.query for p in pairs]
+        targets = [p.target for p in pairs]
+        # Equal positives (one class label in two clusters) are not each other's negatives.
+        ids = torch.tensor(
+            [int(item_key(t.text, t.image)[:15], 16) for t in targets], device=backbone.device
+        )
+        n = cfg.chunk_size
+        q_chunks = [queries[i : i + n] for i in range(0, len(queries), n)]
+        t_chunks = [targets[i : i + n] for i in range(0, len(targets), n)]
+        run_step = grad_cache_step if cfg.grad_cache else plain_step
+        loss = run_step(encode, q_chunks, t_chunks, lambda q, t: loss_fn(q, t, ids))
+        if size > 1:
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= size
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"finetune: loss is {loss.item()} at step {step + 1}")
+        rate = pairs_per_step / (time.perf_counter() - tic)
+        history.add(step + 1, float(loss), lr, rate)
+        bar.set_postfix(loss=f"{float(loss):.3f}", pairs_s=f"{rate:.1f}")
+        bar.update(1)
+        done = step + 1
+        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == end):
+            checkpoints.save(
+                done,
+                peft_model,
+                {
+                    "step": done,
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(),
+                    "history": history.__dict__,
+                },
+            )
+    bar.close()
+    model.eval()
+    return peft_model, TrainResult(history, start, time.perf_counter() - started, pairs_per_step)
+
+
+def _loss_plot(history: History, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(history.steps, history.loss, lw=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("InfoNCE loss (global batch mean)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def finetune_adapter(
+    model: ModelConfig,
+    embed: EmbedConfig,
+    cfg: FinetuneConfig,
+    data: Tables,
+    clusters: Clusters,
+    generator: Generator | None,
+    out: Path,
+) -> Adapter:
+    """Train a LoRA adapter on the clusters with `cfg.template` prompts; training images as
+    the embed section says (fixed 448 x 448 in the paper)."""
+    if data.pairs_images is None:
+        raise TrainingDataError("the ingest output holds no training pairs")
+    backbone = open_backbone(model, generator)
+    token = backbone.image_token(model.wrapped_image_token)
+    groups = training_clusters(clusters, data, cfg.template, token, embed)
+    settings = embed.model_copy(update={"template": cfg.template})
+    peft_model, result = train(backbone, groups, cfg, settings, data.pairs_images, out)
+    output = Adapter(folder=out, base=backbone.source, template=cfg.template)
+    if world()[0] == 0:
+        peft_model.save_pretrained(str(output.adapter), safe_serialization=True)
+        if cfg.merge:
+            merged = peft_model.merge_and_unload()
+            merged.save_pretrained(out / "merged")
+            backbone.processor.save_pretrained(out / "merged")
+        output.history.write_text(json.dumps(result.history.__dict__))
+        _loss_plot(result.history, out / "loss.png", f"finetune ({clusters.strategy} clusters, "
+                   f"{cfg.template} template)")
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the adapter is what remains
+    h = result.history
+    tail = h.loss[-max(1, len(h.loss) // 10) :]
+    return output.model_copy(
+        update={
+            "rows": {"clusters": len(groups), "steps": cfg.steps},
+            "metrics": {
+                "loss_first": h.loss[0],
+                "loss_last_tenth": float(np.mean(tail)),
+                "pairs_per_step": result.pairs_per_step,
+                "pairs_per_s": float(np.median(h.pairs_per_s)),
+                "resumed_from_step": result.resumed_from,
+            },
+            "info": {
+                "strategy": clusters.strategy,
+                "summary": [
+                    f"finetune ({clusters.strategy}, {cfg.template}): {cfg.steps} steps of "
+                    f"{result.pairs_per_step} pairs, loss {h.loss[0]:.3f} -> "
+                    f"{float(np.mean(tail)):.3f}"
+                ],
+            },
+        }
+    )
