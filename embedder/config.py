@@ -238,8 +238,10 @@ class EvaluateConfig(_Section):
     )
     hit_k: int = Field(5, ge=1, description="Hit@k reported beside P@1.")
     sanity_items: int = Field(
-        16, ge=0, description="Items embedded twice in different batches before the run; each "
-        "must find itself first (0: skip the check)."
+        16,
+        ge=0,
+        description="Items embedded twice in different batches before the run; each "
+        "must find itself first (0: skip the check).",
     )
 
 
@@ -389,6 +391,21 @@ class PipelineConfig(_Section):
                     f"drop {section}.{key} and set the rows instead"
                 )
         return self
+
+    def with_rows(self, names: list[str] | None) -> PipelineConfig:
+        """Only the named table rows (None: all), in the config's order."""
+        if not names:
+            return self
+        known = [r.name for r in self.table.rows]
+        for name in names:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, 1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(
+                    f"row {name!r} is not in table.rows{hint}; rows: {', '.join(known)}"
+                )
+        rows = [r for r in self.table.rows if r.name in names]
+        return self.model_copy(update={"table": TableConfig(rows=rows)})
 
     def for_row(self, row: TableRow) -> PipelineConfig:
         """This config as the row runs it: the row's template and negatives filled in."""

@@ -51,7 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute this stage and everything downstream (repeatable)",
     )
 
-    run.add_argument("--until", choices=STAGES, help="stop after this stage")
+    run.add_argument("--until", choices=STAGES, help="stop after this stage (in every row)")
+    run.add_argument(
+        "--row",
+        dest="rows",
+        action="append",
+        metavar="NAME",
+        help="run only this table row (repeatable); shared stages come from the cache",
+    )
 
     stages = sub.add_parser("stages", help="each stage's fingerprint and whether it is cached")
     _config_args(stages)
@@ -77,7 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     workdir = configure(args.workdir)
     # Fail fast, before Prefect's server starts: config, source paths, stage options.
-    cfg = load_config(args.preset, args.config_file, args.overrides)
+    cfg = load_config(args.preset, args.config_file, args.overrides).with_rows(args.rows)
     from embedder.artifacts import ArtifactStore
     from embedder.datasets.ingest import check_sources
     from flows.pipeline import method, pipeline
@@ -103,6 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from_stage=args.from_stage,
         force=args.force,
         until=args.until,
+        rows=args.rows,
         workdir=str(workdir),
     )
     print(run_summary(paths, workdir))
@@ -115,14 +123,18 @@ def run_summary(paths: dict[str, str], workdir: Path) -> str:
 
     lines = ["", "Published stage folders:"]
     summaries, warnings = [], []
+    report = paths.pop("report", None)
     for stage, path in paths.items():
         manifest = Manifest.from_json((Path(path) / MANIFEST).read_text())
         rows = ", ".join(f"{k} {v:,}" for k, v in manifest.rows.items() if ":" not in k)
-        lines.append(f"  {stage:8s} {path}" + (f"  ({rows})" if rows else ""))
+        lines.append(f"  {stage:32s} {path}" + (f"  ({rows})" if rows else ""))
         if manifest.info.get("summary"):
             summaries += ["", *manifest.info["summary"]]
         warnings += [f"  {stage}: {w}" for w in manifest.info.get("warnings", [])]
     lines += summaries
+    if report is not None:
+        table = (Path(report) / "report.md").read_text().split("```")[1].strip("\n")
+        lines += ["", "The table (strict P@1):", table, f"Report: {Path(report) / 'report.md'}"]
     if warnings:
         lines += ["", "WARNINGS (also tagged gen2embed.warnings on the MLflow runs):", *warnings]
     lines += [
@@ -144,10 +156,10 @@ def cmd_stages(args: argparse.Namespace) -> int:
     from tasks.contract import plan
 
     print(f"workdir {workdir}")
-    print(f"{'stage':8s} {'fingerprint':22s} status")
+    print(f"{'stage[row]':32s} {'fingerprint':22s} status")
     for p in plan(method, config, ArtifactStore(workdir), verify=True):
         status = "cached" if p.cached else f"to compute ({(p.problems or ('',))[0]})"
-        print(f"{p.name:8s} {p.fingerprint:22s} {status}")
+        print(f"{p.label:32s} {p.fingerprint:22s} {status}")
     return 0
 
 

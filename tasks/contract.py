@@ -390,6 +390,34 @@ _RUNNER: contextvars.ContextVar[Callable[[StageCall[Any]], Any]] = contextvars.C
 )
 
 
+# The table row whose stages are being called (None: the shared stages), and how a PipelineRun
+# opens a row's MLflow run.
+_ROW: contextvars.ContextVar[str | None] = contextvars.ContextVar("gen2embed_row", default=None)
+_ROW_SCOPE: contextvars.ContextVar[Callable[[str], Any]] = contextvars.ContextVar(
+    "gen2embed_row_scope"
+)
+
+
+@contextmanager
+def table_row(name: str) -> Iterator[None]:
+    """Stages called inside belong to table row `name`: their task runs carry its name and
+    their MLflow runs nest under the row's own run (which gets their metrics)."""
+    token = _ROW.set(name)
+    try:
+        scope = _ROW_SCOPE.get(None)
+        if scope is None:
+            yield
+        else:
+            with scope(name):
+                yield
+    finally:
+        _ROW.reset(token)
+
+
+def stage_label(name: str, row: str | None) -> str:
+    return name if row is None else f"{name}[{row}]"
+
+
 @contextmanager
 def _running(runner: Callable[[StageCall[Any]], Any]) -> Iterator[None]:
     token = _RUNNER.set(runner)
@@ -405,6 +433,11 @@ class PlannedStage:
     fingerprint: str
     problems: tuple[str, ...] | None  # None: not checked
     upstream: tuple[str, ...] = ()  # the stages whose outputs it reads
+    row: str | None = None  # the table row it belongs to (None: shared by every row)
+
+    @property
+    def label(self) -> str:
+        return stage_label(self.name, self.row)
 
     @property
     def cached(self) -> bool:
@@ -428,8 +461,8 @@ def check_selection(
             )
     if from_stage is None:
         return
-    if until is not None:  # stages after --until do not run, so they need nothing
-        planned = planned[: names.index(until) + 1]
+    if until is not None:  # stages after --until's last call do not run: they need nothing
+        planned = planned[: len(names) - names[::-1].index(until)]
     downstream = {from_stage}
     for p in planned:
         if downstream.intersection(p.upstream):
@@ -457,7 +490,7 @@ def plan(
         name, fp = call.stage.name, call.fingerprint
         problems = tuple(store.verify(name, fp)) if verify else None
         upstream = tuple(u.stage for u in call.upstream.values() if u is not None)
-        planned.append(PlannedStage(name, fp, problems, upstream))
+        planned.append(PlannedStage(name, fp, problems, upstream, _ROW.get()))
         # A stand-in carrying what downstream fingerprints need; nothing is read.
         return call.stage.output_type(folder=store.path(name, fp), stage=name, fingerprint=fp)
 
@@ -516,9 +549,12 @@ class PipelineRun:
         self.from_stage, self.force, self.until = from_stage, set(force or []), until
         self.recomputed: set[str] = set()  # fingerprints recomputed on purpose in this run
         self.states: dict[str, State] = {}  # fingerprint -> final state of its task run
-        self.paths: dict[str, str] = {}
+        self.paths: dict[str, str] = {}  # stage label (with its row) -> published folder
         self.warnings: list[str] = []
         self.cached = 0
+        self.done: set[str] = set()  # fingerprints already run here (rows share stages)
+        self.row_ids: dict[str, str] = {}  # table row -> its MLflow run
+        self._until_left = sum(p.name == until for p in planned)
         self._exit = ExitStack()
 
     def __enter__(self) -> PipelineRun:
@@ -536,14 +572,41 @@ class PipelineRun:
             self.tracker.run("pipeline", tags=tags, params=params)
         )
         self._exit.enter_context(_running(self.run))
+        token = _ROW_SCOPE.set(self.row_scope)
+        self._exit.callback(_ROW_SCOPE.reset, token)
         return self
+
+    @contextmanager
+    def row_scope(self, row: str) -> Iterator[None]:
+        """A table row's MLflow run, nested under the pipeline's; its stages nest under it
+        and their metrics are logged on it as `<stage>.<metric>`."""
+        tags = {
+            "gen2embed.row": row,
+            "gen2embed.preset": self.preset,
+            "prefect.flow_run_id": str(flow_run.get_id() or ""),
+        }
+        stopped: _StopAfter | None = None
+        with self.tracker.run(row, parent_run_id=self.parent_id, tags=tags) as run_id:
+            self.row_ids[row] = run_id
+            try:
+                yield
+            except _StopAfter as stop:  # --until: the row ends FINISHED, not FAILED
+                stopped = stop
+            finally:
+                del self.row_ids[row]
+        if stopped is not None:
+            raise stopped
 
     def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
         if kind is None or kind is _StopAfter:
             elapsed = time.perf_counter() - self.started
             metrics = {"seconds": elapsed, "stages_cached": self.cached}
             self.tracker.log_metrics(self.parent_id, metrics)
-            tags = {f"gen2embed.path.{k}": v for k, v in self.paths.items()}
+            # MLflow tag keys allow no brackets: evaluate[row] -> evaluate.row
+            tags = {
+                f"gen2embed.path.{k.replace('[', '.').rstrip(']')}": v
+                for k, v in self.paths.items()
+            }
             if self.warnings:
                 tags["gen2embed.warnings"] = " | ".join(self.warnings)[:5000]
             self.tracker.set_tags(self.parent_id, tags)
@@ -551,8 +614,20 @@ class PipelineRun:
             return True
         return bool(self._exit.__exit__(kind, exc, tb))
 
+    def publish_report(self, folder: Path, lines: list[str]) -> None:
+        """The run's comparison table: files on the MLflow parent run, a Prefect artifact."""
+        for path in sorted(folder.iterdir()):
+            self.tracker.log_file(self.parent_id, path, "report")
+        self.tracker.set_tags(self.parent_id, {"gen2embed.report": str(folder)})
+        markdown = (folder / "report.md").read_text()
+        create_markdown_artifact(markdown=markdown, key="table", description="comparison table")
+        self.paths["report"] = str(folder)
+        self.report_lines = lines
+
     def mode(self, call: StageCall[Any]) -> Mode:
         name = call.stage.name
+        if call.fingerprint in self.done:  # another row ran it already in this run
+            return "compute"
         upstream_recomputed = any(
             u is not None and u.fingerprint in self.recomputed for u in call.upstream.values()
         )
@@ -562,10 +637,12 @@ class PipelineRun:
 
     def run(self, call: StageCall[OutputT]) -> OutputT:
         mode = self.mode(call)
+        row = _ROW.get()
+        label = stage_label(call.stage.name, row)
         settings = RunSettings(
             workdir=str(self.store.workdir),
             tracking_uri=self.tracker.tracking_uri,
-            parent_run_id=self.parent_id,
+            parent_run_id=self.row_ids.get(row or "", self.parent_id),
             mode=mode,
             from_stage=self.from_stage,
         )
@@ -573,14 +650,23 @@ class PipelineRun:
         # such as a stage name would draw false edges); the run graph's edges are exactly the
         # upstream stages, given as `wait_for`.
         upstream = [self.states[u.fingerprint] for u in call.upstream.values() if u is not None]
-        state = call.stage.task(quote(call), quote(settings), wait_for=upstream, return_state=True)
+        task = call.stage.task
+        if row is not None:  # the Prefect UI shows which row a task run belongs to
+            task = task.with_options(task_run_name=label)
+        state = task(quote(call), quote(settings), wait_for=upstream, return_state=True)
         self.states[call.fingerprint] = state
         output: OutputT = state.result()  # raises the stage's own error if it failed
         if mode == "recompute":
             self.recomputed.add(call.fingerprint)
+        self.done.add(call.fingerprint)
         self.cached += state.name == "Cached"
-        self.paths[call.stage.name] = str(output.folder)
-        self.warnings += [f"{call.stage.name}: {w}" for w in output.info.get("warnings", [])]
+        self.paths[label] = str(output.folder)
+        self.warnings += [f"{label}: {w}" for w in output.info.get("warnings", [])]
+        if row is not None and row in self.row_ids:
+            metrics = {f"{call.stage.name}.{k}": v for k, v in output.metrics.items()}
+            self.tracker.log_metrics(self.row_ids[row], metrics)
         if call.stage.name == self.until:
-            raise _StopAfter
+            self._until_left -= 1
+            if self._until_left <= 0:
+                raise _StopAfter
         return output

@@ -9,20 +9,22 @@ from __future__ import annotations
 from embedder.datasets.ingest import ingest as ingest_tables
 from embedder.datasets.ingest import source_inputs
 from embedder.embed import embed_pairs
+from embedder.evaluate import evaluate_model
 from embedder.generator import pretrain_generator
 from embedder.mining import mine_clusters
 from embedder.retrieval import retrieve_candidates
+from embedder.training.finetune import finetune_adapter
 from embedder.world import build_world
-from embedder.zeroshot import zeroshot_eval
 from tasks.contract import Stage
 
 world = Stage("world", build_world)
 ingest = Stage("ingest", ingest_tables, inputs=source_inputs)
 pretrain = Stage("pretrain", pretrain_generator)
 embed = Stage("embed", embed_pairs, resumable=True)
-zeroshot = Stage("zeroshot", zeroshot_eval, resumable=True)
 retrieve = Stage("retrieve", retrieve_candidates)
 mine = Stage("mine", mine_clusters)
+finetune = Stage("finetune", finetune_adapter, resumable=True)
+evaluate = Stage("evaluate", evaluate_model, resumable=True)
 
 STAGE_NAMES: tuple[str, ...] = tuple(
     v.name for v in list(globals().values()) if isinstance(v, Stage)

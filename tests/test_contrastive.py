@@ -43,7 +43,10 @@ def test_a_target_equal_to_the_own_positive_is_not_a_negative() -> None:
     row0 = -logits[0] + torch.logsumexp(logits[[0, 1, 3]], 0)
     full = torch.stack(
         [
-            -(q[i] @ t[i] / 0.1) + torch.logsumexp((q[i] @ t.T / 0.1)[[j for j in range(4) if j == i or ids[j] != ids[i]]], 0)
+            -(q[i] @ t[i] / 0.1)
+            + torch.logsumexp(
+                (q[i] @ t.T / 0.1)[[j for j in range(4) if j == i or ids[j] != ids[i]]], 0
+            )
             for i in range(4)
         ]
     ).mean()

@@ -28,7 +28,9 @@ FAST = FinetuneConfig(
 )
 
 
-def make_clusters(tables: Tables, folder: Path, size: int = 3, strategy: str = "in_batch") -> Clusters:
+def make_clusters(
+    tables: Tables, folder: Path, size: int = 3, strategy: str = "in_batch"
+) -> Clusters:
     """Consecutive pairs of each subset, `size` to a cluster."""
     pairs = pq.read_table(tables.pairs, columns=["id", "subset"]).to_pylist()
     rows: dict[str, list] = {k: [] for k in schema.CLUSTERS_SCHEMA.names}
@@ -56,9 +58,10 @@ def test_steps_take_whole_seeded_clusters_and_drop_the_incomplete_batch() -> Non
     first_epoch = steps[0] + steps[1]
     assert len(set(first_epoch)) == 6, "no cluster twice in an epoch"
     assert step_clusters(7, 3, seed=0, step=1) == steps[1], "a pure function of the step"
-    assert step_clusters(7, 3, seed=1, step=0) != steps[0] or step_clusters(
-        7, 3, seed=1, step=1
-    ) != steps[1]
+    assert (
+        step_clusters(7, 3, seed=1, step=0) != steps[0]
+        or step_clusters(7, 3, seed=1, step=1) != steps[1]
+    )
 
 
 def _weights(peft_model: object) -> dict[str, torch.Tensor]:
@@ -77,7 +80,13 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(
         backbone = open_backbone(ModelConfig(), generator)
         groups = training_clusters(clusters, tables, "hierarchical", "<|image_pad|>", EMBED)
         return train(
-            backbone, groups, FAST, EMBED, tables.pairs_images, out, stop_after=stop_after,
+            backbone,
+            groups,
+            FAST,
+            EMBED,
+            tables.pairs_images,
+            out,
+            stop_after=stop_after,
             progress=False,
         )
 
@@ -101,7 +110,12 @@ def test_finetune_stage_saves_a_safetensors_adapter_and_its_history(
 ) -> None:
     clusters = make_clusters(tables, tmp_path / "mine")
     out = finetune_adapter(
-        ModelConfig(), EMBED, FAST.model_copy(update={"steps": 2}), tables, clusters, generator,
+        ModelConfig(),
+        EMBED,
+        FAST.model_copy(update={"steps": 2}),
+        tables,
+        clusters,
+        generator,
         tmp_path / "ft",
     )
     assert (out.adapter / "adapter_model.safetensors").is_file()

@@ -85,6 +85,10 @@ def load_adapter(backbone: Backbone, folder: Path) -> Backbone:
     merged = peft_model.merge_and_unload()
     merged.eval()
     return Backbone(
-        merged, backbone.processor, backbone.adapter, backbone.device, backbone.dtype,
+        merged,
+        backbone.processor,
+        backbone.adapter,
+        backbone.device,
+        backbone.dtype,
         backbone.source,
     )

@@ -60,7 +60,7 @@ def info_nce(
     two clusters may hold the same class label, and it is not a negative of itself. Inputs are
     L2-normalised embeddings of this rank's pairs.
     """
-    rank, size = world()
+    size = world()[1]
     all_q = gather_with_grad(queries)
     all_t = gather_with_grad(targets)
     logits = all_q @ all_t.T / temperature

@@ -24,6 +24,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -83,12 +84,20 @@ def training_clusters(
         cluster = []
         for r in part.iter_rows(named=True):
             q = make_item(
-                r["qry_text"], r["qry_image"], template=template, role="query",
-                image_token=image_token, strings=strings,
+                r["qry_text"],
+                r["qry_image"],
+                template=template,
+                role="query",
+                image_token=image_token,
+                strings=strings,
             )
             t = make_item(
-                r["pos_text"], r["pos_image"], template=template, role="target",
-                image_token=image_token, strings=strings,
+                r["pos_text"],
+                r["pos_image"],
+                template=template,
+                role="target",
+                image_token=image_token,
+                strings=strings,
             )
             cluster.append(TrainPair(q, t))
         out.append(cluster)
@@ -157,9 +166,10 @@ class Checkpoints:
         tmp = self.folder / f"step-{step:06d}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(
-            peft_model
-        ).items()}
+        weights = {
+            k: v.detach().cpu().contiguous()
+            for k, v in get_peft_model_state_dict(peft_model).items()
+        }
         save_file(weights, tmp / adapters.WEIGHTS)
         torch.save(state, tmp / "state.pt")
         tmp.rename(final)
@@ -175,6 +185,12 @@ class Checkpoints:
         set_peft_model_state_dict(peft_model, weights)
         # Our own file (optimizer state, RNG states, numpy's included): not a foreign pickle.
         return torch.load(path / "state.pt", weights_only=False)
+
+
+def _loss(
+    temperature: float, ids: torch.Tensor, q: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return info_nce(q, t, temperature, target_ids=ids)
 
 
 @dataclass
@@ -231,15 +247,16 @@ def train(
         torch.manual_seed(cfg.seed + 1 + rank)  # dropout draws; ranks differ
 
     def encode(items: list[EmbedItem]) -> torch.Tensor:
-        return embed_inputs(backbone, process_items(backbone.processor, items, images_root,
-                                                    settings))
-
-    def loss_fn(q: torch.Tensor, t: torch.Tensor, ids: torch.Tensor) -> Any:
-        return info_nce(q, t, cfg.temperature, target_ids=ids)
+        return embed_inputs(
+            backbone, process_items(backbone.processor, items, images_root, settings)
+        )
 
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(
-        total=cfg.steps, initial=start, unit="step", desc="finetune",
+        total=cfg.steps,
+        initial=start,
+        unit="step",
+        desc="finetune",
         disable=not progress or rank != 0,
         mininterval=0.5 if sys.stderr.isatty() else 10.0,
     )
@@ -261,7 +278,7 @@ def train(
         q_chunks = [queries[i : i + n] for i in range(0, len(queries), n)]
         t_chunks = [targets[i : i + n] for i in range(0, len(targets), n)]
         run_step = grad_cache_step if cfg.grad_cache else plain_step
-        loss = run_step(encode, q_chunks, t_chunks, lambda q, t: loss_fn(q, t, ids))
+        loss = run_step(encode, q_chunks, t_chunks, partial(_loss, cfg.temperature, ids))
         if size > 1:
             for p in params:
                 torch.distributed.all_reduce(p.grad)
@@ -339,8 +356,11 @@ def finetune_adapter(
             merged.save_pretrained(out / "merged")
             backbone.processor.save_pretrained(out / "merged")
         output.history.write_text(json.dumps(result.history.__dict__))
-        _loss_plot(result.history, out / "loss.png", f"finetune ({clusters.strategy} clusters, "
-                   f"{cfg.template} template)")
+        _loss_plot(
+            result.history,
+            out / "loss.png",
+            f"finetune ({clusters.strategy} clusters, {cfg.template} template)",
+        )
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the adapter is what remains
     h = result.history
     tail = h.loss[-max(1, len(h.loss) // 10) :]

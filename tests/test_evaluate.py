@@ -1,7 +1,6 @@
 """Strict Precision@1: ties are misses."""
 
 import numpy as np
-
 from embedder.zeroshot import precision_at_1, strict_hits
 
 

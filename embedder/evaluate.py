@@ -1,0 +1,278 @@
+"""Stage `evaluate`: MMEB-style scores of one model (zero-shot, or with a fine-tuned
+adapter) and one prompt template (METHOD.md section 5).
+
+Every distinct query and candidate is embedded once (classification subsets share their
+label candidates across all queries), into shards that resume; each query is scored against
+its own candidate list. Reported per subset:
+- strict Precision@1: the correct candidate (index 0) must beat every other by more than
+  `TIE_EPS`. An untrained model maps everything to nearly one vector; with the correct
+  candidate first, a plain argmax would call that a perfect score;
+- argmax P@1 (the reference toolkit's convention: a tie resolves to index 0), where the two
+  differ;
+- Hit@k (strict as P@1: the correct one among the k best with ties counted against it).
+Means per meta-task, IND, OOD and overall are over MMEB subsets; subsets outside MMEB are
+reported on their own (unless the eval set has no MMEB subset at all, like the miniature
+world's, which is then averaged by the meta-tasks and distributions it declares).
+
+Before the long run, a sanity check embeds a few items twice, in different batches and
+order: each must find itself first. It catches broken pooling under padding, a collapsed
+model, and non-determinism, in seconds rather than after hours of wrong scores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedder.config import EmbedConfig, EvaluateConfig, ModelConfig
+from embedder.datasets.catalog import MMEB_SUBSETS, normalise
+from embedder.datasets.schema import EVAL_SCHEMA, read_table
+from embedder.embed import make_item, open_backbone
+from embedder.errors import UserError
+from embedder.model.backbone import Backbone
+from embedder.model.encode import EmbedItem, encode
+from embedder.model.shards import load_embeddings
+from embedder.outputs import Adapter, EvalReport, Generator, Tables
+
+log = logging.getLogger("gen2embed.evaluate")
+TIE_EPS = 1e-6
+AGGREGATES = ("classification", "vqa", "retrieval", "grounding", "ind", "ood", "overall")
+
+
+class SanityCheckError(UserError, RuntimeError):
+    """The model fails the pre-evaluation check: its scores would be meaningless."""
+
+
+def query_scores(query: np.ndarray, candidates: np.ndarray, k: int) -> dict[str, bool]:
+    """One query against its own candidates (the correct one at index 0)."""
+    scores = candidates @ query
+    others = scores[1:]
+    if len(others) == 0:
+        return {"p1": True, "p1_argmax": True, "hit": True}
+    beaten_or_tied = int((others >= scores[0] - TIE_EPS).sum())
+    return {
+        "p1": bool(scores[0] > others.max() + TIE_EPS),
+        "p1_argmax": int(np.argmax(scores)) == 0,
+        "hit": beaten_or_tied < k,
+    }
+
+
+def strict_hits(query: np.ndarray, candidates: np.ndarray) -> bool:
+    return query_scores(query, candidates, 1)["p1"]
+
+
+def subset_scores(
+    rows: list[dict[str, Any]],
+    qkeys: list[str],
+    ckeys: list[list[str]],
+    vectors: dict[str, np.ndarray],
+    k: int = 5,
+) -> dict[str, dict[str, float]]:
+    """Per subset: p1 (strict), p1_argmax, hit@k, queries."""
+    hits: dict[str, list[dict[str, bool]]] = defaultdict(list)
+    for row, qk, cks in zip(rows, qkeys, ckeys, strict=True):
+        cand = np.stack([vectors[c] for c in cks])
+        hits[row["subset"]].append(query_scores(vectors[qk], cand, k))
+    return {
+        s: {
+            "p1": float(np.mean([h["p1"] for h in hs])),
+            "p1_argmax": float(np.mean([h["p1_argmax"] for h in hs])),
+            f"hit@{k}": float(np.mean([h["hit"] for h in hs])),
+            "queries": len(hs),
+        }
+        for s, hs in sorted(hits.items())
+    }
+
+
+def aggregate(p1: dict[str, float], meta: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """Means per meta-task, IND, OOD and overall over MMEB subsets; `outside_mmeb` lists the
+    others (averaged by their declared labels only when no MMEB subset is present)."""
+    mmeb = [s for s in p1 if normalise(s) in MMEB_SUBSETS]
+    counted = mmeb or list(p1)
+    groups: dict[str, list[float]] = defaultdict(list)
+    for subset in counted:
+        task, dist = meta[subset]
+        for name in (task, dist, "overall"):
+            groups[name].append(p1[subset])
+    out: dict[str, Any] = {name: float(np.mean(v)) for name, v in groups.items()}
+    out["outside_mmeb"] = sorted(set(p1) - set(mmeb)) if mmeb else []
+    return out
+
+
+def sanity_check(
+    backbone: Backbone,
+    items: list[EmbedItem],
+    images_root: Path,
+    settings: EmbedConfig,
+    folder: Path,
+) -> dict[str, float]:
+    """Embed `items` twice, in other batches and order: each must be its own nearest."""
+    if len(items) < 2:
+        return {}
+    first, second = folder / "a", folder / "b"
+    encode(backbone, items, images_root, first, settings, progress=False)
+    other = settings.model_copy(update={"batch_size": max(1, min(3, settings.batch_size - 1))})
+    encode(backbone, items[::-1], images_root, second, other, progress=False)
+    a = dict(zip(*load_embeddings(first), strict=True))
+    b = dict(zip(*load_embeddings(second), strict=True))
+    keys = [i.key for i in items]
+    ma, mb = np.stack([a[k] for k in keys]), np.stack([b[k] for k in keys])
+    sims = ma @ mb.T
+    own = np.diag(sims)
+    rivals = np.where(np.eye(len(keys), dtype=bool), -np.inf, sims).max(axis=1)
+    failing = [keys[i] for i in range(len(keys)) if not own[i] > rivals[i] + TIE_EPS]
+    shutil.rmtree(folder, ignore_errors=True)
+    if failing:
+        raise SanityCheckError(
+            f"sanity check failed: {len(failing)} of {len(keys)} items do not find their own "
+            f"embedding first when embedded in another batch (keys {failing[:4]}; self "
+            f"similarity min {own.min():.6f}, best rival max {rivals.max():.6f}). Pooling, "
+            "padding or the adapter is wrong, or the model maps inputs to one vector"
+        )
+    return {"sanity_self_min": float(own.min()), "sanity_rival_max": float(rivals.max())}
+
+
+NEXT_TOKEN_QUERIES = 60
+
+
+def next_tokens(
+    backbone: Any, items: list[Any], images_root: Path, settings: Any, batch: int = 12
+) -> dict[str, float]:
+    """Which token the model would generate next from each query's final position, as shares:
+    shows *why* a template's final state carries content (the category) or not ("The")."""
+    import torch
+
+    from embedder.model.encode import ProcessedBatches, pool_last_token
+
+    tok_of = backbone.processor.tokenizer
+    batches = ProcessedBatches(
+        [items[i : i + batch] for i in range(0, len(items), batch)],
+        backbone.processor,
+        images_root,
+        settings,
+    )
+    counts: dict[str, int] = defaultdict(int)
+    for inputs in batches:
+        inputs = {k: v.to(backbone.device) for k, v in inputs.items()}
+        with torch.inference_mode():
+            logits = backbone.model(**inputs, use_cache=False).logits
+        last = pool_last_token(logits, inputs["attention_mask"])  # either padding side
+        for tok in last.argmax(-1).tolist():
+            counts[tok_of.decode([tok]).strip() or repr(tok_of.decode([tok]))] += 1
+    total = sum(counts.values())
+    top = sorted(counts.items(), key=lambda kv: -kv[1])[:4]
+    return {tok: n / total for tok, n in top}
+
+
+def evaluate_model(
+    model: ModelConfig,
+    embed: EmbedConfig,
+    cfg: EvaluateConfig,
+    data: Tables,
+    generator: Generator | None,
+    adapter: Adapter | None,
+    out: Path,
+) -> EvalReport:
+    """Scores of the backbone (with `adapter` merged in, when given) on the eval table with
+    `cfg.template` prompts; embeddings in `out/embeddings/` (resumable shards)."""
+    images_root = data.eval_images
+    if images_root is None:
+        raise EvalDataError("the ingest output holds no eval table (set ingest.eval_dir)")
+    table = read_table(data.eval, EVAL_SCHEMA).to_pylist()
+    if cfg.max_queries:
+        kept: dict[str, int] = defaultdict(int)
+        rows = []
+        for r in table:
+            if kept[r["subset"]] < cfg.max_queries:
+                kept[r["subset"]] += 1
+                rows.append(r)
+        table = rows
+    if not table:
+        raise EvalDataError("the eval table is empty")
+    meta = {r["subset"]: (r["meta_task"], r["distribution"]) for r in table}
+    chance: dict[str, list[float]] = defaultdict(list)
+    for r in table:
+        chance[r["subset"]].append(1 / len(r["tgt_text"]))
+    backbone = open_backbone(model, generator)
+    if adapter is not None:
+        from embedder.training.adapters import load_adapter
+
+        backbone = load_adapter(backbone, adapter.adapter)
+    token = backbone.image_token(model.wrapped_image_token)
+    settings = embed.model_copy(
+        update={
+            "template": cfg.template,
+            "image_mode": cfg.image_mode,
+            "image_side": cfg.image_side,
+            "max_pixels": cfg.max_pixels,
+        }
+    )
+    items, qkeys, ckeys = [], [], []
+    for r in table:
+        q = make_item(
+            r["qry_text"],
+            r["qry_image"],
+            template=cfg.template,
+            role="query",
+            image_token=token,
+            strings=embed,
+        )
+        # MMEB: candidates get no suffix, except in "matching" subsets.
+        role = "query" if "matching" in r["subset"].lower() else "target"
+        cands = [
+            make_item(t, im, template=cfg.template, role=role, image_token=token, strings=embed)
+            for t, im in zip(r["tgt_text"], r["tgt_image"], strict=True)
+        ]
+        items += [q, *cands]
+        qkeys.append(q.key)
+        ckeys.append([c.key for c in cands])
+    distinct = list({it.key: it for it in items}.values())
+    checks = sanity_check(
+        backbone, distinct[: cfg.sanity_items], images_root, settings, out / "sanity"
+    )
+    output = EvalReport(folder=out, template=cfg.template)
+    folder = out / "embeddings"
+    stats = encode(backbone, items, images_root, folder, settings)
+    keys, matrix = load_embeddings(folder)
+    vectors = dict(zip(keys, matrix, strict=True))
+    per_subset = subset_scores(table, qkeys, ckeys, vectors, cfg.hit_k)
+    p1 = {s: v["p1"] for s, v in per_subset.items()}
+    agg = aggregate(p1, meta)
+    step = max(1, len(table) // NEXT_TOKEN_QUERIES)
+    wanted = set(qkeys[::step])
+    sample = list({it.key: it for it in items if it.key in wanted}.values())
+    report = {
+        "template": cfg.template,
+        "adapter": None if adapter is None else adapter.fingerprint,
+        "chance": {s: float(np.mean(v)) for s, v in chance.items()},
+        "subsets": per_subset,
+        "meta": {s: list(m) for s, m in meta.items()},
+        "aggregate": agg,
+        "next_tokens": next_tokens(backbone, sample, images_root, settings),
+    }
+    output.report.write_text(json.dumps(report, indent=2))
+    metrics = {f"p1.{k}": v for k, v in {**p1, **agg}.items() if isinstance(v, float)}
+    metrics.update({f"p1_argmax.{s}": v["p1_argmax"] for s, v in per_subset.items()})
+    metrics.update({f"hit{cfg.hit_k}.{s}": v[f"hit@{cfg.hit_k}"] for s, v in per_subset.items()})
+    # Timings go to metrics only: the report holds results, equal for equal runs.
+    metrics["items_per_s"] = stats.metrics()["items_per_s"]
+    metrics.update(checks)
+    line = " ".join(f"{k} {agg[k]:.3f}" for k in AGGREGATES if k in agg)
+    model_name = "zero-shot" if adapter is None else f"adapter {adapter.fingerprint[:8]}"
+    return output.model_copy(
+        update={
+            "rows": {"queries": len(table), "unique_items": stats.unique},
+            "metrics": metrics,
+            "info": {"summary": [f"evaluate ({model_name}, {cfg.template}): strict P@1 {line}"]},
+        }
+    )
+
+
+class EvalDataError(UserError, ValueError):
+    pass

@@ -1,0 +1,156 @@
+"""The comparison table of a run: one row per table row of the config (the paper's ablation
+by default), columns the meta-tasks, IND, OOD and overall; chance beside it.
+
+Writes `report.md` (the table, then per-subset scores in an appendix), one bar chart per
+meta-task and the fine-tuned rows' loss curves, and returns the table as text lines for the
+terminal.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedder.config import TableRow
+from embedder.outputs import Adapter, EvalReport
+
+COLUMNS = ("classification", "vqa", "retrieval", "grounding", "ind", "ood", "overall")
+SHORT = {
+    "classification": "Cls",
+    "vqa": "VQA",
+    "retrieval": "Ret",
+    "grounding": "Grd",
+    "ind": "IND",
+    "ood": "OOD",
+    "overall": "overall",
+}
+
+
+@dataclass(frozen=True)
+class RowResult:
+    row: TableRow
+    evaluation: EvalReport
+    adapter: Adapter | None
+
+
+def _chance(report: dict[str, Any]) -> dict[str, float]:
+    """Expected strict P@1 of a random embedding, averaged like the scores."""
+    outside = set(report["aggregate"].get("outside_mmeb", []))
+    groups: dict[str, list[float]] = {}
+    for subset, value in report["chance"].items():
+        if subset in outside:
+            continue
+        task, dist = report["meta"][subset]
+        for name in (task, dist, "overall"):
+            groups.setdefault(name, []).append(value)
+    return {k: float(np.mean(v)) for k, v in groups.items()}
+
+
+def table_lines(results: list[RowResult], reports: list[dict[str, Any]]) -> list[str]:
+    columns = [c for c in COLUMNS if c in reports[0]["aggregate"]]
+    width = max(len(r.row.name) for r in results) + 2
+    head = f"{'row':{width}s}" + "".join(f"{SHORT[c]:>9s}" for c in columns)
+    lines = [head]
+    chance = _chance(reports[0])
+    lines.append(f"{'(chance)':{width}s}" + "".join(f"{chance.get(c, 0):9.3f}" for c in columns))
+    for result, report in zip(results, reports, strict=True):
+        cells = "".join(f"{report['aggregate'][c]:9.3f}" for c in columns)
+        lines.append(f"{result.row.name:{width}s}{cells}")
+    return lines
+
+
+def _bar_charts(results: list[RowResult], reports: list[dict[str, Any]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.row.name for r in results]
+    chance = _chance(reports[0])
+    written = []
+    for column in COLUMNS:
+        if column not in reports[0]["aggregate"]:
+            continue
+        values = [rep["aggregate"][column] for rep in reports]
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.bar(range(len(names)), values, color="#4c72b0")
+        ax.axhline(chance.get(column, 0.0), color="k", ls="--", lw=1, label="chance")
+        ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel(f"strict P@1, mean over {column} subsets")
+        ax.set_ylim(0, 1)
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        name = f"bars-{column}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+    return written
+
+
+def _loss_curves(results: list[RowResult], out: Path) -> str | None:
+    tuned = [r for r in results if r.adapter is not None and r.adapter.history.is_file()]
+    if not tuned:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for r in tuned:
+        assert r.adapter is not None
+        h = json.loads(r.adapter.history.read_text())
+        ax.plot(h["steps"], h["loss"], lw=1, label=r.row.name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("InfoNCE loss (global batch mean)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)
+    return "loss.png"
+
+
+def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
+    """Write report.md and the plots into `out`; return the table as text lines."""
+    out.mkdir(parents=True, exist_ok=True)
+    reports = [json.loads(r.evaluation.report.read_text()) for r in results]
+    lines = table_lines(results, reports)
+    md = [f"# {title}", "", "Strict Precision@1 (a tie with the correct candidate is a miss).", ""]
+    md += ["```", *lines, "```", ""]
+    md += ["| row | template | negatives | fine-tuned |", "|---|---|---|---|"]
+    md += [
+        f"| {r.row.name} | {r.row.template} | {r.row.negatives} | "
+        f"{'no' if r.adapter is None else 'adapter ' + r.adapter.fingerprint[:10]} |"
+        for r in results
+    ]
+    outside = reports[0]["aggregate"].get("outside_mmeb", [])
+    if outside:
+        md += ["", f"Subsets outside MMEB, not in the means: {', '.join(outside)}."]
+    md += ["", "## Appendix: per subset", ""]
+    subsets = sorted(reports[0]["subsets"])
+    md += ["| subset | chance | " + " | ".join(r.row.name for r in results) + " |"]
+    md += ["|---|---:|" + "---:|" * len(results)]
+    for s in subsets:
+        cells = []
+        for rep in reports:
+            v = rep["subsets"][s]
+            hit = next(k for k in v if k.startswith("hit@"))
+            argmax = f" (argmax {v['p1_argmax']:.3f})" if v["p1_argmax"] != v["p1"] else ""
+            cells.append(f"{v['p1']:.3f}{argmax}, {hit} {v[hit]:.3f}")
+        md.append(f"| {s} | {reports[0]['chance'][s]:.3f} | " + " | ".join(cells) + " |")
+    md += ["", "Next token predicted at the final position (share of sampled queries):", ""]
+    for r, rep in zip(results, reports, strict=True):
+        shares = ", ".join(f"`{tok}` {v:.2f}" for tok, v in rep["next_tokens"].items())
+        md.append(f"- {r.row.name}: {shares}")
+    charts = _bar_charts(results, reports, out)
+    loss = _loss_curves(results, out)
+    md += ["", *[f"![{c}]({c})" for c in charts]]
+    if loss:
+        md.append(f"![loss curves]({loss})")
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return lines
