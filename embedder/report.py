@@ -1,9 +1,9 @@
 """The comparison table of a run: one row per table row of the config (the paper's ablation
 by default), columns the meta-tasks, IND, OOD and overall; chance beside it.
 
-Writes `report.md` (the table, then per-subset scores in an appendix), one bar chart per
-meta-task and the fine-tuned rows' loss curves, and returns the table as text lines for the
-terminal.
+Writes `report.md` (the table, then per-subset scores in an appendix), `table.json` (the same
+numbers for scripts), one bar chart per meta-task and the fine-tuned rows' loss curves, and
+returns the table as text lines for the terminal.
 """
 
 from __future__ import annotations
@@ -153,4 +153,17 @@ def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
     if loss:
         md.append(f"![loss curves]({loss})")
     (out / "report.md").write_text("\n".join(md) + "\n")
+    table = {
+        "chance": _chance(reports[0]),
+        "rows": {
+            r.row.name: {
+                "template": r.row.template,
+                "negatives": r.row.negatives,
+                "aggregate": {k: v for k, v in rep["aggregate"].items() if isinstance(v, float)},
+                "subsets": {s: v["p1"] for s, v in rep["subsets"].items()},
+            }
+            for r, rep in zip(results, reports, strict=True)
+        },
+    }
+    (out / "table.json").write_text(json.dumps(table, indent=2))
     return lines

@@ -106,3 +106,46 @@ def test_unreadable_config_files_are_config_errors(tmp_path: Path) -> None:
     latin.write_bytes("world:\n  seed: 1 # caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin\.yaml is not UTF-8 text"):
         load_config("tiny", latin)
+
+
+def test_table_rows_own_template_and_negatives() -> None:
+    cfg = load_config("tiny")
+    assert [r.name for r in cfg.table.rows] == [
+        "zeroshot-plain",
+        "zeroshot-chat",
+        "zeroshot-hierarchical",
+        "inbatch-plain",
+        "inbatch-hierarchical",
+        "saha-hierarchical",
+    ]
+    row = cfg.table.rows[3]
+    as_row = cfg.for_row(row)
+    assert (as_row.mine.strategy, as_row.finetune.template, as_row.evaluate.template) == (
+        "in_batch",
+        "plain",
+        "plain",
+    )
+    # Set in the section too, it would be silently replaced: an error naming both keys.
+    with pytest.raises(ConfigError, match=r"mine\.strategy is set by each table row"):
+        load_config("tiny", overrides=["mine.strategy=topk"])
+    with pytest.raises(ConfigError, match=r"evaluate\.template .*table\.rows\[\]\.template"):
+        load_config("tiny", overrides=["evaluate.template=plain"])
+
+
+def test_rows_are_selected_by_name_with_a_suggestion_for_typos() -> None:
+    cfg = load_config("tiny").with_rows(["saha-hierarchical", "zeroshot-plain"])
+    assert [r.name for r in cfg.table.rows] == ["zeroshot-plain", "saha-hierarchical"]
+    with pytest.raises(ConfigError, match="did you mean saha-hierarchical"):
+        load_config("tiny").with_rows(["saha-hierarchicl"])
+    custom = load_config(
+        "tiny", overrides=["table.rows=[{name: topk, template: hierarchical, negatives: topk}]"]
+    )
+    assert custom.for_row(custom.table.rows[0]).mine.strategy == "topk"
+    with pytest.raises(ConfigError, match="names must be unique"):
+        load_config(
+            "tiny",
+            overrides=[
+                "table.rows=[{name: a, template: plain, negatives: none},"
+                " {name: a, template: chat, negatives: none}]"
+            ],
+        )

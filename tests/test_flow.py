@@ -33,7 +33,12 @@ def _run(workdir: Path, **kwargs: Any) -> tuple[dict[str, str], dict[str, str]]:
             )
         )
     _run.task_runs = runs  # type: ignore[attr-defined]
-    return paths, {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+    return paths, {_label(r.name): r.state.name for r in runs}
+
+
+def _label(task_run_name: str) -> str:
+    """`embed-a1b` -> `embed`; a row's task runs are named `evaluate[row]` already."""
+    return task_run_name if "[" in task_run_name else task_run_name.rsplit("-", 1)[0]
 
 
 def _mlflow(workdir: Path) -> MlflowClient:
@@ -167,7 +172,7 @@ def test_flow_parameters_render_as_a_form() -> None:
         "until",
         "workdir",
     }
-    assert props["preset"]["enum"] == ["tiny", "qwen2vl-2b"]
+    assert props["preset"]["enum"] == ["tiny", "qwen2vl-2b", "qwen2vl-7b"]
     assert props["preset"]["default"] == "tiny"
     assert all(p.get("description") for p in props.values()), "every field is documented"
 
@@ -181,90 +186,142 @@ def test_flow_parameters_render_as_a_form() -> None:
 
     from tasks.stages import STAGE_NAMES
 
-    stages = ["world", "ingest", "pretrain", "embed", "zeroshot", "retrieve", "mine"]
+    stages = ["world", "ingest", "pretrain", "embed", "retrieve", "mine", "finetune", "evaluate"]
     assert list(STAGE_NAMES) == stages
     assert enum_of(props["from_stage"]) == stages
     assert enum_of(props["force"]) == stages
     assert enum_of(props["until"]) == stages
 
 
-def test_full_tiny_pipeline_reports_zero_shot_p1(tmp_path: Path) -> None:
+ROWS = [
+    "zeroshot-plain",
+    "zeroshot-chat",
+    "zeroshot-hierarchical",
+    "inbatch-plain",
+    "inbatch-hierarchical",
+    "saha-hierarchical",
+]
+TUNED = ROWS[3:]
+
+
+def test_full_tiny_pipeline_produces_the_six_row_table(tmp_path: Path) -> None:
     paths, states = _run(tmp_path, overrides=TINY_MODEL_OVERRIDES, until=None)
-    stages = ["world", "ingest", "pretrain", "embed", "zeroshot", "retrieve", "mine"]
-    assert states == dict.fromkeys(stages, "Completed")
+    shared = ["world", "ingest", "pretrain", "embed", "retrieve"]
+    expected = dict.fromkeys(shared, "Completed")
+    expected.update({f"evaluate[{r}]": "Completed" for r in ROWS})
+    expected.update({f"finetune[{r}]": "Completed" for r in TUNED})
+    # The two in-batch rows mine the same clusters: the second row finds them published.
+    expected.update({"mine[inbatch-plain]": "Completed", "mine[inbatch-hierarchical]": "Cached"})
+    expected["mine[saha-hierarchical]"] = "Completed"
+    assert states == expected
     client = _mlflow(tmp_path)
     exp = client.get_experiment_by_name("gen2embed")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
-    zs = runs["zeroshot"].data.metrics
-    for template in ("plain", "chat", "hierarchical"):
-        assert 0.0 <= zs[f"p1.{template}.overall"] <= 1.0
-        assert f"p1.{template}.ShapeClass" in zs
-    assert zs["chance.ShapeClass"] == 1 / 12
+    runs = client.search_runs([exp.experiment_id])
+    by_name: dict[str, list[Any]] = {}
+    for r in runs:
+        by_name.setdefault(r.info.run_name, []).append(r)
+    parent = by_name["pipeline"][0]
+    # Each row is its own run under the pipeline's, holding its stages' metrics.
+    for row in ROWS:
+        (row_run,) = by_name[row]
+        assert row_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert row_run.data.tags["gen2embed.row"] == row
+        assert "evaluate.p1.overall" in row_run.data.metrics
+        assert ("finetune.loss_first" in row_run.data.metrics) == (row in TUNED)
+    evaluate_parents = {r.data.tags["mlflow.parentRunId"] for r in by_name["evaluate"]}
+    assert evaluate_parents == {by_name[row][0].info.run_id for row in ROWS}
+    # The report: six rows in config order, the same numbers as each row's evaluation.
+    report_dir = Path(paths["report"])
+    text = (report_dir / "report.md").read_text()
+    table = text.split("```")[1].strip().splitlines()
+    assert [line.split()[0] for line in table[2:]] == ROWS
+    assert table[1].startswith("(chance)")
+    for line in table[2:]:
+        row = line.split()[0]
+        overall = by_name[row][0].data.metrics["evaluate.p1.overall"]
+        assert float(line.split()[-1]) == pytest.approx(overall, abs=5e-4)
+    for png in ("bars-overall.png", "bars-classification.png", "loss.png"):
+        assert (report_dir / png).stat().st_size > 0
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.md", "report/loss.png", "report/bars-overall.png"} <= logged
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as prefect:
+        tables = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["table"]))
+        )
+    assert tables and "saha-hierarchical" in str(tables[0].data)
     # Three pretraining steps make an unready generator: said at the end and tagged (8.15).
-    assert "not ready" in runs["pipeline"].data.tags["gen2embed.warnings"]
-    assert "not ready" in runs["pretrain"].data.tags["gen2embed.warnings"]
+    assert "not ready" in parent.data.tags["gen2embed.warnings"]
     from flows.cli import run_summary
 
-    assert "pretrain: the tiny generator is not ready" in run_summary(paths, tmp_path)
-    pre = runs["pretrain"].data.metrics
-    assert {"vqa_acc.category", "vqa_acc.position", "final_loss"} <= set(pre)
-    emb = runs["embed"].data.metrics
-    assert emb["items_per_s"] > 0 and 0 < emb["padding_efficiency"] <= 1
-    report = (Path(paths["zeroshot"]) / "report.md").read_text()
-    assert "plain" in report.splitlines()[1] and "hierarchical" in report.splitlines()[1]
-    assert "Next token predicted" in report
-    mine = runs["mine"].data.metrics
-    for strategy in ("saha", "topk", "topk_margin", "in_batch"):
-        assert 0.0 <= mine[f"planted_fn_rate.{strategy}"] <= 1.0
-    assert 0 < mine["coverage"] <= 1
-    assert runs["retrieve"].data.metrics["queries"] > 0
-    # An explicit mine.k wins over the default recipe, and R = 2km follows it.
+    summary = run_summary(dict(paths), tmp_path)
+    assert "pretrain: the tiny generator is not ready" in summary
+    assert "saha-hierarchical" in summary and "report.md" in summary
     from embedder.artifacts import MANIFEST, Manifest
 
-    def manifest(stage: str) -> Manifest:
-        return Manifest.from_json((Path(paths[stage]) / MANIFEST).read_text())
+    def manifest(label: str) -> Manifest:
+        return Manifest.from_json((Path(paths[label]) / MANIFEST).read_text())
 
-    assert manifest("mine").config["mine"].items() >= {"k": 5, "m": 3, "recipe": "custom"}.items()
+    # An explicit mine.k wins over the default recipe, and R = 2km follows it.
+    saha = manifest("mine[saha-hierarchical]")
+    assert saha.config["mine"].items() >= {"k": 5, "m": 3, "recipe": "custom"}.items()
     assert manifest("retrieve").config["retrieve"]["top_r"] == 30
     assert manifest("retrieve").inputs == {"embed": manifest("embed").fingerprint}
-    import polars as pl
-
-    clusters = pl.read_parquet(Path(paths["mine"]) / "clusters.parquet")
-    assert set(clusters["role"].unique()) == {"anchor", "negative"}
-    assert (Path(paths["mine"]) / "scores.png").stat().st_size > 0
-    logged = {a.path for a in client.list_artifacts(runs["mine"].info.run_id)}
-    assert {"scores.png", "diagnostics.json", "manifest.json"} <= logged
+    # Each fine-tuned row trains on its own clusters with its own template.
+    for row, strategy, template in (
+        ("inbatch-plain", "in_batch", "plain"),
+        ("saha-hierarchical", "saha", "hierarchical"),
+    ):
+        ft = manifest(f"finetune[{row}]")
+        assert ft.config["finetune"]["template"] == template
+        assert ft.inputs["mine"] == manifest(f"mine[{row}]").fingerprint
+        assert manifest(f"mine[{row}]").config["mine"]["strategy"] == strategy
+        assert manifest(f"evaluate[{row}]").inputs["finetune"] == ft.fingerprint
+        adapter = Path(paths[f"finetune[{row}]"]) / "adapter" / "adapter_model.safetensors"
+        assert adapter.is_file()
+    assert "finetune" not in manifest("evaluate[zeroshot-chat]").inputs
     _assert_run_graph(_run.task_runs, paths)  # type: ignore[attr-defined]
-    _, again = _run(tmp_path, overrides=TINY_MODEL_OVERRIDES, until=None)
+    # Rerunnable alone: one row, everything cached.
+    _, again = _run(tmp_path, overrides=TINY_MODEL_OVERRIDES, until=None, rows=["inbatch-plain"])
+    row_stages = ["mine[inbatch-plain]", "finetune[inbatch-plain]", "evaluate[inbatch-plain]"]
+    assert set(again) == {*shared, *row_stages}
     assert set(again.values()) == {"Cached"}
 
 
 def _assert_run_graph(task_runs: list[Any], paths: dict[str, str]) -> None:
     """Prefect draws each stage's real inputs (no stage depends on every earlier one), shows
     the fingerprint as the cache key and a plain retry delay."""
-    name_of = {r.id: r.name.rsplit("-", 1)[0] for r in task_runs}
+    name_of = {r.id: _label(r.name) for r in task_runs}
     graph = {}
     for r in task_runs:
         ids = {i.id for inputs in r.task_inputs.values() for i in inputs if hasattr(i, "id")}
         graph[name_of[r.id]] = {name_of[i] for i in ids}
-    assert graph == {
+    expected = {
         "world": set(),
         "ingest": {"world"},
         "pretrain": set(),
         "embed": {"ingest", "pretrain"},
-        "zeroshot": {"ingest", "pretrain"},
         "retrieve": {"embed"},
-        "mine": {"retrieve", "embed"},
     }
+    for row in ROWS[:3]:
+        expected[f"evaluate[{row}]"] = {"ingest", "pretrain"}
+    for row in TUNED:
+        expected[f"mine[{row}]"] = {"retrieve", "embed"}
+        expected[f"finetune[{row}]"] = {"ingest", "pretrain", f"mine[{row}]"}
+        expected[f"evaluate[{row}]"] = {"ingest", "pretrain", f"finetune[{row}]"}
+    assert graph == expected
     for r in task_runs:
-        stage = name_of[r.id]
-        assert r.cache_key == f"{stage}-{Path(paths[stage]).name}"
+        label = name_of[r.id]
+        assert r.cache_key == f"{label.split('[')[0]}-{Path(paths[label]).name}"
         assert r.empirical_policy.retry_delay == 10
 
 
-# The demo's seeds and world with a shorter pretraining: the facts below hold for it (and
-# for the full demo); see bench/RESULTS.md for the numbers.
-DEMO_SEED_FACTS = ["pretrain.steps=900", "zeroshot.max_queries=30"]
+# The demo's seeds on the small world with a shorter pretraining and fine-tuning: the facts
+# below hold for it (and for the full demo); see bench/RESULTS.md for the numbers.
+DEMO_SEED_FACTS = ["pretrain.steps=900", "finetune.steps=20"]
+FACT_ROWS = ["zeroshot-plain", "zeroshot-hierarchical", "saha-hierarchical"]
 
 
 def test_miniature_facts_on_the_demo_seed(tmp_path: Path) -> None:
@@ -272,22 +329,24 @@ def test_miniature_facts_on_the_demo_seed(tmp_path: Path) -> None:
     and the orderings the paper predicts on the fixed demo seed."""
     import polars as pl
 
-    paths, _ = _run(tmp_path, overrides=DEMO_SEED_FACTS, until=None)
+    paths, _ = _run(tmp_path, overrides=DEMO_SEED_FACTS, until=None, rows=FACT_ROWS)
     check_miniature_facts(paths)
 
     # Top-k, mined from the same cached candidates, picks other clusters.
-    other, states = _run(tmp_path, overrides=[*DEMO_SEED_FACTS, "mine.strategy=topk"], until=None)
-    assert states["retrieve"] == "Cached" and states["mine"] == "Completed"
-    topk = pl.read_parquet(Path(other["mine"]) / "clusters.parquet")
+    topk_row = "table.rows=[{name: topk, template: hierarchical, negatives: topk}]"
+    other, states = _run(tmp_path, overrides=[*DEMO_SEED_FACTS, topk_row], until="mine")
+    assert states["retrieve"] == "Cached" and states["mine[topk]"] == "Completed"
+    topk = pl.read_parquet(Path(other["mine[topk]"]) / "clusters.parquet")
 
     def members(table: pl.DataFrame) -> set[tuple[str, ...]]:
         return {tuple(g["id"].to_list()) for _, g in table.sort("position").group_by("cluster")}
 
-    assert members(topk) != members(pl.read_parquet(Path(paths["mine"]) / "clusters.parquet"))
+    saha = pl.read_parquet(Path(paths["mine[saha-hierarchical]"]) / "clusters.parquet")
+    assert members(topk) != members(saha)
 
 
 def check_miniature_facts(paths: dict[str, str], top_r: int = 2 * 15 * 3) -> None:
-    """What a run of the miniature world on the demo seed must show (stage -> folder)."""
+    """What a run of the miniature world on the demo seed must show (stage[row] -> folder)."""
     import json
 
     import numpy as np
@@ -295,15 +354,20 @@ def check_miniature_facts(paths: dict[str, str], top_r: int = 2 * 15 * 3) -> Non
 
     from embedder.model.shards import load_embeddings
 
-    report = json.loads((Path(paths["zeroshot"]) / "report.json").read_text())["templates"]
-    assert report["hierarchical"]["aggregate"]["overall"] > report["plain"]["aggregate"]["overall"]
-    diagnostics = json.loads((Path(paths["mine"]) / "diagnostics.json").read_text())
+    def overall(row: str) -> float:
+        report = json.loads((Path(paths[f"evaluate[{row}]"]) / "report.json").read_text())
+        return report["aggregate"]["overall"]
+
+    assert overall("zeroshot-hierarchical") > overall("zeroshot-plain")
+    assert overall("saha-hierarchical") > overall("zeroshot-hierarchical"), "fine-tuning helps"
+    mine = Path(paths["mine[saha-hierarchical]"])
+    diagnostics = json.loads((mine / "diagnostics.json").read_text())
     assert diagnostics["saha"]["planted_fn_rate"] < diagnostics["topk"]["planted_fn_rate"]
 
     # The clusters' pair ids lead back to the embeddings that were mined.
     keys = pl.read_parquet(Path(paths["embed"]) / "pair_keys.parquet").unique("id", keep="first")
     vectors = dict(zip(*load_embeddings(Path(paths["embed"]) / "shards"), strict=True))
-    clusters = pl.read_parquet(Path(paths["mine"]) / "clusters.parquet").join(
+    clusters = pl.read_parquet(mine / "clusters.parquet").join(
         keys.select("id", "meta_task", "qry_key", "pos_key"), on="id", how="left"
     )
     assert clusters["qry_key"].null_count() == 0, "every cluster member is a training pair"

@@ -1,4 +1,4 @@
-"""The model stage functions on files: pretrain_generator, embed_pairs, zeroshot_eval.
+"""The model stage functions on files: pretrain_generator, embed_pairs, evaluate_model.
 
 Each is called as the pipeline calls it (its config sections, upstream outputs, a folder) and
 its output is checked against what the test computes itself from the same inputs.
@@ -13,15 +13,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from embedder.config import EmbedConfig, ModelConfig, PretrainConfig, WorldConfig
+from embedder.config import EmbedConfig, EvaluateConfig, ModelConfig, PretrainConfig, WorldConfig
 from embedder.embed import embed_pairs
+from embedder.evaluate import evaluate_model, strict_hits
 from embedder.generator import pretrain_generator
 from embedder.model.backbone import load_backbone
 from embedder.model.encode import EmbedItem, encode
 from embedder.model.prompts import render
 from embedder.model.shards import load_embeddings
 from embedder.outputs import Generator, Tables
-from embedder.zeroshot import strict_hits, zeroshot_eval
 
 EMBED = EmbedConfig(num_workers=0, image_side=64)
 
@@ -58,22 +58,22 @@ def test_embed_pairs_keys_each_pair_to_its_own_rendered_query_and_positive(
         np.testing.assert_allclose(stored[item.key], direct[item.key], atol=1e-5)
 
 
-def test_zeroshot_scores_each_query_against_its_own_candidates(
+def test_evaluate_scores_each_query_against_its_own_candidates(
     tables: Tables, generator: Generator, tmp_path: Path
 ) -> None:
-    from embedder.config import ZeroshotConfig
-
-    cfg = ZeroshotConfig(templates=["plain", "hierarchical"], max_queries=4)
-    report = zeroshot_eval(ModelConfig(), EMBED, cfg, tables, generator, tmp_path)
-    got = json.loads(report.report.read_text())["templates"]
-    rows = pq.read_table(tables.eval).to_pylist()
-    kept: dict[str, list[dict]] = {}
-    for r in rows:
-        if len(kept.setdefault(r["subset"], [])) < 4:
-            kept[r["subset"]].append(r)
-    assert report.rows["queries"] == 8
     for template in ("plain", "hierarchical"):
-        vectors = dict(zip(*load_embeddings(tmp_path / template), strict=True))
+        cfg = EvaluateConfig(template=template, max_queries=4, image_mode="fixed", image_side=64)
+        report = evaluate_model(
+            ModelConfig(), EMBED, cfg, tables, generator, None, tmp_path / template
+        )
+        got = json.loads(report.report.read_text())
+        rows = pq.read_table(tables.eval).to_pylist()
+        kept: dict[str, list[dict]] = {}
+        for r in rows:
+            if len(kept.setdefault(r["subset"], [])) < 4:
+                kept[r["subset"]].append(r)
+        assert report.rows["queries"] == 8
+        vectors = dict(zip(*load_embeddings(report.folder / "embeddings"), strict=True))
         for subset, subset_rows in kept.items():
             hits = []
             for r in subset_rows:
@@ -85,10 +85,13 @@ def test_zeroshot_scores_each_query_against_its_own_candidates(
                     ]
                 )
                 hits.append(strict_hits(q, cands))
-            assert got[template]["p1"][subset] == pytest.approx(np.mean(hits)), (template, subset)
-        assert report.metrics[f"p1.{template}.overall"] == got[template]["aggregate"]["overall"]
-    again = zeroshot_eval(ModelConfig(), EMBED, cfg, tables, generator, tmp_path / "again")
-    assert again.report.read_bytes() == report.report.read_bytes(), "no timings in the report"
+            assert got["subsets"][subset]["p1"] == pytest.approx(np.mean(hits)), (template, subset)
+        assert report.metrics["p1.overall"] == got["aggregate"]["overall"]
+        assert "sanity_self_min" in report.metrics, "the sanity check ran"
+        again = evaluate_model(
+            ModelConfig(), EMBED, cfg, tables, generator, None, tmp_path / f"{template}-again"
+        )
+        assert again.report.read_bytes() == report.report.read_bytes(), "no timings in report"
 
 
 def test_pretrain_generator_saves_a_loadable_seeded_model(tmp_path: Path) -> None:

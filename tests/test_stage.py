@@ -17,7 +17,12 @@ from tasks.stages import STAGE_NAMES
 def test_plan_chains_fingerprints(tmp_path: Path) -> None:
     store = ArtifactStore(tmp_path)
     planned = plan(method, load_config("tiny"), store, verify=True)
-    assert [p.name for p in planned] == list(STAGE_NAMES)
+    assert {p.name for p in planned} == set(STAGE_NAMES)
+    assert [p.label for p in planned][:6] == [
+        *STAGE_NAMES[:4],
+        "retrieve",
+        "evaluate[zeroshot-plain]",
+    ]
     by_name = {p.name: p for p in planned}
     assert not any(p.cached for p in planned)
     other = {
@@ -52,7 +57,24 @@ def test_real_sources_are_fingerprinted_by_their_files(tmp_path: Path) -> None:
     )
     store = ArtifactStore(tmp_path / "w")
     planned = plan(method, cfg, store)
-    assert [p.name for p in planned] == ["ingest", "pretrain", "embed", "retrieve", "mine"]
+    # No eval table: the rows fine-tune but nothing evaluates; zero-shot rows have no stage.
+    assert [p.label for p in planned] == [
+        "ingest",
+        "pretrain",
+        "embed",
+        "retrieve",
+        "mine[inbatch-plain]",
+        "finetune[inbatch-plain]",
+        "mine[inbatch-hierarchical]",
+        "finetune[inbatch-hierarchical]",
+        "mine[saha-hierarchical]",
+        "finetune[saha-hierarchical]",
+    ]
+    # The in-batch rows share their mining (one fingerprint), not their fine-tuning.
+    fps = {p.label: p.fingerprint for p in planned}
+    assert fps["mine[inbatch-plain]"] == fps["mine[inbatch-hierarchical]"]
+    assert fps["mine[inbatch-plain]"] != fps["mine[saha-hierarchical]"]
+    assert len({fps[k] for k in fps if k.startswith("finetune")}) == 3
     table.write_bytes(b"v2 with new rows")
     assert plan(method, cfg, store)[0].fingerprint != planned[0].fingerprint
 
@@ -61,8 +83,9 @@ def test_stage_options_must_name_a_stage_of_this_pipeline(tmp_path: Path) -> Non
     cfg = load_config("tiny", overrides=["model.backbone=/some/model"])
     with pytest.raises(PipelineError, match="--force pretrain: not part of this pipeline"):
         PipelineRun(method, cfg, str(tmp_path), preset="tiny", force=["pretrain"])
+    zero_shot_only = cfg.with_rows(["zeroshot-plain"])
     with pytest.raises(PipelineError, match="--until finetune: not part"):
-        PipelineRun(method, cfg, str(tmp_path), preset="tiny", until="finetune")
+        PipelineRun(method, zero_shot_only, str(tmp_path), preset="tiny", until="finetune")
 
 
 def test_only_transient_errors_are_retried() -> None:
@@ -76,7 +99,8 @@ def test_only_transient_errors_are_retried() -> None:
 def test_a_stage_reads_its_shape_from_the_function_signature() -> None:
     from tasks import stages
 
-    assert stages.zeroshot.sections == {"model": "model", "embed": "embed", "cfg": "zeroshot"}
+    assert stages.evaluate.sections == {"model": "model", "embed": "embed", "cfg": "evaluate"}
+    assert list(stages.evaluate.upstream) == ["data", "generator", "adapter"]
     assert list(stages.mine.upstream) == ["cands", "emb"]
     assert stages.ingest.inputs is not None
     cfg = load_config("tiny")

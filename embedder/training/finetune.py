@@ -293,7 +293,7 @@ def train(
             raise FloatingPointError(f"finetune: loss is {loss.item()} at step {step + 1}")
         rate = pairs_per_step / (time.perf_counter() - tic)
         history.add(step + 1, float(loss), lr, rate)
-        bar.set_postfix(loss=f"{float(loss):.3f}", pairs_s=f"{rate:.1f}")
+        bar.set_postfix(loss=f"{float(loss):.3f}", pairs_s=f"{rate:.1f}", refresh=False)
         bar.update(1)
         done = step + 1
         if rank == 0 and (done % cfg.checkpoint_every == 0 or done == end):
