@@ -267,13 +267,16 @@ def _execute(call: StageCall[Any], run: RunSettings) -> Any:
                 output, manifest = published
                 log.info("%s: cached (%s)", name, path)
                 log_cached_run(name, manifest, tracker, run.parent_run_id, path)
-                return Completed(data=output, name="Cached", message=f"reused {path}")
+                return Completed(data=quote(output), name="Cached", message=f"reused {path}")
             if run.mode == "reuse":
                 raise PipelineError(
                     f"--from {run.from_stage} needs published results of {name}; "
                     "run without --from first"
                 )
-        return _compute(call, run, store, tracker)
+        # Quoted: Prefect searches results for objects it saw returned before (by identity,
+        # an interned "hierarchical" in two outputs) and, in a state given as `wait_for`,
+        # would draw edges to unrelated stages.
+        return quote(_compute(call, run, store, tracker))
 
 
 def _compute(
@@ -414,12 +417,16 @@ def table_row(name: str) -> Iterator[None]:
         _ROW.reset(token)
 
 
+def current_row() -> str | None:
+    return _ROW.get()
+
+
 def stage_label(name: str, row: str | None) -> str:
     return name if row is None else f"{name}[{row}]"
 
 
 @contextmanager
-def _running(runner: Callable[[StageCall[Any]], Any]) -> Iterator[None]:
+def running(runner: Callable[[StageCall[Any]], Any]) -> Iterator[None]:
     token = _RUNNER.set(runner)
     try:
         yield
@@ -494,7 +501,7 @@ def plan(
         # A stand-in carrying what downstream fingerprints need; nothing is read.
         return call.stage.output_type(folder=store.path(name, fp), stage=name, fingerprint=fp)
 
-    with _running(record):
+    with running(record):
         method(cfg)
     return planned
 
@@ -571,7 +578,7 @@ class PipelineRun:
         self.parent_id = self._exit.enter_context(
             self.tracker.run("pipeline", tags=tags, params=params)
         )
-        self._exit.enter_context(_running(self.run))
+        self._exit.enter_context(running(self.run))
         token = _ROW_SCOPE.set(self.row_scope)
         self._exit.callback(_ROW_SCOPE.reset, token)
         return self
@@ -655,7 +662,7 @@ class PipelineRun:
             task = task.with_options(task_run_name=label)
         state = task(quote(call), quote(settings), wait_for=upstream, return_state=True)
         self.states[call.fingerprint] = state
-        output: OutputT = state.result()  # raises the stage's own error if it failed
+        output: OutputT = state.result().unquote()  # raises the stage's own error if it failed
         if mode == "recompute":
             self.recomputed.add(call.fingerprint)
         self.done.add(call.fingerprint)
