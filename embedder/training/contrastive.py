@@ -37,14 +37,24 @@ def world() -> tuple[int, int]:
 
 def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     """Every rank's rows, in rank order; only this rank's slice carries gradients (the others
-    come from other processes, whose own backward passes handle them)."""
+    come from other processes, whose own backward passes handle them). Ranks may hold
+    different numbers of rows (clusters differ in size): rows are padded for the exchange and
+    cut back after it."""
     rank, size = world()
     if size == 1:
         return local
-    parts = [torch.empty_like(local) for _ in range(size)]
-    dist.all_gather(parts, local.detach().contiguous())
-    parts[rank] = local
-    return torch.cat(parts)
+    count = torch.tensor([local.shape[0]], device=local.device)
+    counts = [torch.empty_like(count) for _ in range(size)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    longest = max(sizes)
+    padded = local.detach().new_zeros((longest, *local.shape[1:]))
+    padded[: local.shape[0]] = local.detach()
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded.contiguous())
+    rows = [part[:n] for part, n in zip(parts, sizes, strict=True)]
+    rows[rank] = local
+    return torch.cat(rows)
 
 
 def info_nce(
