@@ -8,6 +8,7 @@ stage only ever sees typed fields and file names, never another stage's manifest
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Self
 
@@ -31,6 +32,10 @@ class StageOutput(BaseModel):
     # Facts for the manifest and the run summary (backend used, printed `summary` lines, and
     # `warnings`: what makes the results doubtful, repeated at the end of every run).
     info: dict[str, Any] = {}
+
+    def curves(self) -> dict[str, list[tuple[int, float]]]:
+        """Per-step series (name -> [(step, value)]) the tracker logs as metric histories."""
+        return {}
 
     def own_fields(self, root: Path) -> dict[str, Any]:
         """The stage-specific fields, as JSON (what the manifest records as `output`); paths
@@ -82,6 +87,14 @@ class Generator(StageOutput):
     """The pretrained tiny generator (stage `pretrain`)."""
 
     model_dir = file("model", "a folder `load_backbone` reads offline")
+    losses = file("loss.json", "[(step, mean loss since the last entry)]")
+
+    def curves(self) -> dict[str, list[tuple[int, float]]]:
+        if not self.losses.is_file():
+            return {}
+        return {
+            "pretrain_loss": [(int(s), float(v)) for s, v in json.loads(self.losses.read_text())]
+        }
 
 
 class Embeddings(StageOutput):
@@ -99,6 +112,15 @@ class Adapter(StageOutput):
 
     adapter = file("adapter", "peft adapter folder (safetensors)")
     history = file("history.json", "per-step loss, lr and pairs/s")
+
+    def curves(self) -> dict[str, list[tuple[int, float]]]:
+        if not self.history.is_file():
+            return {}
+        h = json.loads(self.history.read_text())
+        return {
+            name: list(zip(h["steps"], h[key], strict=True))
+            for name, key in (("train_loss", "loss"), ("lr", "lr"), ("pairs_per_s", "pairs_per_s"))
+        }
 
 
 class EvalReport(StageOutput):

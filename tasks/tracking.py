@@ -185,6 +185,15 @@ class Tracker:
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
 
+    def log_curves(self, run_id: str, curves: Mapping[str, list[tuple[int, float]]]) -> None:
+        """Per-step series as metric histories (MLflow's charts plot them against step)."""
+        now = get_current_time_millis()
+        items = [
+            Metric(k, float(v), now, int(s)) for k, series in curves.items() for s, v in series
+        ]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 

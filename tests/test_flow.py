@@ -229,6 +229,12 @@ def test_full_tiny_pipeline_produces_the_six_row_table(tmp_path: Path) -> None:
         assert row_run.data.tags["gen2embed.row"] == row
         assert "evaluate.p1.overall" in row_run.data.metrics
         assert ("finetune.loss_first" in row_run.data.metrics) == (row in TUNED)
+    # Per-step curves: the fine-tunes' loss, lr and pairs/s, the pretraining loss.
+    for ft in by_name["finetune"]:
+        for metric in ("train_loss", "lr", "pairs_per_s"):
+            assert [m.step for m in client.get_metric_history(ft.info.run_id, metric)] == [1, 2]
+    pre = client.get_metric_history(by_name["pretrain"][0].info.run_id, "pretrain_loss")
+    assert [m.step for m in pre] == [3]
     evaluate_parents = {r.data.tags["mlflow.parentRunId"] for r in by_name["evaluate"]}
     assert evaluate_parents == {by_name[row][0].info.run_id for row in ROWS}
     # The report: six rows in config order, the same numbers as each row's evaluation.
