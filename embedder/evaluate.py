@@ -21,6 +21,7 @@ model, and non-determinism, in seconds rather than after hours of wrong scores.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -36,7 +37,7 @@ from embedder.datasets.schema import EVAL_SCHEMA, read_table
 from embedder.embed import make_item, open_backbone
 from embedder.errors import UserError
 from embedder.model.backbone import Backbone
-from embedder.model.encode import EmbedItem, encode
+from embedder.model.encode import EmbedItem, EncodeStats, encode
 from embedder.model.shards import load_embeddings
 from embedder.outputs import Adapter, EvalReport, Generator, Tables
 
@@ -170,6 +171,58 @@ def next_tokens(
     return {tok: n / total for tok, n in top}
 
 
+IDENTITY_FILE = "vectors.json"
+
+
+def vectors_identity(
+    model: ModelConfig, generator: Generator | None, adapter: Adapter | None, settings: EmbedConfig
+) -> str:
+    """What an embedding depends on besides its item key (which hashes the rendered prompt
+    and the image path): the weights (backbone, generator, adapter), dtype and image rules."""
+    parts = {
+        "backbone": model.backbone if generator is None else f"tiny:{generator.fingerprint}",
+        "revision": model.revision,
+        "dtype": model.dtype,
+        "adapter": None if adapter is None else adapter.fingerprint,
+        "image": [settings.image_mode, settings.image_side, settings.max_pixels],
+        "out_dtype": settings.out_dtype,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _write_identity(folder: Path, identity: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / IDENTITY_FILE).write_text(json.dumps({"identity": identity}))
+
+
+def reusable_vectors(out: Path, identity: str, wanted: set[str]) -> dict[str, np.ndarray]:
+    """Embeddings another published evaluation of the same model and image rules already
+    holds (the stage's sibling folders): a re-evaluation with more queries, another subset
+    selection or the same candidates under another row embeds only what is new."""
+    found: dict[str, np.ndarray] = {}
+    for sibling in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        marker = sibling / "embeddings" / IDENTITY_FILE
+        if sibling == out or sibling.suffix or not marker.is_file():  # .partial, .lock, ...
+            continue
+        try:
+            if json.loads(marker.read_text()).get("identity") != identity:
+                continue
+            keys, matrix = load_embeddings(sibling / "embeddings")
+        except (OSError, ValueError) as exc:  # a damaged sibling is not a cache
+            log.info("evaluate: not reusing %s (%s)", sibling, exc)
+            continue
+        for key, vector in zip(keys, matrix, strict=True):
+            if key in wanted and key not in found:
+                found[key] = vector
+    if found:
+        log.info(
+            "evaluate: %d of %d items already embedded by earlier evaluations",
+            len(found),
+            len(wanted),
+        )
+    return found
+
+
 def evaluate_model(
     model: ModelConfig,
     embed: EmbedConfig,
@@ -237,10 +290,14 @@ def evaluate_model(
         backbone, distinct[: cfg.sanity_items], images_root, settings, out / "sanity"
     )
     output = EvalReport(folder=out, template=cfg.template)
+    identity = vectors_identity(model, generator, adapter, settings)
+    reused = reusable_vectors(out, identity, {it.key for it in items})
     folder = out / "embeddings"
-    stats = encode(backbone, items, images_root, folder, settings)
+    todo = [it for it in items if it.key not in reused]
+    stats = encode(backbone, todo, images_root, folder, settings) if todo else EncodeStats()
+    _write_identity(folder, identity)
     keys, matrix = load_embeddings(folder)
-    vectors = dict(zip(keys, matrix, strict=True))
+    vectors = {**reused, **dict(zip(keys, matrix, strict=True))}
     per_subset = subset_scores(table, qkeys, ckeys, vectors, cfg.hit_k)
     p1 = {s: v["p1"] for s, v in per_subset.items()}
     agg = aggregate(p1, meta)
@@ -262,6 +319,7 @@ def evaluate_model(
     metrics.update({f"hit{cfg.hit_k}.{s}": v[f"hit@{cfg.hit_k}"] for s, v in per_subset.items()})
     # Timings go to metrics only: the report holds results, equal for equal runs.
     metrics["items_per_s"] = stats.metrics()["items_per_s"]
+    metrics["reused_items"] = len(reused)
     metrics.update(checks)
     line = " ".join(f"{k} {agg[k]:.3f}" for k in AGGREGATES if k in agg)
     model_name = "zero-shot" if adapter is None else f"adapter {adapter.fingerprint[:8]}"

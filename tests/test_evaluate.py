@@ -98,7 +98,7 @@ def _adapter(tmp_path: Path, generator: Generator, *, train_b: bool) -> Adapter:
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.data.normal_(0, 0.5)
-    out = Adapter(folder=tmp_path, fingerprint="f" * 20)
+    out = Adapter(folder=tmp_path, fingerprint=("b" if train_b else "0") * 20)
     peft_model.save_pretrained(str(out.adapter), safe_serialization=True)
     return out
 
@@ -143,3 +143,28 @@ def test_an_adapter_missing_a_key_is_an_error_naming_it(
         evaluate_model(ModelConfig(), EMBED, EVAL, tables, generator, adapter, tmp_path / "ev")
     assert f"missing keys {dropped}" in str(err.value)
     assert "unexpected keys base_model.model.not_a_layer.lora_A.weight" in str(err.value)
+
+
+def test_a_re_evaluation_embeds_only_what_earlier_evaluations_lack(
+    tables: Tables, generator: Generator, tmp_path: Path
+) -> None:
+    from embedder.model.shards import load_embeddings
+
+    stage = tmp_path / "evaluate"  # the stage's folder in the store: siblings are earlier runs
+    small = evaluate_model(ModelConfig(), EMBED, EVAL, tables, generator, None, stage / "a")
+    assert small.metrics["reused_items"] == 0
+    more = EVAL.model_copy(update={"max_queries": 5})
+    bigger = evaluate_model(ModelConfig(), EMBED, more, tables, generator, None, stage / "b")
+    assert bigger.metrics["reused_items"] == small.rows["unique_items"]
+    fresh = evaluate_model(ModelConfig(), EMBED, more, tables, generator, None, tmp_path / "c")
+    assert fresh.metrics["reused_items"] == 0
+    assert (
+        json.loads(bigger.report.read_text())["subsets"]
+        == json.loads(fresh.report.read_text())["subsets"]
+    )
+    new_only = dict(zip(*load_embeddings(bigger.folder / "embeddings"), strict=True))
+    assert len(new_only) == fresh.rows["unique_items"] - small.rows["unique_items"]
+    # Another model (an adapter) shares nothing with the zero-shot evaluations.
+    adapter = _adapter(tmp_path / "zero", generator, train_b=False)
+    tuned = evaluate_model(ModelConfig(), EMBED, EVAL, tables, generator, adapter, stage / "d")
+    assert tuned.metrics["reused_items"] == 0
