@@ -37,6 +37,11 @@ class StageOutput(BaseModel):
         """Per-step series (name -> [(step, value)]) the tracker logs as metric histories."""
         return {}
 
+    def tracked_folders(self) -> list[Path]:
+        """Sub-folders small and useful enough to copy to the tracker (an adapter); tables,
+        shards and full weights stay in the workdir, referenced by path."""
+        return []
+
     def own_fields(self, root: Path) -> dict[str, Any]:
         """The stage-specific fields, as JSON (what the manifest records as `output`); paths
         inside `root` (the workdir) relative to it, so a moved workdir still resolves."""
@@ -112,6 +117,9 @@ class Adapter(StageOutput):
 
     adapter = file("adapter", "peft adapter folder (safetensors)")
     history = file("history.json", "per-step loss, lr and pairs/s")
+
+    def tracked_folders(self) -> list[Path]:
+        return [self.adapter]
 
     def curves(self) -> dict[str, list[tuple[int, float]]]:
         if not self.history.is_file():

@@ -312,7 +312,10 @@ def _compute(
         published = store.path(stage.name, fp)
         tracker.log_metrics(rid, manifest.metrics)
         tracker.log_metrics(rid, {f"rows.{k}": v for k, v in manifest.rows.items()})
-        tracker.log_curves(rid, output.model_copy(update={"folder": published}).curves())
+        moved = output.model_copy(update={"folder": published})
+        tracker.log_curves(rid, moved.curves())
+        for folder in moved.tracked_folders():
+            tracker.log_folder(rid, folder)
         tracker.log_json(rid, manifest.__dict__, "manifest.json")
         for rel, entry in manifest.files.items():
             # Top-level reports and plots travel to MLflow; tables, shards and weights stay,

@@ -200,5 +200,8 @@ class Tracker:
     def log_json(self, run_id: str, obj: dict[str, Any], name: str) -> None:
         self.client.log_dict(run_id, obj, name)
 
+    def log_folder(self, run_id: str, path: Path) -> None:
+        self.client.log_artifacts(run_id, str(path), path.name)
+
     def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)

@@ -371,7 +371,7 @@ def finetune_adapter(
                 "loss_first": h.loss[0],
                 "loss_last_tenth": float(np.mean(tail)),
                 "pairs_per_step": result.pairs_per_step,
-                "pairs_per_s": float(np.median(h.pairs_per_s)),
+                "pairs_per_s_median": float(np.median(h.pairs_per_s)),
                 "resumed_from_step": result.resumed_from,
             },
             "info": {
