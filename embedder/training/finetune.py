@@ -160,37 +160,53 @@ class Checkpoints:
         return done[-1] if done else None
 
     def save(self, step: int, peft_model: Any, state: dict[str, Any]) -> None:
+        """Called on every rank: each saves its own RNG state (dropout differs by rank),
+        rank 0 the weights and the rest, then renames."""
         from peft.utils import get_peft_model_state_dict
 
+        rank, size = world()
         final = self.folder / f"step-{step:06d}"
         tmp = self.folder / f"step-{step:06d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        weights = {
-            k: v.detach().cpu().contiguous()
-            for k, v in get_peft_model_state_dict(peft_model).items()
-        }
-        save_file(weights, tmp / adapters.WEIGHTS)
-        torch.save(state, tmp / "state.pt")
-        tmp.rename(final)
-        for old in sorted(p for p in self.folder.glob("step-*") if p.name[5:].isdigit())[
-            : -self.keep
-        ]:
-            shutil.rmtree(old, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier(size)
+        torch.save(_rng_state(), tmp / f"rng-{rank}.pt")
+        _barrier(size)
+        if rank == 0:
+            weights = {
+                k: v.detach().cpu().contiguous()
+                for k, v in get_peft_model_state_dict(peft_model).items()
+            }
+            save_file(weights, tmp / adapters.WEIGHTS)
+            torch.save(state, tmp / "state.pt")
+            tmp.rename(final)
+            for old in sorted(p for p in self.folder.glob("step-*") if p.name[5:].isdigit())[
+                : -self.keep
+            ]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier(size)
 
     def load(self, path: Path, peft_model: Any) -> dict[str, Any]:
         from peft.utils import set_peft_model_state_dict
 
         weights = load_file(str(path / adapters.WEIGHTS))
         set_peft_model_state_dict(peft_model, weights)
-        # Our own file (optimizer state, RNG states, numpy's included): not a foreign pickle.
-        return torch.load(path / "state.pt", weights_only=False)
+        # Our own files (optimizer state, RNG states, numpy's included): not foreign pickles.
+        state = torch.load(path / "state.pt", weights_only=False)
+        state["rng"] = torch.load(path / f"rng-{world()[0]}.pt", weights_only=False)
+        return state
 
 
 def _loss(
     temperature: float, ids: torch.Tensor, q: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return info_nce(q, t, temperature, target_ids=ids)
+
+
+def _barrier(size: int) -> None:
+    if size > 1:
+        torch.distributed.barrier()
 
 
 @dataclass
@@ -296,7 +312,7 @@ def train(
         bar.set_postfix(loss=f"{float(loss):.3f}", pairs_s=f"{rate:.1f}", refresh=False)
         bar.update(1)
         done = step + 1
-        if rank == 0 and (done % cfg.checkpoint_every == 0 or done == end):
+        if done % cfg.checkpoint_every == 0 or done == end:
             checkpoints.save(
                 done,
                 peft_model,
@@ -304,7 +320,6 @@ def train(
                     "step": done,
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(),
                     "history": history.__dict__,
                 },
             )
