@@ -28,6 +28,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 COLUMNS = ("classification", "vqa", "retrieval", "grounding", "ind", "ood", "overall")
+SHORT = {
+    "classification": "Cls",
+    "vqa": "VQA",
+    "retrieval": "Ret",
+    "grounding": "Grd",
+    "ind": "IND",
+    "ood": "OOD",
+    "overall": "overall",
+}
 ORDERINGS = [
     ("hierarchical > plain (zero-shot)", "zeroshot-hierarchical", "zeroshot-plain"),
     ("SaHa > in-batch (fine-tuned, hierarchical)", "saha-hierarchical", "inbatch-hierarchical"),
@@ -73,7 +82,7 @@ def main() -> None:
     ceil = ceiling(negatives)
     width = max(len(r) for r in rows) + 2
     print(f"\nStrict P@1, mean +- SE over seeds {seeds} (tiny preset, {os.cpu_count()} CPUs)")
-    print(f"{'row':{width}s}" + "".join(f"{c[:13]:>15s}" for c in COLUMNS))
+    print(f"{'row':{width}s}" + "".join(f"{SHORT[c]:>15s}" for c in COLUMNS))
     print(f"{'(chance)':{width}s}" + "".join(f"{chance[c]:15.3f}" for c in COLUMNS))
     print(
         f"{'(category only)':{width}s}"
