@@ -26,17 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
+from embedder.report import COLUMNS, SHORT
+
 ROOT = Path(__file__).resolve().parent.parent
-COLUMNS = ("classification", "vqa", "retrieval", "grounding", "ind", "ood", "overall")
-SHORT = {
-    "classification": "Cls",
-    "vqa": "VQA",
-    "retrieval": "Ret",
-    "grounding": "Grd",
-    "ind": "IND",
-    "ood": "OOD",
-    "overall": "overall",
-}
 ORDERINGS = [
     ("hierarchical > plain (zero-shot)", "zeroshot-hierarchical", "zeroshot-plain"),
     ("SaHa > in-batch (fine-tuned, hierarchical)", "saha-hierarchical", "inbatch-hierarchical"),

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 
 from embedder.config import TableRow
+from embedder.evaluate import AGGREGATES
 from embedder.outputs import Adapter, EvalReport
 
-COLUMNS = ("classification", "vqa", "retrieval", "grounding", "ind", "ood", "overall")
+COLUMNS = AGGREGATES  # the means evaluate reports, in table order
 SHORT = {
     "classification": "Cls",
     "vqa": "VQA",

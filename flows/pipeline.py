@@ -85,6 +85,6 @@ def pipeline(
         results = method(cfg)
         if results:
             folder = run.store.workdir / "reports" / run.parent_id
-            lines = write_report(results, folder, f"gen2embed: {preset}")
-            run.publish_report(folder, lines)
+            write_report(results, folder, f"gen2embed: {preset}")
+            run.publish_report(folder)
     return run.paths

@@ -625,7 +625,7 @@ class PipelineRun:
             return True
         return bool(self._exit.__exit__(kind, exc, tb))
 
-    def publish_report(self, folder: Path, lines: list[str]) -> None:
+    def publish_report(self, folder: Path) -> None:
         """The run's comparison table: files on the MLflow parent run, a Prefect artifact."""
         for path in sorted(folder.iterdir()):
             self.tracker.log_file(self.parent_id, path, "report")
@@ -633,7 +633,6 @@ class PipelineRun:
         markdown = (folder / "report.md").read_text()
         create_markdown_artifact(markdown=markdown, key="table", description="comparison table")
         self.paths["report"] = str(folder)
-        self.report_lines = lines
 
     def mode(self, call: StageCall[Any]) -> Mode:
         name = call.stage.name

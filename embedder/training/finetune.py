@@ -155,8 +155,12 @@ class Checkpoints:
     def __init__(self, folder: Path, keep: int) -> None:
         self.folder, self.keep = folder, keep
 
+    def _done(self) -> list[Path]:
+        """Finished checkpoints, oldest first (a `.tmp` one was cut short)."""
+        return sorted(p for p in self.folder.glob("step-*") if p.name[5:].isdigit())
+
     def latest(self) -> Path | None:
-        done = sorted(p for p in self.folder.glob("step-*") if p.name[5:].isdigit())
+        done = self._done()
         return done[-1] if done else None
 
     def save(self, step: int, peft_model: Any, state: dict[str, Any]) -> None:
@@ -181,9 +185,7 @@ class Checkpoints:
             save_file(weights, tmp / adapters.WEIGHTS)
             torch.save(state, tmp / "state.pt")
             tmp.rename(final)
-            for old in sorted(p for p in self.folder.glob("step-*") if p.name[5:].isdigit())[
-                : -self.keep
-            ]:
+            for old in self._done()[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier(size)
 
