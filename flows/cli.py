@@ -63,12 +63,48 @@ def build_parser() -> argparse.ArgumentParser:
     stages = sub.add_parser("stages", help="each stage's fingerprint and whether it is cached")
     _config_args(stages)
 
-    up = sub.add_parser("up", help="start Prefect and MLflow servers on 127.0.0.1")
+    up = sub.add_parser(
+        "up", help="start Prefect and MLflow servers on 127.0.0.1 and serve the deployments"
+    )
     up.add_argument("--workdir", help="workspace (default: $GEN2EMBED_HOME or ./data)")
     up.add_argument("--debug", action="store_true", help="show tracebacks of every error")
     up.add_argument("--prefect-port", type=int, default=4200)
     up.add_argument("--mlflow-port", type=int, default=5000)
+    up.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address both servers bind to (default 127.0.0.1: this machine only; neither "
+        "server authenticates, so another address exposes runs and results)",
+    )
+    _deployment_args(up)
+    up.add_argument(
+        "--no-deployments",
+        dest="serve_deployments",
+        action="store_false",
+        help="start the servers only (no UI-started or scheduled runs)",
+    )
+
+    deploy = sub.add_parser(
+        "deploy",
+        help="register the deployments on your own Prefect server (PREFECT_API_URL) and pool",
+    )
+    deploy.add_argument("--pool", required=True, help="work pool whose workers run them")
+    _deployment_args(deploy)
+    deploy.add_argument("--debug", action="store_true", help="show tracebacks of every error")
     return parser
+
+
+def _deployment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--deployments",
+        metavar="FILE",
+        help="prefect.yaml with the deployments (default: deployments/prefect.yaml)",
+    )
+    p.add_argument(
+        "--nightly-cron",
+        metavar="CRON",
+        help="when nightly-retrain runs, e.g. '30 3 * * *' (default in the file: 0 2 * * *, UTC)",
+    )
 
 
 class Terminated(KeyboardInterrupt):
@@ -168,7 +204,24 @@ def cmd_up(args: argparse.Namespace) -> int:
     from flows.services import serve
 
     workdir = configure(args.workdir)
-    return serve(workdir, prefect_port=args.prefect_port, mlflow_port=args.mlflow_port)
+    return serve(
+        workdir,
+        prefect_port=args.prefect_port,
+        mlflow_port=args.mlflow_port,
+        host=args.host,
+        deployments=args.deployments,
+        nightly_cron=args.nightly_cron,
+        serve_deployments=args.serve_deployments,
+    )
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deployments import register
+
+    for name in register(args.pool, args.deployments, args.nightly_cron):
+        print(f"registered {name} (work pool {args.pool})")
+    print(f"start a worker to run them: prefect worker start --pool {args.pool}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configure(known.workdir)
         args = build_parser().parse_args(argv)
-        return {"run": cmd_run, "stages": cmd_stages, "up": cmd_up}[args.command](args)
+        return {
+            "run": cmd_run,
+            "stages": cmd_stages,
+            "up": cmd_up,
+            "deploy": cmd_deploy,
+        }[args.command](args)
     except UserError as exc:
         if known.debug:
             raise

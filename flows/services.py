@@ -1,7 +1,8 @@
-"""`gen2embed up`: a Prefect server and an MLflow server on 127.0.0.1, state in the workdir.
+"""`gen2embed up`: a Prefect server and an MLflow server on 127.0.0.1, state in the workdir,
+and a process serving the pipeline's deployments (flows.deployments) against them.
 
-Both run as child processes in their own process groups; Ctrl-C or SIGTERM stops both groups
-(SIGTERM, then SIGKILL after a grace period), so no server or worker is left behind. While
+All run as child processes in their own process groups; Ctrl-C or SIGTERM stops every group
+(SIGTERM, then SIGKILL after a grace period), so no server, runner or run is left behind. While
 they run, `services.json` in the workdir tells `gen2embed run` to use them.
 """
 
@@ -20,11 +21,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from embedder.artifacts import WORKDIR_ENV
 from embedder.errors import UserError
 from flows.environment import SERVICES_FILE, create_prefect_store
 from tasks.tracking import create_store
 
 HOST = "127.0.0.1"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 STARTUP_TIMEOUT_S = 120
 GRACE_S = 10
 
@@ -41,7 +44,32 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _descendants(pid: int) -> list[int]:
+    """Processes below `pid` (from /proc): a runner starts each flow run in its own group."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _signal_groups(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            group = os.getpgid(pid)
+            if group != os.getpgrp():
+                os.killpg(group, sig)
+
+
 def _stop(procs: list[subprocess.Popen[Any]]) -> None:
+    below = [pid for proc in procs for pid in _descendants(proc.pid)]
+    _signal_groups(below, signal.SIGTERM)
     for proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -55,6 +83,7 @@ def _stop(procs: list[subprocess.Popen[Any]]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    _signal_groups(below, signal.SIGKILL)
 
 
 class PortTakenError(UserError, OSError):
@@ -78,41 +107,68 @@ def _listener(port: int) -> str:
     return "another process"
 
 
-def check_ports_free(**ports: int) -> None:
+def check_ports_free(host: str = HOST, **ports: int) -> None:
     """Fail before starting anything when a port is taken, saying by what: a health check
     would otherwise find another workdir's server and take it for ours."""
     for name, port in ports.items():
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
-                sock.bind((HOST, port))
+                sock.bind((host, port))
             except OSError:
                 flag = name.replace("_", "-")
                 raise PortTakenError(
-                    f"port {port} on {HOST} is taken by {_listener(port)}; stop it or pass "
+                    f"port {port} on {host} is taken by {_listener(port)}; stop it or pass "
                     f"--{flag} with a free port"
                 ) from None
 
 
-def serve(workdir: Path, *, prefect_port: int, mlflow_port: int) -> int:
-    check_ports_free(prefect_port=prefect_port, mlflow_port=mlflow_port)
+def serve(
+    workdir: Path,
+    *,
+    prefect_port: int,
+    mlflow_port: int,
+    host: str = HOST,
+    deployments: Path | None = None,
+    nightly_cron: str | None = None,
+    serve_deployments: bool = True,
+) -> int:
+    served: list[str] = []
+    to_fill: list[str] = []
+    if serve_deployments:
+        from flows.deployments import load_specs
+
+        # A mistake in the file fails here, before any server starts.
+        specs = load_specs(deployments, nightly_cron)
+        served = [spec.name for spec in specs]
+        to_fill = [f"  {s.name}: {s.to_fill} (fill it in the run form)" for s in specs if s.to_fill]
+    check_ports_free(host, prefect_port=prefect_port, mlflow_port=mlflow_port)
+    if host not in LOOPBACK:
+        print(
+            f"gen2embed up: binding to {host}, not {HOST}: anyone who can reach this machine "
+            "can start runs and read results (neither server checks who asks)",
+            file=sys.stderr,
+        )
     create_prefect_store(workdir / "prefect")
     create_store(workdir)
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (workdir / "mlartifacts").mkdir(exist_ok=True)
+    url_host = HOST if host in ("0.0.0.0", "::") else host
+    prefect_api = f"http://{url_host}:{prefect_port}/api"
+    mlflow_url = f"http://{url_host}:{mlflow_port}"
     prefect_env = {
         **os.environ,
         "PREFECT_HOME": str(workdir / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_API_URL": f"http://{HOST}:{prefect_port}/api",
+        "PREFECT_UI_API_URL": f"http://{url_host}:{prefect_port}/api",
     }
     prefect_env.pop("PREFECT_API_URL", None)
     mlflow_env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     commands = {
         "prefect": (
-            [_bin("prefect"), "server", "start", "--host", HOST, "--port", str(prefect_port)],
+            [_bin("prefect"), "server", "start", "--host", host, "--port", str(prefect_port)],
             prefect_env,
-            f"http://{HOST}:{prefect_port}/api/health",
+            f"{prefect_api}/health",
         ),
         "mlflow": (
             [
@@ -123,16 +179,35 @@ def serve(workdir: Path, *, prefect_port: int, mlflow_port: int) -> int:
                 "--artifacts-destination",
                 str(workdir / "mlartifacts"),
                 "--host",
-                HOST,
+                host,
                 "--port",
                 str(mlflow_port),
                 "--workers",
                 "1",
             ],
             mlflow_env,
-            f"http://{HOST}:{mlflow_port}/health",
+            f"{mlflow_url}/health",
         ),
     }
+    if serve_deployments:
+        # Runs started from the UI or the schedule run in this process's children: they
+        # record to these servers and use this workdir.
+        runner_env = {
+            **prefect_env,
+            "PREFECT_API_URL": prefect_api,
+            "MLFLOW_TRACKING_URI": mlflow_url,
+            WORKDIR_ENV: str(workdir),
+        }
+        command = [sys.executable, "-m", "flows.deployments"]
+        if deployments is not None:
+            command += ["--file", str(Path(deployments).resolve())]
+        if nightly_cron is not None:
+            command += ["--nightly-cron", nightly_cron]
+        commands["deployments"] = (
+            command,
+            runner_env,
+            f"{prefect_api}/deployments/name/gen2embed/{served[-1]}",
+        )
     procs: list[subprocess.Popen[Any]] = []
     services_file = workdir / SERVICES_FILE
     interrupted = False
@@ -141,21 +216,25 @@ def serve(workdir: Path, *, prefect_port: int, mlflow_port: int) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_signal)
-    try:
-        for name, (cmd, env, _health) in commands.items():
-            log = (logs / f"{name}.log").open("ab")
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+
+    def start(name: str) -> None:
+        cmd, env, _health = commands[name]
+        log = (logs / f"{name}.log").open("ab")
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
+        )
+        started[name] = procs[-1]
+
+    def wait_healthy(names: list[str]) -> bool:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        pending = dict(zip(commands, procs, strict=True))
+        pending = {n: started[n] for n in names}
         while pending:
             for name, proc in list(pending.items()):
                 if proc.poll() is not None:
@@ -163,7 +242,7 @@ def serve(workdir: Path, *, prefect_port: int, mlflow_port: int) -> int:
                         f"gen2embed up: {name} exited early; see {logs / (name + '.log')}",
                         file=sys.stderr,
                     )
-                    return 1
+                    return False
                 if _healthy(commands[name][2]):
                     del pending[name]
             if time.monotonic() > deadline:
@@ -172,27 +251,43 @@ def serve(workdir: Path, *, prefect_port: int, mlflow_port: int) -> int:
                     f"{STARTUP_TIMEOUT_S}s; logs in {logs}",
                     file=sys.stderr,
                 )
-                return 1
+                return False
             time.sleep(0.5)
+        return True
+
+    started: dict[str, subprocess.Popen[Any]] = {}
+    try:
+        servers = ["prefect", "mlflow"]
+        for name in servers:
+            start(name)
+        if not wait_healthy(servers):
+            return 1
+        if "deployments" in commands:  # it registers them on the Prefect server: after it
+            start("deployments")
+            if not wait_healthy(["deployments"]):
+                return 1
         info = {
-            "prefect_api_url": f"http://{HOST}:{prefect_port}/api",
-            "prefect_ui_url": f"http://{HOST}:{prefect_port}",
-            "mlflow_url": f"http://{HOST}:{mlflow_port}",
+            "prefect_api_url": prefect_api,
+            "prefect_ui_url": prefect_api.removesuffix("/api"),
+            "mlflow_url": mlflow_url,
             "pids": [p.pid for p in procs],
+            "deployments": served,
         }
         services_file.write_text(json.dumps(info, indent=2))
         print(
             f"Prefect UI  {info['prefect_ui_url']}\nMLflow UI   {info['mlflow_url']}\n"
-            f"workdir     {workdir}\n`gen2embed run` in another terminal now uses these servers."
-            "\nCtrl-C stops both.",
+            f"workdir     {workdir}\n"
+            + (f"serving     {', '.join(served)} (start them from the UI)\n" if served else "")
+            + "".join(f"{line}\n" for line in to_fill)
+            + "`gen2embed run` in another terminal now uses these servers.\nCtrl-C stops all.",
             flush=True,
         )
         while True:
-            for name, proc in zip(commands, procs, strict=True):
+            for name, proc in started.items():
                 if proc.poll() is not None:
                     print(
                         f"gen2embed up: {name} stopped (exit {proc.returncode}); "
-                        "stopping the other",
+                        "stopping the others",
                         file=sys.stderr,
                     )
                     return 1
@@ -202,6 +297,9 @@ def serve(workdir: Path, *, prefect_port: int, mlflow_port: int) -> int:
         return 0
     finally:
         services_file.unlink(missing_ok=True)
-        _stop(procs)
+        # The runner first (its runs end while the servers can still record that), then
+        # the servers.
+        _stop(procs[2:])
+        _stop(procs[:2])
         if interrupted:
             print("gen2embed up: stopped", flush=True)

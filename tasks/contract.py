@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextvars
 import errno
 import inspect
+import json
 import logging
 import time
 import types
@@ -39,7 +40,11 @@ from typing import Any, Generic, Literal, TypeVar
 from uuid import UUID
 
 from prefect import task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.context import TaskRunContext, get_run_context
 from prefect.runtime import flow_run
 from prefect.states import Completed, State
@@ -50,7 +55,7 @@ from embedder.artifacts import ArtifactStore, Manifest, code_version, fingerprin
 from embedder.config import PipelineConfig
 from embedder.errors import UserError
 from embedder.outputs import StageOutput
-from tasks.tracking import Tracker
+from tasks.tracking import Tracker, source_tags
 
 log = logging.getLogger("gen2embed.stage")
 
@@ -80,6 +85,17 @@ def _without_none(hint: Any) -> Any:
     return hint
 
 
+@dataclass(frozen=True)
+class DatasetRef:
+    """A table recorded as an MLflow dataset input: where it is, what it holds, its role."""
+
+    name: str
+    path: Path
+    digest: str
+    rows: int
+    context: str  # MLflow's input context: train, eval
+
+
 class Stage(Generic[OutputT]):
     """One pipeline stage: an embedder function plus how to cache, publish and track it."""
 
@@ -90,6 +106,8 @@ class Stage(Generic[OutputT]):
         *,
         resumable: bool = False,
         inputs: Callable[..., dict[str, str]] | None = None,
+        headline: Callable[[Any], dict[str, float]] | None = None,
+        datasets: Callable[[Any], list[DatasetRef]] | None = None,
     ) -> None:
         self.name = name
         self.function = function
@@ -98,6 +116,10 @@ class Stage(Generic[OutputT]):
         # Fingerprint inputs beyond the upstream stages (ingest: the source files), called
         # with the stage's sections by parameter name.
         self.inputs = inputs
+        # The results a run's parent shows (per table row) so runs compare in MLflow's table.
+        self.headline = headline
+        # Tables the stage read or wrote, recorded as MLflow dataset inputs of the run.
+        self.datasets = datasets
         hints = typing.get_type_hints(function)
         section_fields = {
             info.annotation: name
@@ -548,6 +570,7 @@ class PipelineRun:
         workdir: str | None,
         *,
         preset: str,
+        name: str | None = None,
         from_stage: str | None = None,
         force: list[str] | None = None,
         until: str | None = None,
@@ -556,7 +579,7 @@ class PipelineRun:
         planned = plan(method, cfg, self.store, verify=from_stage is not None)
         check_selection(planned, from_stage, force, until)
         self.tracker = Tracker.for_workdir(self.store.workdir)
-        self.cfg, self.preset = cfg, preset
+        self.cfg, self.preset, self.name = cfg, preset, name or preset
         self.from_stage, self.force, self.until = from_stage, set(force or []), until
         self.recomputed: set[str] = set()  # fingerprints recomputed on purpose in this run
         self.states: dict[str, State] = {}  # fingerprint -> final state of its task run
@@ -565,6 +588,7 @@ class PipelineRun:
         self.cached = 0
         self.done: set[str] = set()  # fingerprints already run here (rows share stages)
         self.row_ids: dict[str, str] = {}  # table row -> its MLflow run
+        self.logged_inputs: set[str] = set()  # fingerprints whose tables are logged
         self._until_left = sum(p.name == until for p in planned)
         self._exit = ExitStack()
 
@@ -577,11 +601,15 @@ class PipelineRun:
         tags = {
             "prefect.flow_run_id": str(flow_run.get_id() or ""),
             "gen2embed.preset": self.preset,
+            **source_tags(),
         }
         params = self.cfg.model_dump(mode="json")
         self.parent_id = self._exit.enter_context(
-            self.tracker.run("pipeline", tags=tags, params=params)
+            self.tracker.run(self.name, tags=tags, params=params)
         )
+        url = self.tracker.run_url(self.parent_id)
+        if url and flow_run.get_id():
+            create_link_artifact(link=url, link_text=f"MLflow run {self.name}", key="mlflow-run")
         self._exit.enter_context(running(self.run))
         token = _ROW_SCOPE.set(self.row_scope)
         self._exit.callback(_ROW_SCOPE.reset, token)
@@ -632,6 +660,15 @@ class PipelineRun:
         self.tracker.set_tags(self.parent_id, {"gen2embed.report": str(folder)})
         markdown = (folder / "report.md").read_text()
         create_markdown_artifact(markdown=markdown, key="table", description="comparison table")
+        table = json.loads((folder / "table.json").read_text())
+        create_table_artifact(
+            table=[
+                {"row": name, **{k: round(v, 4) for k, v in row["aggregate"].items()}}
+                for name, row in table["rows"].items()
+            ],
+            key="scores",
+            description="strict P@1 per table row (MLflow: metrics <row>/p1.* on the parent)",
+        )
         self.paths["report"] = str(folder)
 
     def mode(self, call: StageCall[Any]) -> Mode:
@@ -675,6 +712,15 @@ class PipelineRun:
         if row is not None and row in self.row_ids:
             metrics = {f"{call.stage.name}.{k}": v for k, v in output.metrics.items()}
             self.tracker.log_metrics(self.row_ids[row], metrics)
+        if call.stage.headline is not None:
+            # On the parent, per row ("saha-hierarchical/p1.overall"): MLflow's runs table
+            # and compare view then set whole runs side by side.
+            prefix = f"{row}/" if row is not None else ""
+            headline = {f"{prefix}{k}": v for k, v in call.stage.headline(output).items()}
+            self.tracker.log_metrics(self.parent_id, headline)
+        if call.stage.datasets is not None and call.fingerprint not in self.logged_inputs:
+            self.logged_inputs.add(call.fingerprint)
+            self.tracker.log_datasets(self.parent_id, call.stage.datasets(output))
         if call.stage.name == self.until:
             self._until_left -= 1
             if self._until_left <= 0:

@@ -13,12 +13,13 @@ import json
 import logging
 import os
 import socket
+import subprocess
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 from prefect.exceptions import TerminationSignal
@@ -49,6 +50,31 @@ def create_store(workdir: Path) -> None:
         )
 
     create_once(workdir / DB_FILE, build)
+
+
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags: the code's git commit (and whether the tree had changes), so a
+    run can be traced to the code that made it; empty outside a git checkout."""
+    tags = {"mlflow.source.name": "gen2embed", "mlflow.source.type": "PROJECT"}
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(CODE_ROOT), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        changed = git("status", "--porcelain", "--untracked-files=no")
+        tags["gen2embed.git.dirty"] = str(bool(changed))
+    return tags
 
 
 def flatten_params(section: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -193,6 +219,25 @@ class Tracker:
         ]
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
+    def log_datasets(self, run_id: str, tables: list[Any]) -> None:
+        """Tables (tasks.contract.DatasetRef) as MLflow dataset inputs: referenced by path,
+        never copied; the digest is the stage fingerprint, the profile the row count."""
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=t.name,
+                    digest=t.digest[:36],
+                    source_type="local",
+                    source=json.dumps({"uri": t.path.resolve().as_uri()}),
+                    profile=json.dumps({"num_rows": t.rows}),
+                ),
+                tags=[InputTag("mlflow.data.context", t.context)],
+            )
+            for t in tables
+        ]
+        if inputs:
+            self.client.log_inputs(run_id, datasets=inputs)
 
     def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
