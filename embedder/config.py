@@ -355,6 +355,17 @@ class MineConfig(_Section):
         return self
 
 
+class RegistryConfig(_Section):
+    """MLflow model registry: each fine-tuned adapter (never the base weights) as a version."""
+
+    enabled: bool = Field(True, description="Register each fine-tuned row's adapter.")
+    model_name: str = Field(
+        "gen2embed-{preset}-{row}",
+        pattern=r"^[A-Za-z0-9_.{}-]+$",
+        description="Registered model name; {preset} and {row} are filled in.",
+    )
+
+
 class PipelineConfig(_Section):
     """The whole pipeline: one section per stage that exists."""
 
@@ -369,6 +380,7 @@ class PipelineConfig(_Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     table: TableConfig = Field(default_factory=TableConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     @model_validator(mode="after")
     def _retrieval_depth_from_mining(self) -> PipelineConfig:

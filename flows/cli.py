@@ -84,6 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the servers only (no UI-started or scheduled runs)",
     )
 
+    compare = sub.add_parser("compare", help="pipeline runs side by side (from MLflow)")
+    compare.add_argument("runs", nargs="+", metavar="RUN", help="MLflow run id (or prefix) or name")
+    compare.add_argument("--workdir", help="workspace (default: $GEN2EMBED_HOME or ./data)")
+    compare.add_argument("--debug", action="store_true", help="show tracebacks of every error")
+
     deploy = sub.add_parser(
         "deploy",
         help="register the deployments on your own Prefect server (PREFECT_API_URL) and pool",
@@ -215,6 +220,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from flows.compare import compare_table, find_runs
+    from flows.environment import configure
+    from tasks.tracking import Tracker
+
+    workdir = configure(args.workdir)
+    print(compare_table(find_runs(Tracker.for_workdir(workdir), args.runs)))
+    return 0
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     from flows.deployments import register
 
@@ -241,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "stages": cmd_stages,
             "up": cmd_up,
             "deploy": cmd_deploy,
+            "compare": cmd_compare,
         }[args.command](args)
     except UserError as exc:
         if known.debug:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import inspect
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from embedder.config import ConfigError
 from embedder.errors import UserError
@@ -29,7 +31,7 @@ DEFAULT_FILE = Path(__file__).resolve().parents[1] / "deployments" / "prefect.ya
 ENTRYPOINT = "flows/pipeline.py:pipeline"
 NIGHTLY = "nightly-retrain"
 # Flow parameters that say where the data is: a deployment may leave them to the run form.
-DATA_LOCATION = ("source", "train_dir", "train_images", "eval_dir", "eval_images", "overrides")
+DATA_LOCATION = ("source", "train_dir", "train_images", "eval_dir", "eval_images")
 # A scheduled run this far past its time when the runner starts is a missed one.
 MISSED_AFTER = dt.timedelta(minutes=10)
 
@@ -128,10 +130,22 @@ def _check_parameters(path: Path, spec: DeploymentSpec) -> None:
     configuration: an unknown preset, row or setting fails here, not at 2 a.m."""
     from flows.pipeline import pipeline, pipeline_config
 
+    hints = typing.get_type_hints(pipeline.fn)
+    form = create_model(  # the flow's signature as a strict model: unknown names refused
+        "PipelineParameters",
+        __config__=ConfigDict(extra="forbid"),
+        **{
+            name: (hints[name], param.default)
+            for name, param in inspect.signature(pipeline.fn).parameters.items()
+        },
+    )
     try:
-        pipeline.validate_parameters(spec.parameters)
-    except Exception as exc:  # Prefect's ParameterTypeError wraps pydantic's message
-        raise DeploymentError(f"{path}: deployment {spec.name}: parameters: {exc}") from None
+        form.model_validate(spec.parameters)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in exc.errors()
+        )
+        raise DeploymentError(f"{path}: deployment {spec.name}: parameters: {problems}") from None
     try:
         pipeline_config(**spec.parameters)
     except ConfigError as exc:

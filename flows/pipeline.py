@@ -172,4 +172,5 @@ def pipeline(
             folder = run.store.workdir / "reports" / run.parent_id
             write_report(results, folder, f"gen2embed: {preset}")
             run.publish_report(folder)
+            run.register_adapters(results)
     return run.paths

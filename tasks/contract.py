@@ -55,6 +55,8 @@ from embedder.artifacts import ArtifactStore, Manifest, code_version, fingerprin
 from embedder.config import PipelineConfig
 from embedder.errors import UserError
 from embedder.outputs import StageOutput
+from embedder.report import RowResult
+from tasks.registry import register_adapter
 from tasks.tracking import Tracker, source_tags
 
 log = logging.getLogger("gen2embed.stage")
@@ -670,6 +672,20 @@ class PipelineRun:
             description="strict P@1 per table row (MLflow: metrics <row>/p1.* on the parent)",
         )
         self.paths["report"] = str(folder)
+
+    def register_adapters(self, results: list[RowResult]) -> None:
+        """Each fine-tuned row's adapter as an MLflow model version (registry.*)."""
+        if not self.cfg.registry.enabled:
+            return
+        for result in results:
+            if result.adapter is None:
+                continue
+            name, version = register_adapter(
+                self.tracker, self.cfg, result.row, result.adapter, result.evaluation,
+                self.parent_id,
+            )  # fmt: skip
+            tag = f"gen2embed.registered.{result.row.name}"
+            self.tracker.set_tags(self.parent_id, {tag: f"{name}/{version}"})
 
     def mode(self, call: StageCall[Any]) -> Mode:
         name = call.stage.name

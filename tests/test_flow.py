@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pyarrow.parquet as pq
 import pytest
@@ -68,7 +70,7 @@ def test_second_run_is_cached_and_mlflow_holds_nested_runs(tmp_path: Path) -> No
     client = _mlflow(tmp_path)
     exp = client.get_experiment_by_name("gen2embed")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
-    parents = [r for r in runs if r.info.run_name == "pipeline"]
+    parents = [r for r in runs if r.info.run_name == "tiny"]
     assert len(parents) == 2 and all(r.info.status == "FINISHED" for r in parents)
     first_children = [
         r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
@@ -156,23 +158,28 @@ def test_bad_data_fails_the_stage_and_publishes_nothing(tmp_path: Path) -> None:
     runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
     assert runs["ingest"].info.status == "FAILED"
     assert "BadRowsError" in runs["ingest"].data.tags["gen2embed.error"]
-    assert runs["pipeline"].info.status == "FAILED"
+    assert runs["tiny"].info.status == "FAILED"
 
 
 def test_flow_parameters_render_as_a_form() -> None:
-    from flows.pipeline import pipeline
+    from flows.pipeline import COMMON_SETTINGS, pipeline
 
     props = pipeline.parameters.model_dump()["properties"]
-    assert set(props) == {
+    # The form's order: what to run, then the common settings, then the rest.
+    assert sorted(props, key=lambda k: props[k]["position"]) == [
         "preset",
-        "config_file",
-        "overrides",
-        "from_stage",
         "rows",
+        "from_stage",
         "force",
         "until",
+        *COMMON_SETTINGS,
+        "overrides",
+        "config_file",
         "workdir",
-    }
+    ]
+    # Flat: no nested model renders as a raw JSON box (prefect#7816).
+    flat = json.dumps(props)
+    assert "$ref" not in flat and '"object"' not in flat
     assert props["preset"]["enum"] == ["tiny", "qwen2vl-2b", "qwen2vl-7b"]
     assert props["preset"]["default"] == "tiny"
     assert all(p.get("description") for p in props.values()), "every field is documented"
@@ -192,6 +199,7 @@ def test_flow_parameters_render_as_a_form() -> None:
     assert enum_of(props["from_stage"]) == stages
     assert enum_of(props["force"]) == stages
     assert enum_of(props["until"]) == stages
+    assert enum_of(props["source"]) == ["world", "mmeb", "jsonl", "hub"]
 
 
 ROWS = [
@@ -221,7 +229,7 @@ def test_full_tiny_pipeline_produces_the_six_row_table(tmp_path: Path) -> None:
     by_name: dict[str, list[Any]] = {}
     for r in runs:
         by_name.setdefault(r.info.run_name, []).append(r)
-    parent = by_name["pipeline"][0]
+    parent = by_name["tiny"][0]
     # Each row is its own run under the pipeline's, holding its stages' metrics.
     for row in ROWS:
         (row_run,) = by_name[row]
@@ -249,6 +257,18 @@ def test_full_tiny_pipeline_produces_the_six_row_table(tmp_path: Path) -> None:
         row = line.split()[0]
         overall = by_name[row][0].data.metrics["evaluate.p1.overall"]
         assert float(line.split()[-1]) == pytest.approx(overall, abs=5e-4)
+        # The parent carries every row's headline, so whole runs compare in MLflow.
+        assert parent.data.metrics[f"{row}/p1.overall"] == overall
+        assert f"{row}/p1.classification" in parent.data.metrics
+    mine_saha = by_name["saha-hierarchical"][0].data.metrics["mine.planted_fn_rate.saha"]
+    assert parent.data.metrics["saha-hierarchical/planted_fn_rate"] == mine_saha
+    assert "zeroshot-plain/planted_fn_rate" not in parent.data.metrics  # no mining there
+    assert len(parent.data.tags["mlflow.source.git.commit"]) == 40
+    inputs = {
+        d.dataset.name: (d.dataset.profile, d.tags[0].value)
+        for d in client.get_run(parent.info.run_id).inputs.dataset_inputs
+    }
+    assert inputs == {"pairs": ('{"num_rows": 200}', "train"), "eval": (ANY, "eval")}
     for png in ("bars-overall.png", "bars-classification.png", "loss.png"):
         assert (report_dir / png).stat().st_size > 0
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
@@ -260,7 +280,12 @@ def test_full_tiny_pipeline_produces_the_six_row_table(tmp_path: Path) -> None:
         tables = prefect.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["table"]))
         )
+        scores = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["scores"]))
+        )
     assert tables and "saha-hierarchical" in str(tables[0].data)
+    rows_shown = [r["row"] for r in json.loads(scores[0].data)]
+    assert rows_shown == ROWS
     # Three pretraining steps make an unready generator: said at the end and tagged (8.15).
     assert "not ready" in parent.data.tags["gen2embed.warnings"]
     from flows.cli import run_summary

@@ -44,7 +44,7 @@ def test_a_group_signal_ends_the_run_in_seconds_with_its_records_closed(
     assert "Traceback" not in out
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = {r.info.run_name: r.info.status for r in client.search_runs(["1"])}
-    assert runs["pipeline"] == "KILLED" and runs["pretrain"] == "KILLED", runs
+    assert runs["tiny"] == "KILLED" and runs["pretrain"] == "KILLED", runs
     with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
         states = [row[0] for row in db.execute("select state_type from flow_run")]
     assert states and "RUNNING" not in states, states
