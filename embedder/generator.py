@@ -35,6 +35,7 @@ from embedder.model.prompts import (
     chat,
 )
 from embedder.outputs import Generator
+from embedder.progress import Progress
 
 log = logging.getLogger("gen2embed.pretrain")
 
@@ -250,6 +251,7 @@ def pretrain(
     losses: list[tuple[int, float]] = []
     started = time.perf_counter()
     running = 0.0
+    bar = Progress("pretrain", steps, unit="step")
     for step in range(steps):
         batch = collate(backbone, [next(stream) for _ in range(cfg.batch_size)])
         loss = model(**batch).loss
@@ -259,6 +261,7 @@ def pretrain(
         opt.step()
         sched.step()
         running += float(loss.detach())
+        bar.update(1)
         if (step + 1) % log_every == 0 or step == steps - 1:
             n = (step % log_every) + 1
             losses.append((step + 1, running / n))
@@ -270,6 +273,7 @@ def pretrain(
                 time.perf_counter() - started,
             )
             running = 0.0
+    bar.close()
     model.eval()
     return PretrainResult(losses, time.perf_counter() - started, steps)
 

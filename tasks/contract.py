@@ -43,7 +43,9 @@ from prefect import task
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
+    create_progress_artifact,
     create_table_artifact,
+    update_progress_artifact,
 )
 from prefect.context import TaskRunContext, get_run_context
 from prefect.runtime import flow_run
@@ -55,6 +57,7 @@ from embedder.artifacts import ArtifactStore, Manifest, code_version, fingerprin
 from embedder.config import PipelineConfig
 from embedder.errors import UserError
 from embedder.outputs import StageOutput
+from embedder.progress import listening
 from embedder.report import RowResult
 from tasks.registry import register_adapter
 from tasks.tracking import Tracker, source_tags
@@ -303,6 +306,28 @@ def _execute(call: StageCall[Any], run: RunSettings) -> Any:
         return quote(_compute(call, run, store, tracker))
 
 
+class ProgressArtifact:
+    """A stage's long loops as a Prefect progress artifact (the task run's Artifacts tab):
+    percent done, rate and ETA. Best effort: a failed update never fails the stage."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.artifact_id: UUID | None = None
+        self.failed = False
+
+    def __call__(self, percent: float, line: str) -> None:
+        if self.failed or _flow_run_id() == "":
+            return
+        try:
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(percent, description=line)
+            else:
+                update_progress_artifact(self.artifact_id, percent, description=line)
+        except Exception as exc:
+            self.failed = True
+            log.warning("%s: progress not shown in Prefect (%s)", self.stage, exc)
+
+
 def _compute(
     call: StageCall[OutputT], run: RunSettings, store: ArtifactStore, tracker: Tracker
 ) -> OutputT:
@@ -316,7 +341,8 @@ def _compute(
         partial = store.open_partial(stage.name, fp, fresh=fresh)
         log.info("%s: computing into %s", stage.name, partial)
         try:
-            output = stage.function(**call.arguments(partial))
+            with listening(ProgressArtifact(stage.name)):
+                output = stage.function(**call.arguments(partial))
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise

@@ -274,7 +274,11 @@ def test_full_tiny_pipeline_produces_the_six_row_table(tmp_path: Path) -> None:
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/report.md", "report/loss.png", "report/bars-overall.png"} <= logged
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
 
     with get_client(sync_client=True) as prefect:
         tables = prefect.read_artifacts(
@@ -283,6 +287,16 @@ def test_full_tiny_pipeline_produces_the_six_row_table(tmp_path: Path) -> None:
         scores = prefect.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["scores"]))
         )
+        this_run = ArtifactFilterFlowRunId(any_=[parent.data.tags["prefect.flow_run_id"]])
+        progress = [
+            a
+            for a in prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=this_run))
+            if a.type == "progress"
+        ]
+    # Long loops show in the Prefect UI: pretraining, the fine-tunes, embeddings; all done.
+    described = {str(a.description).split(":")[0] for a in progress}
+    assert {"pretrain", "finetune", "embed"} <= described
+    assert all(a.data == 100.0 for a in progress)
     assert tables and "saha-hierarchical" in str(tables[0].data)
     rows_shown = [r["row"] for r in json.loads(scores[0].data)]
     assert rows_shown == ROWS

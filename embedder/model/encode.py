@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import resource
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,12 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from embedder.config import EmbedConfig
 from embedder.model.backbone import Backbone
 from embedder.model.images import load_image
 from embedder.model.shards import write_shard
+from embedder.progress import Progress
 
 log = logging.getLogger("gen2embed.encode")
 
@@ -289,12 +288,11 @@ def _encode(
     on_gpu = backbone.device.type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(backbone.device)
-    bar = tqdm(
-        total=len(todo),
-        mininterval=0.5 if sys.stderr.isatty() else 10.0,  # logs, not a flood, when piped
-        disable=not progress,
+    bar = Progress(
+        "embed",
+        len(todo),
         unit="item",
-        desc="embed",
+        enabled=progress,
         initial=sum(len(b) for s in range(len(shards)) if s not in pending for b in shards[s]),
     )
     for s in pending:

@@ -21,7 +21,6 @@ import json
 import logging
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -32,7 +31,6 @@ import numpy as np
 import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from embedder.config import EmbedConfig, FinetuneConfig, ModelConfig
@@ -42,6 +40,7 @@ from embedder.errors import UserError
 from embedder.model.backbone import Backbone
 from embedder.model.encode import EmbedItem, embed_inputs, item_key, process_items
 from embedder.outputs import Adapter, Clusters, Generator, Tables
+from embedder.progress import Progress
 from embedder.training import adapters
 from embedder.training.contrastive import grad_cache_step, info_nce, plain_step, world
 
@@ -270,13 +269,8 @@ def train(
         )
 
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
-        unit="step",
-        desc="finetune",
-        disable=not progress or rank != 0,
-        mininterval=0.5 if sys.stderr.isatty() else 10.0,
+    bar = Progress(
+        "finetune", cfg.steps, unit="step", initial=start, enabled=progress and rank == 0
     )
     started = time.perf_counter()
     pairs_per_step = 0
@@ -311,8 +305,7 @@ def train(
             raise FloatingPointError(f"finetune: loss is {loss.item()} at step {step + 1}")
         rate = pairs_per_step / (time.perf_counter() - tic)
         history.add(step + 1, float(loss), lr, rate)
-        bar.set_postfix(loss=f"{float(loss):.3f}", pairs_s=f"{rate:.1f}", refresh=False)
-        bar.update(1)
+        bar.update(1, loss=f"{float(loss):.3f}", pairs_s=f"{rate:.1f}")
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == end:
             checkpoints.save(
