@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from flows.deployments import NIGHTLY
+from flows.deployments import DEFAULT_FILE, NIGHTLY
 from tests.conftest import SMALL_WORLD_OVERRIDES, TINY_MODEL_OVERRIDES
 
 pytestmark = pytest.mark.flow
@@ -60,126 +64,237 @@ def _rest(url: str, body: dict[str, Any] | None = None) -> Any:
         return json.loads(resp.read() or b"null")
 
 
-def test_up_serves_the_deployments_and_a_run_started_through_the_api_is_recorded(
-    tmp_path: Path,
-) -> None:
-    work = tmp_path / "work"
+@dataclass
+class Served:
+    """`gen2embed up` running in a temp workdir, serving the deployments."""
+
+    work: Path
+    proc: subprocess.Popen[str]
+    api: str
+    ui: str
+    mlflow: str
+    info: dict[str, Any]
+
+
+# The demo deployment as shipped, on a smaller world and model and one table row, so a run
+# started from the UI takes seconds; everything else in the file is as users get it.
+DEMO_PARAMETERS = {
+    "preset": "tiny",
+    "rows": ["saha-hierarchical"],
+    "finetune_steps": 2,
+    "overrides": SMALL_WORLD_OVERRIDES
+    + [o for o in TINY_MODEL_OVERRIDES if not o.startswith("finetune.steps=")],
+}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("served")
+    tree = yaml.safe_load(DEFAULT_FILE.read_text())
+    tree["deployments"][0]["parameters"] = DEMO_PARAMETERS
+    deployments = root / "prefect.yaml"
+    deployments.write_text(yaml.safe_dump(tree))
+    work = root / "work"
     ports = [_free_port(), _free_port()]
     up = subprocess.Popen(
         [
-            BIN / "gen2embed",
-            "up",
-            "--workdir",
-            str(work),
-            "--prefect-port",
-            str(ports[0]),
-            "--mlflow-port",
-            str(ports[1]),
+            BIN / "gen2embed", "up", "--workdir", str(work), "--deployments", str(deployments),
+            "--prefect-port", str(ports[0]), "--mlflow-port", str(ports[1]),
         ],
-        env=_clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+        env=_clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
     services = work / "services.json"
+    deadline = time.monotonic() + 240
+    while not services.exists():
+        assert up.poll() is None, up.stdout.read() if up.stdout else ""
+        assert time.monotonic() < deadline, "servers did not come up"
+        time.sleep(0.5)
+    info = json.loads(services.read_text())
+    served = Served(
+        work, up, info["prefect_api_url"], info["prefect_ui_url"], info["mlflow_url"], info
+    )
     try:
-        deadline = time.monotonic() + 240
-        while not services.exists():
-            assert up.poll() is None, up.stdout.read() if up.stdout else ""
-            assert time.monotonic() < deadline, "servers did not come up"
-            time.sleep(0.5)
-        info = json.loads(services.read_text())
-        api, mlflow = info["prefect_api_url"], info["mlflow_url"]
-        assert api == f"http://127.0.0.1:{ports[0]}/api"
-        assert info["deployments"] == ["demo", "qwen2vl-2b-saha", "qwen2vl-7b-saha", NIGHTLY]
-
-        # The demo deployment, started through Prefect's REST API as the UI's button does,
-        # with a smaller world and model and one table row.
-        demo = _rest(f"{api}/deployments/name/gen2embed/demo")
-        parameters = {
-            "rows": ["saha-hierarchical"],
-            "overrides": SMALL_WORLD_OVERRIDES + TINY_MODEL_OVERRIDES,
-        }
-        start = f"{api}/deployments/{demo['id']}/create_flow_run"
-        flow_run = _rest(start, {"parameters": parameters})
-        deadline = time.monotonic() + 400
-        while (state := _rest(f"{api}/flow_runs/{flow_run['id']}")["state"])["type"] not in (
-            "COMPLETED", "FAILED", "CRASHED", "CANCELLED"
-        ):  # fmt: skip
-            assert time.monotonic() < deadline, state
-            time.sleep(1)
-        log = (work / "logs" / "deployments.log").read_text()
-        assert state["type"] == "COMPLETED", log[-3000:]
-
-        # Its records, found through MLflow's REST API.
-        exp = _rest(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=gen2embed")
-        found = _rest(
-            f"{mlflow}/api/2.0/mlflow/runs/search",
-            {"experiment_ids": [exp["experiment"]["experiment_id"]], "max_results": 100},
-        )
-        runs = {r["info"]["run_name"]: r for r in found["runs"]}
-        parent = runs["tiny [saha-hierarchical]"]
-        tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
-        metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
-        assert parent["info"]["status"] == "FINISHED"
-        assert tags["prefect.flow_run_id"] == flow_run["id"]
-        assert "saha-hierarchical/p1.overall" in metrics
-        row = runs["saha-hierarchical"]
-        row_tags = {t["key"]: t["value"] for t in row["data"]["tags"]}
-        assert row_tags["mlflow.parentRunId"] == parent["info"]["run_id"]
-        assert {"world", "ingest", "pretrain", "embed", "retrieve", "mine", "finetune"} <= set(runs)
-        # The adapter, registered with what it is for.
-        name = "gen2embed-tiny-saha-hierarchical"
-        assert tags["gen2embed.registered.saha-hierarchical"] == f"{name}/1"
-        versions = _rest(
-            f"{mlflow}/api/2.0/mlflow/model-versions/search?filter=name%3D%27{name}%27"
-        )["model_versions"]
-        (version,) = versions
-        vtags = {t["key"]: t["value"] for t in version["tags"]}
-        assert vtags["base_model"] == "tiny" and len(vtags["adapter_sha256"]) == 64
-        overall = metrics["saha-hierarchical/p1.overall"]
-        assert float(vtags["p1.overall"]) == pytest.approx(overall, abs=1e-4)
-        assert version["source"].endswith("/adapter")
-
-        # `gen2embed run` in another terminal uses the same servers: no server of its own,
-        # and every stage of the row is a cache hit.
-        run = subprocess.run(
-            [
-                BIN / "gen2embed",
-                "run",
-                "--workdir",
-                str(work),
-                "--row",
-                "saha-hierarchical",
-                *[a for o in parameters["overrides"] for a in ("--set", o)],
-            ],
-            env=_clean_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert run.returncode == 0, run.stdout + run.stderr
-        assert "Starting temporary server" not in run.stdout + run.stderr
-        flow_runs = _rest(f"{api}/flow_runs/filter", {"sort": "START_TIME_ASC"})
-        ran = [fr for fr in flow_runs if fr["state"]["type"] != "SCHEDULED"]  # not the nightly
-        assert [fr["state"]["name"] for fr in ran] == ["Completed", "Completed"]
-        nightly = [fr for fr in flow_runs if fr["state"]["type"] == "SCHEDULED"]
-        assert nightly and all(fr["expected_start_time"][11:16] == "02:00" for fr in nightly)
-        compared = subprocess.run(
-            [BIN / "gen2embed", "compare", "--workdir", str(work), "tiny [saha-hierarchical]",
-             parent["info"]["run_id"]],
-            env=_clean_env(), capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert compared.returncode == 0, compared.stderr
-        assert "saha-hierarchical/p1.overall" in compared.stdout
+        yield served
     finally:
-        up.send_signal(signal.SIGINT)
-        out, _ = up.communicate(timeout=60)
-    assert up.returncode == 0, out
+        if up.poll() is None:
+            up.send_signal(signal.SIGINT)
+            up.communicate(timeout=60)
+
+
+def _wait_for_flow_run(served: Served, flow_run_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 400
+    final = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+    while (state := _rest(f"{served.api}/flow_runs/{flow_run_id}")["state"])["type"] not in final:
+        assert time.monotonic() < deadline, state
+        time.sleep(1)
+    log = (served.work / "logs" / "deployments.log").read_text()
+    assert state["type"] == "COMPLETED", log[-3000:]
+    return state
+
+
+def _mlflow_runs(served: Served) -> list[dict[str, Any]]:
+    exp = _rest(f"{served.mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=gen2embed")
+    found = _rest(
+        f"{served.mlflow}/api/2.0/mlflow/runs/search",
+        {
+            "experiment_ids": [exp["experiment"]["experiment_id"]],
+            "max_results": 200,
+            "order_by": ["attributes.start_time DESC"],
+        },
+    )
+    return found["runs"]
+
+
+def _tags(run: dict[str, Any]) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def test_up_serves_the_deployments_and_a_run_started_through_the_api_is_recorded(
+    served: Served,
+) -> None:
+    assert served.api.startswith("http://127.0.0.1:")
+    assert served.info["deployments"] == ["demo", "qwen2vl-2b-saha", "qwen2vl-7b-saha", NIGHTLY]
+
+    # The demo deployment, started through Prefect's REST API as the UI's button does.
+    demo = _rest(f"{served.api}/deployments/name/gen2embed/demo")
+    flow_run = _rest(f"{served.api}/deployments/{demo['id']}/create_flow_run", {})
+    _wait_for_flow_run(served, flow_run["id"])
+
+    # Its records, found through MLflow's REST API.
+    runs = {r["info"]["run_name"]: r for r in reversed(_mlflow_runs(served))}
+    parent = runs["tiny [saha-hierarchical]"]
+    tags = _tags(parent)
+    metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert parent["info"]["status"] == "FINISHED"
+    assert tags["prefect.flow_run_id"] == flow_run["id"]
+    assert "saha-hierarchical/p1.overall" in metrics
+    assert _tags(runs["saha-hierarchical"])["mlflow.parentRunId"] == parent["info"]["run_id"]
+    assert {"world", "ingest", "pretrain", "embed", "retrieve", "mine", "finetune"} <= set(runs)
+    # The adapter, registered with what it is for.
+    name = "gen2embed-tiny-saha-hierarchical"
+    assert tags["gen2embed.registered.saha-hierarchical"] == f"{name}/1"
+    versions = _rest(
+        f"{served.mlflow}/api/2.0/mlflow/model-versions/search?filter=name%3D%27{name}%27"
+    )["model_versions"]
+    (version,) = versions
+    vtags = _tags({"data": {"tags": version["tags"]}})
+    assert vtags["base_model"] == "tiny" and len(vtags["adapter_sha256"]) == 64
+    overall = metrics["saha-hierarchical/p1.overall"]
+    assert float(vtags["p1.overall"]) == pytest.approx(overall, abs=1e-4)
+    assert version["source"].endswith("/adapter")
+
+    # `gen2embed run` in another terminal uses the same servers: no server of its own, and
+    # every stage of the row is a cache hit.
+    run = subprocess.run(
+        [BIN / "gen2embed", "run", "--workdir", str(served.work), "--row", "saha-hierarchical",
+         *[a for o in DEMO_PARAMETERS["overrides"] for a in ("--set", o)], "--set",
+         "finetune.steps=2"],
+        env=_clean_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Starting temporary server" not in run.stdout + run.stderr
+    flow_runs = _rest(f"{served.api}/flow_runs/filter", {"sort": "START_TIME_ASC"})
+    ran = [fr for fr in flow_runs if fr["state"]["type"] != "SCHEDULED"]  # not the nightly
+    assert [fr["state"]["name"] for fr in ran] == ["Completed", "Completed"]
+    nightly = [fr for fr in flow_runs if fr["state"]["type"] == "SCHEDULED"]
+    assert nightly and all(fr["expected_start_time"][11:16] == "02:00" for fr in nightly)
+    compared = subprocess.run(
+        [BIN / "gen2embed", "compare", "--workdir", str(served.work), "tiny [saha-hierarchical]",
+         parent["info"]["run_id"]],
+        env=_clean_env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stderr
+    assert "saha-hierarchical/p1.overall" in compared.stdout
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)"
+)
+def test_a_run_started_from_the_prefect_ui_form_completes_and_shows_in_mlflow(
+    served: Served,
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = Path(os.environ.get("GEN2EMBED_SCREENSHOTS", served.work.parent / "screenshots"))
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(60_000)
+        # Prefect: Deployments -> demo -> Run -> Custom run, one setting changed, Submit.
+        page.goto(f"{served.ui}/deployments")
+        page.get_by_role("link", name="demo", exact=True).first.click()
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run").click()
+        steps = page.locator(".schema-form-property").filter(
+            has=page.get_by_text("finetune_steps (Optional)", exact=True)
+        )
+        steps.locator("input").fill("3")
+        page.screenshot(path=shots / "prefect-run-form.png", full_page=True)
+        before = {fr["id"] for fr in _rest(f"{served.api}/flow_runs/filter", {})}
+        page.get_by_role("button", name="Submit").click()
+        deadline = time.monotonic() + 60
+        while not (new := [
+            fr for fr in _rest(f"{served.api}/flow_runs/filter", {}) if fr["id"] not in before
+        ]):  # fmt: skip
+            assert time.monotonic() < deadline, "the form started no run"
+            time.sleep(0.5)
+        (flow_run,) = new
+        assert flow_run["parameters"]["finetune_steps"] == 3
+        _wait_for_flow_run(served, flow_run["id"])
+        flow_run_id = flow_run["id"]
+        page.goto(f"{served.ui}/runs/flow-run/{flow_run_id}")
+        expect(page.get_by_text("Completed").first).to_be_visible()
+        page.screenshot(path=shots / "prefect-completed-run.png", full_page=True)
+
+        # MLflow: the run that flow run made, with the changed setting, metrics and a plot.
+        runs = _mlflow_runs(served)
+        parent = next(
+            r
+            for r in runs
+            if _tags(r).get("prefect.flow_run_id") == flow_run_id
+            and "mlflow.parentRunId" not in _tags(r)
+        )
+        run_id = parent["info"]["run_id"]
+        whole = _rest(f"{served.mlflow}/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
+        params = {p["key"]: p["value"] for p in whole["data"]["params"]}
+        assert params["finetune.steps"] == "3"
+        experiment = parent["info"]["experiment_id"]
+        page.goto(f"{served.mlflow}/#/experiments/{experiment}/runs/{run_id}")
+        # MLflow 3 opens in its GenAI view; runs, metrics and plots are in "Model training".
+        page.get_by_text("Model training", exact=True).click()
+        page.goto(f"{served.mlflow}/#/experiments/{experiment}/runs/{run_id}")
+        expect(page.get_by_text("saha-hierarchical/p1.overall").first).to_be_visible()
+        page.screenshot(path=shots / "mlflow-run.png", full_page=True)
+        page.goto(f"{served.mlflow}/#/experiments/{experiment}/runs/{run_id}/artifacts")
+        page.get_by_text("report", exact=True).first.click()
+        page.get_by_text("bars-overall.png").first.click()
+        expect(page.get_by_role("img", name="report/bars-overall.png")).to_be_visible()
+        page.screenshot(path=shots / "mlflow-plot.png", full_page=True)
+        # The comparison view of the two demo runs (the API's and the UI's).
+        earlier = next(
+            r["info"]["run_id"]
+            for r in runs
+            if r["info"]["run_name"] == parent["info"]["run_name"] and r is not parent
+        )
+        ids = json.dumps([earlier, run_id])
+        page.goto(f'{served.mlflow}/#/compare-runs?runs={ids}&experiments=["{experiment}"]')
+        expect(page.get_by_text("finetune.steps").first).to_be_visible()
+        page.screenshot(path=shots / "mlflow-compare.png", full_page=True)
+        browser.close()
+
+
+def test_up_stops_servers_runner_and_runs_on_ctrl_c(served: Served) -> None:
+    served.proc.send_signal(signal.SIGINT)
+    out, _ = served.proc.communicate(timeout=60)
+    assert served.proc.returncode == 0, out
     assert "stopped" in out
-    assert not services.exists()
+    assert not (served.work / "services.json").exists()
     time.sleep(0.5)
-    assert _processes_mentioning(str(work)) == [], "servers, runner or runs outlived `up`"
+    assert _processes_mentioning(str(served.work)) == [], "servers, runner or runs outlived `up`"
 
 
 def test_up_on_a_taken_port_says_by_what_and_starts_nothing(tmp_path: Path) -> None:
