@@ -366,6 +366,39 @@ class RegistryConfig(_Section):
     )
 
 
+class ScaleConfig(_Section):
+    """Fan-out of the embed and evaluate stages over their shards, as mapped Prefect tasks on
+    a Dask cluster (prefect-dask). Results equal the single-process path's."""
+
+    engine: Literal["none", "dask"] = Field(
+        "none", description="none: one process; dask: shard tasks on a Dask cluster."
+    )
+    address: str | None = Field(
+        None, description="Scheduler of an existing cluster (tcp://host:8786); None: local."
+    )
+    workers: int | None = Field(
+        None, ge=1, description="Workers of the local cluster (default 2); not with address."
+    )
+    cluster_class: str | None = Field(
+        None,
+        description="Local cluster class, e.g. dask_cuda.LocalCUDACluster (a worker per GPU).",
+    )
+    tasks: int | None = Field(
+        None, ge=1, description="Shard tasks per stage (default: the workers, or 4 remote)."
+    )
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> ScaleConfig:
+        if self.address is not None:
+            for key in ("workers", "cluster_class"):
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"scale.address and scale.{key} are both set: an existing cluster "
+                        "has its own workers; keep one"
+                    )
+        return self
+
+
 class PipelineConfig(_Section):
     """The whole pipeline: one section per stage that exists."""
 
@@ -381,6 +414,7 @@ class PipelineConfig(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     table: TableConfig = Field(default_factory=TableConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
 
     @model_validator(mode="after")
     def _retrieval_depth_from_mining(self) -> PipelineConfig:

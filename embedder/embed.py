@@ -9,7 +9,7 @@ import pyarrow as pa
 from embedder.config import EmbedConfig, ModelConfig
 from embedder.datasets.schema import PAIR_KEYS_SCHEMA, PAIRS_SCHEMA, read_table, write_table
 from embedder.model.backbone import Backbone, load_backbone
-from embedder.model.encode import EmbedItem, encode
+from embedder.model.encode import EmbedItem, current_slice, encode
 from embedder.model.prompts import render
 from embedder.outputs import Embeddings, Generator, Tables
 
@@ -83,6 +83,8 @@ def embed_pairs(
         pkeys.append(p.key)
     output = Embeddings(folder=out)
     stats = encode(backbone, items, data.pairs_images, output.shards, cfg)
+    if current_slice() is not None:  # one worker of several: its shards are written
+        return output
     columns = {c: [r[c] for r in pairs] for c in ("id", "subset", "meta_task", "fn_group")}
     write_table(
         pa.table({**columns, "qry_key": qkeys, "pos_key": pkeys}),

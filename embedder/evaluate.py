@@ -37,7 +37,7 @@ from embedder.datasets.schema import EVAL_SCHEMA, read_table
 from embedder.embed import make_item, open_backbone
 from embedder.errors import UserError
 from embedder.model.backbone import Backbone
-from embedder.model.encode import EmbedItem, EncodeStats, encode
+from embedder.model.encode import EmbedItem, EncodeStats, current_slice, encode
 from embedder.model.shards import load_embeddings
 from embedder.outputs import Adapter, EvalReport, Generator, Tables
 
@@ -286,15 +286,20 @@ def evaluate_model(
         qkeys.append(q.key)
         ckeys.append([c.key for c in cands])
     distinct = list({it.key: it for it in items}.values())
-    checks = sanity_check(
-        backbone, distinct[: cfg.sanity_items], images_root, settings, out / "sanity"
-    )
+    worker = current_slice() is not None  # one of several embedding workers: shards only
+    checks = {}
+    if not worker:
+        checks = sanity_check(
+            backbone, distinct[: cfg.sanity_items], images_root, settings, out / "sanity"
+        )
     output = EvalReport(folder=out, template=cfg.template)
     identity = vectors_identity(model, generator, adapter, settings)
     reused = reusable_vectors(out, identity, {it.key for it in items})
     folder = out / "embeddings"
     todo = [it for it in items if it.key not in reused]
     stats = encode(backbone, todo, images_root, folder, settings) if todo else EncodeStats()
+    if worker:
+        return output
     _write_identity(folder, identity)
     keys, matrix = load_embeddings(folder)
     vectors = {**reused, **dict(zip(keys, matrix, strict=True))}

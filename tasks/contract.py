@@ -113,6 +113,7 @@ class Stage(Generic[OutputT]):
         inputs: Callable[..., dict[str, str]] | None = None,
         headline: Callable[[Any], dict[str, float]] | None = None,
         datasets: Callable[[Any], list[DatasetRef]] | None = None,
+        fan_out: bool = False,
     ) -> None:
         self.name = name
         self.function = function
@@ -125,6 +126,10 @@ class Stage(Generic[OutputT]):
         self.headline = headline
         # Tables the stage read or wrote, recorded as MLflow dataset inputs of the run.
         self.datasets = datasets
+        # Its shards can be computed by several workers at once (scale.engine, tasks.scale).
+        self.fan_out = fan_out
+        if fan_out and not resumable:
+            raise ValueError(f"stage {name}: fan-out needs a resumable stage")
         hints = typing.get_type_hints(function)
         section_fields = {
             info.annotation: name
@@ -249,6 +254,8 @@ class RunSettings(BaseModel):
     # reuse: the folder must be published already (stages --from does not run).
     mode: Mode = "compute"
     from_stage: str | None = None
+    # Shard tasks on a cluster wrote into the partial folder already (tasks.scale): keep it.
+    fanned_out: bool = False
 
 
 TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR}
@@ -337,7 +344,7 @@ def _compute(
     tags = {"gen2embed.stage": stage.name, "gen2embed.fingerprint": fp}
     tags["prefect.flow_run_id"] = flow_run_id
     with tracker.run(stage.name, parent_run_id=run.parent_run_id, tags=tags, params=params) as rid:
-        fresh = run.mode == "recompute" or not stage.resumable
+        fresh = (run.mode == "recompute" and not run.fanned_out) or not stage.resumable
         partial = store.open_partial(stage.name, fp, fresh=fresh)
         log.info("%s: computing into %s", stage.name, partial)
         try:
@@ -617,6 +624,7 @@ class PipelineRun:
         self.done: set[str] = set()  # fingerprints already run here (rows share stages)
         self.row_ids: dict[str, str] = {}  # table row -> its MLflow run
         self.logged_inputs: set[str] = set()  # fingerprints whose tables are logged
+        self._shard_runner: Any = None  # the Dask task runner, once a stage fans out
         self._until_left = sum(p.name == until for p in planned)
         self._exit = ExitStack()
 
@@ -699,6 +707,24 @@ class PipelineRun:
         )
         self.paths["report"] = str(folder)
 
+    def _fans_out(self, call: StageCall[Any], mode: Mode) -> bool:
+        if not call.stage.fan_out or self.cfg.scale.engine == "none" or mode == "reuse":
+            return False
+        return mode == "recompute" or call.stage.published(self.store, call.fingerprint) is None
+
+    def _fan_out(self, call: StageCall[Any], mode: Mode, label: str) -> None:
+        """Shard tasks on the cluster write the stage's shards first (tasks.scale)."""
+        from tasks.scale import fan_out, shard_runner, task_count
+
+        if self._shard_runner is None:  # one cluster for the run, started on first need
+            self._shard_runner = self._exit.enter_context(shard_runner(self.cfg.scale))
+        name, fp = call.stage.name, call.fingerprint
+        count = task_count(self.cfg.scale)
+        log.info("%s: %d shard tasks on the Dask cluster", label, count)
+        with self.store.lock(name, fp):  # a concurrent run of this stage waits
+            self.store.open_partial(name, fp, fresh=mode == "recompute")
+            fan_out(self._shard_runner, call, str(self.store.workdir), label, count)
+
     def register_adapters(self, results: list[RowResult]) -> None:
         """Each fine-tuned row's adapter as an MLflow model version (registry.*)."""
         if not self.cfg.registry.enabled:
@@ -739,6 +765,9 @@ class PipelineRun:
         # such as a stage name would draw false edges); the run graph's edges are exactly the
         # upstream stages, given as `wait_for`.
         upstream = [self.states[u.fingerprint] for u in call.upstream.values() if u is not None]
+        if self._fans_out(call, mode):
+            self._fan_out(call, mode, label)
+            settings = settings.model_copy(update={"fanned_out": True})
         task = call.stage.task
         if row is not None:  # the Prefect UI shows which row a task run belongs to
             task = task.with_options(task_run_name=label)

@@ -43,11 +43,11 @@ def planted_fn_rate(clusters: Clusters) -> dict[str, float]:
 world = Stage("world", build_world)
 ingest = Stage("ingest", ingest_tables, inputs=source_inputs, datasets=ingested_tables)
 pretrain = Stage("pretrain", pretrain_generator)
-embed = Stage("embed", embed_pairs, resumable=True)
+embed = Stage("embed", embed_pairs, resumable=True, fan_out=True)
 retrieve = Stage("retrieve", retrieve_candidates)
 mine = Stage("mine", mine_clusters, headline=planted_fn_rate)
 finetune = Stage("finetune", finetune_adapter, resumable=True)
-evaluate = Stage("evaluate", evaluate_model, resumable=True, headline=scores)
+evaluate = Stage("evaluate", evaluate_model, resumable=True, headline=scores, fan_out=True)
 
 STAGE_NAMES: tuple[str, ...] = tuple(
     v.name for v in list(globals().values()) if isinstance(v, Stage)

@@ -16,9 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import resource
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +43,8 @@ STATS_SUFFIX = ".stats.json"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Atomically: workers sharing a folder (shard_slice) read only whole files."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(json.dumps(data))
     tmp.replace(path)
 
@@ -211,6 +216,35 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
+@dataclass(frozen=True)
+class ShardSlice:
+    """This process computes shards `index`, `index + count`, ... of a plan, not all: one of
+    `count` workers embedding the same items into the same folder."""
+
+    index: int
+    count: int
+
+
+_SLICE: ContextVar[ShardSlice | None] = ContextVar("shard_slice", default=None)
+
+
+@contextmanager
+def shard_slice(index: int, count: int) -> Iterator[None]:
+    """Inside the block, `encode` computes only this worker's share of the pending shards
+    (and the stages calling it stop after encoding: assembling is the last worker's job)."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard slice {index} of {count}")
+    token = _SLICE.set(ShardSlice(index, count))
+    try:
+        yield
+    finally:
+        _SLICE.reset(token)
+
+
+def current_slice() -> ShardSlice | None:
+    return _SLICE.get()
+
+
 def plan_shards(lengths: Sequence[int], batch_size: int, shard_size: int) -> list[list[list[int]]]:
     """Indices grouped into batches (by ascending estimated length, ties in input order) and
     batches into shards of about `shard_size` items."""
@@ -280,10 +314,13 @@ def _encode(
         log.warning("encode: %s holds shards of another plan; starting over", out_dir)
         for old in out_dir.glob("shard-*"):
             old.unlink()
-    plan_path.write_text(json.dumps(plan))
+    _write_json(plan_path, plan)
 
     pending = [s for s in range(len(shards)) if not (out_dir / f"shard-{s:05d}.parquet").exists()]
     stats.resumed_shards = len(shards) - len(pending)
+    share = current_slice()
+    if share is not None:  # one of several workers: its shards only
+        pending = [s for s in pending if s % share.count == share.index]
     model = backbone.model
     on_gpu = backbone.device.type == "cuda"
     if on_gpu:
