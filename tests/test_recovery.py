@@ -104,14 +104,19 @@ def test_a_finetune_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_pat
         start_new_session=True,
     )
     checkpoints = tmp_path / "artifacts" / "finetune"
+
+    def saved_steps() -> list[int]:  # finished checkpoints (a temporary one is not yet)
+        found = checkpoints.glob("*.partial/checkpoints/step-*")
+        return sorted(int(p.name[5:]) for p in found if p.name[5:].isdigit())
+
     deadline = time.monotonic() + 300
-    while not list(checkpoints.glob("*.partial/checkpoints/step-*")):
+    while not saved_steps():
         assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.monotonic() < deadline, "no checkpoint written"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the machine dies: no handler runs
     proc.wait()
-    saved = sorted(int(p.name[5:]) for p in checkpoints.glob("*.partial/checkpoints/step-*"))
+    saved = saved_steps()
     assert saved and saved[-1] < 24, "killed before the end"
 
     again = subprocess.run(_cli(tmp_path, *longer), env=_env(), capture_output=True, text=True)

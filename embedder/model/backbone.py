@@ -21,6 +21,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, Qwen2VLP
 from transformers.processing_utils import ProcessorMixin
 
 from embedder.config import PretrainConfig
+from embedder.errors import UserError
 
 log = logging.getLogger("gen2embed.backbone")
 
@@ -139,6 +140,10 @@ def pick_attention(attn: str, device: torch.device) -> str:
     return "sdpa"
 
 
+class UnsafeWeightsError(UserError, OSError):
+    pass
+
+
 def load_backbone(
     name_or_path: str | Path,
     *,
@@ -162,9 +167,23 @@ def load_backbone(
         )
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
-    model = adapter.model_class(config.model_type).from_pretrained(
-        source, dtype=torch_dtype, attn_implementation=pick_attention(attn, dev), **kwargs
-    )
+    try:
+        model = adapter.model_class(config.model_type).from_pretrained(
+            source,
+            dtype=torch_dtype,
+            attn_implementation=pick_attention(attn, dev),
+            # Pickled weights can run code when loaded: safetensors only.
+            use_safetensors=True,
+            **kwargs,
+        )
+    except OSError as exc:
+        if "safetensors" not in str(exc) and "model.safetensors" not in str(exc):
+            raise
+        raise UnsafeWeightsError(
+            f"{source}: no safetensors weights (pickled .bin files are refused: loading them "
+            "can run code); convert them, e.g. load and save_pretrained(safe_serialization="
+            "True) in a sandbox"
+        ) from None
     model.to(dev).eval()
     processor = adapter.load_processor(source, **kwargs)
     return Backbone(model, processor, adapter, dev, torch_dtype, source)
