@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/gen2embed run --preset tiny
 
+# Two pytest workers, one torch thread each: most tests wait on servers and subprocesses, so
+# two files at a time fit two cores (15 min 20 s serial, 10 min 24 s so; bench/RESULTS.md).
+# A test module stays on one worker (--dist loadfile): module fixtures start servers once.
+TEST_WORKERS ?= 2
 test: setup lint
-	$(BIN)/pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .
