@@ -312,6 +312,7 @@ def _score_plot(traces: dict[str, MineTrace], path: Path) -> None:
                 )
         ax.set_title(name)
         ax.set_xlabel("cosine(query, positive)")
+        ax.set_ylabel("density (area 1 per series)")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

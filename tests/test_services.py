@@ -169,6 +169,14 @@ def test_up_serves_the_deployments_and_a_run_started_through_the_api_is_recorded
     assert tags["prefect.flow_run_id"] == flow_run["id"]
     assert "saha-hierarchical/p1.overall" in metrics
     assert _tags(runs["saha-hierarchical"])["mlflow.parentRunId"] == parent["info"]["run_id"]
+    # The Prefect run links to its MLflow run and shows the scores as a table.
+    artifacts = _rest(
+        f"{served.api}/artifacts/filter",
+        {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}},
+    )
+    by_key = {a["key"]: a for a in artifacts if a["key"]}
+    assert by_key["mlflow-run"]["data"].endswith(f"/runs/{parent['info']['run_id']}")
+    assert by_key["scores"]["type"] == "table" and "saha-hierarchical" in by_key["scores"]["data"]
     assert {"world", "ingest", "pretrain", "embed", "retrieve", "mine", "finetune"} <= set(runs)
     # The adapter, registered with what it is for.
     name = "gen2embed-tiny-saha-hierarchical"
