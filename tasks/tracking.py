@@ -45,9 +45,16 @@ def create_store(workdir: Path) -> None:
 
     def build(tmp: Path) -> None:
         location = (workdir / "mlartifacts").resolve().as_uri()
-        MlflowClient(tracking_uri=f"sqlite:///{tmp}").create_experiment(
-            EXPERIMENT, artifact_location=location
-        )
+        # MLflow announces each migration step at INFO: not news for the person at the console.
+        store_log = logging.getLogger("mlflow.store.db.utils")
+        level = store_log.level
+        store_log.setLevel(logging.WARNING)
+        try:
+            MlflowClient(tracking_uri=f"sqlite:///{tmp}").create_experiment(
+                EXPERIMENT, artifact_location=location
+            )
+        finally:
+            store_log.setLevel(level)
 
     create_once(workdir / DB_FILE, build)
 

@@ -175,7 +175,7 @@ def test_up_serves_the_deployments_and_a_run_started_through_the_api_is_recorded
         {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}},
     )
     by_key = {a["key"]: a for a in artifacts if a["key"]}
-    assert by_key["mlflow-run"]["data"].endswith(f"/runs/{parent['info']['run_id']}")
+    assert f"/runs/{parent['info']['run_id']})" in by_key["mlflow-run"]["data"]
     assert by_key["scores"]["type"] == "table" and "saha-hierarchical" in by_key["scores"]["data"]
     assert {"world", "ingest", "pretrain", "embed", "retrieve", "mine", "finetune"} <= set(runs)
     # The adapter, registered with what it is for.
@@ -293,6 +293,48 @@ def test_a_run_started_from_the_prefect_ui_form_completes_and_shows_in_mlflow(
         expect(page.get_by_text("finetune.steps").first).to_be_visible()
         page.screenshot(path=shots / "mlflow-compare.png", full_page=True)
         browser.close()
+
+
+def test_cancelling_a_served_run_in_prefect_ends_it_in_seconds_with_its_records_closed(
+    served: Served,
+) -> None:
+    """Cancel in the Prefect UI (a CANCELLING state, as its button sets) in the middle of a
+    long pretraining: the runner stops the run, Prefect says Cancelled, MLflow KILLED."""
+    demo = _rest(f"{served.api}/deployments/name/gen2embed/demo")
+    overrides = [*DEMO_PARAMETERS["overrides"], "pretrain.steps=100000"]
+    long = {**DEMO_PARAMETERS, "overrides": overrides}
+    start = f"{served.api}/deployments/{demo['id']}/create_flow_run"
+    flow_run = _rest(start, {"parameters": long})
+    log = served.work / "logs" / "deployments.log"
+    deadline = time.monotonic() + 240
+    while "pretrain step 25/100000" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    asked = time.monotonic()
+    _rest(
+        f"{served.api}/flow_runs/{flow_run['id']}/set_state",
+        {"state": {"type": "CANCELLING", "name": "Cancelling"}, "force": True},
+    )
+    while (state := _rest(f"{served.api}/flow_runs/{flow_run['id']}")["state"])["type"] not in (
+        "CANCELLED", "CRASHED", "FAILED", "COMPLETED"
+    ):  # fmt: skip
+        assert time.monotonic() - asked < 60, state
+        time.sleep(0.5)
+    took = time.monotonic() - asked
+    assert state["type"] == "CANCELLED", state
+
+    def records() -> dict[str, str]:
+        mine = [r for r in _mlflow_runs(served) if _tags(r).get("prefect.flow_run_id") == ours]
+        return {r["info"]["run_name"]: r["info"]["status"] for r in mine}
+
+    ours = flow_run["id"]
+    deadline = time.monotonic() + 30  # the run's own handler records the end as it unwinds
+    while "RUNNING" in (statuses := records()).values():
+        assert time.monotonic() < deadline, statuses
+        time.sleep(0.5)
+    assert statuses["tiny [saha-hierarchical]"] == "KILLED" and statuses["pretrain"] == "KILLED"
+    assert list((served.work / "artifacts" / "pretrain").glob("*.partial")), "kept for resume"
+    assert took < 30, f"{took:.1f}s from Cancel to Cancelled"
 
 
 def test_up_stops_servers_runner_and_runs_on_ctrl_c(served: Served) -> None:
