@@ -1,6 +1,7 @@
 """Progress of the long loops (pretraining, embedding, fine-tuning): a tqdm bar with rate and
 ETA in the terminal, and the same news for a listener the caller registers (the Prefect task
-shows it as a progress artifact), so this library stays free of Prefect.
+shows it as a progress artifact and logs the bar's values, the training loss, to MLflow as
+the run goes), so this library stays free of Prefect and MLflow.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-# (percent done, one line: what, how far, rate, ETA) -> None
-Listener = Callable[[float, str], None]
+# (percent done, one line: what, how far, rate, ETA; the step; the latest numeric values
+# shown on the bar, e.g. train_loss) -> None
+Listener = Callable[[float, str, int, dict[str, float]], None]
 _LISTENER: ContextVar[Listener | None] = ContextVar("progress_listener", default=None)
 NOTIFY_EVERY_S = 5.0
 
@@ -50,12 +52,14 @@ class Progress:
         self.started = time.monotonic()
         self.initial = initial
         self.last = 0.0
+        self.values: dict[str, float] = {}
         self._notify(force=True)
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         self.done += n
         if postfix:
             self.bar.set_postfix(postfix, refresh=False)
+            self.values = {k: float(v) for k, v in postfix.items() if isinstance(v, int | float)}
         self.bar.update(n)
         self._notify()
 
@@ -70,7 +74,7 @@ class Progress:
         if rate > 0:
             eta = (self.total - self.done) / rate
             line += f", {rate:,.2f} {self.unit}/s, ETA {_duration(eta)}"
-        self.listener(100.0 * self.done / max(self.total, 1), line)
+        self.listener(100.0 * self.done / max(self.total, 1), line, self.done, dict(self.values))
 
     def close(self) -> None:
         self.bar.close()

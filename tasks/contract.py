@@ -315,15 +315,23 @@ def _execute(call: StageCall[Any], run: RunSettings) -> Any:
 
 class ProgressArtifact:
     """A stage's long loops as a Prefect progress artifact (the task run's Artifacts tab):
-    percent done, rate and ETA. Best effort: a failed update never fails the stage."""
+    percent done, rate and ETA; the bar's values (training loss, lr) go to the stage's MLflow
+    run as they come, so a long fine-tune can be watched. Best effort: a failed update never
+    fails the stage."""
 
-    def __init__(self, stage: str) -> None:
-        self.stage = stage
+    def __init__(self, stage: str, tracker: Tracker, run_id: str) -> None:
+        self.stage, self.tracker, self.run_id = stage, tracker, run_id
         self.artifact_id: UUID | None = None
-        self.failed = False
+        self.failed: set[str] = set()
 
-    def __call__(self, percent: float, line: str) -> None:
-        if self.failed or _flow_run_id() == "":
+    def __call__(self, percent: float, line: str, step: int, values: dict[str, float]) -> None:
+        if values and "mlflow" not in self.failed:
+            try:
+                self.tracker.log_metrics(self.run_id, values, step=step)
+            except Exception as exc:
+                self.failed.add("mlflow")
+                log.warning("%s: live metrics not logged (%s)", self.stage, exc)
+        if "prefect" in self.failed or not flow_run.get_id():
             return
         try:
             if self.artifact_id is None:
@@ -331,7 +339,7 @@ class ProgressArtifact:
             else:
                 update_progress_artifact(self.artifact_id, percent, description=line)
         except Exception as exc:
-            self.failed = True
+            self.failed.add("prefect")
             log.warning("%s: progress not shown in Prefect (%s)", self.stage, exc)
 
 
@@ -348,7 +356,7 @@ def _compute(
         partial = store.open_partial(stage.name, fp, fresh=fresh)
         log.info("%s: computing into %s", stage.name, partial)
         try:
-            with listening(ProgressArtifact(stage.name)):
+            with listening(ProgressArtifact(stage.name, tracker, rid)):
                 output = stage.function(**call.arguments(partial))
         except OSError as exc:
             if exc.errno != errno.ENOSPC:

@@ -219,11 +219,13 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
 
     def log_curves(self, run_id: str, curves: Mapping[str, list[tuple[int, float]]]) -> None:
-        """Per-step series as metric histories (MLflow's charts plot them against step)."""
+        """Per-step series as metric histories (MLflow's charts plot them against step); the
+        steps already logged live (progress listener) are not logged twice."""
         now = get_current_time_millis()
-        items = [
-            Metric(k, float(v), now, int(s)) for k, series in curves.items() for s, v in series
-        ]
+        items = []
+        for key, series in curves.items():
+            have = {m.step for m in self.client.get_metric_history(run_id, key)}
+            items += [Metric(key, float(v), now, int(s)) for s, v in series if int(s) not in have]
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000])
 

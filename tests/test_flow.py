@@ -240,7 +240,8 @@ def test_full_tiny_pipeline_produces_the_six_row_table(tmp_path: Path) -> None:
     # Per-step curves: the fine-tunes' loss, lr and pairs/s, the pretraining loss.
     for ft in by_name["finetune"]:
         for metric in ("train_loss", "lr", "pairs_per_s"):
-            assert [m.step for m in client.get_metric_history(ft.info.run_id, metric)] == [1, 2]
+            history = client.get_metric_history(ft.info.run_id, metric)
+            assert sorted(m.step for m in history) == [1, 2], "each step once, live or after"
         logged = {a.path for a in client.list_artifacts(ft.info.run_id, "adapter")}
         assert "adapter/adapter_model.safetensors" in logged, "the adapter travels to MLflow"
     pre = client.get_metric_history(by_name["pretrain"][0].info.run_id, "pretrain_loss")

@@ -101,3 +101,18 @@ def test_two_first_runs_at_once_share_one_database(tmp_path: Path) -> None:
     tracker = Tracker.for_workdir(tmp_path)
     names = [e.name for e in tracker.client.search_experiments()]
     assert sorted(names) == ["Default", "gen2embed"]
+
+
+def test_live_values_and_the_curves_logged_after_the_stage_count_each_step_once(
+    tmp_path: Path,
+) -> None:
+    from tasks.contract import ProgressArtifact
+
+    tracker = Tracker.for_workdir(tmp_path)
+    with tracker.run("finetune") as run_id:
+        live = ProgressArtifact("finetune", tracker, run_id)
+        live(50.0, "finetune: 2/4 steps", 2, {"train_loss": 1.5, "lr": 1e-4})
+        tracker.log_curves(run_id, {"train_loss": [(1, 2.0), (2, 1.5), (3, 1.2), (4, 1.1)]})
+    history = tracker.client.get_metric_history(run_id, "train_loss")
+    assert sorted((m.step, m.value) for m in history) == [(1, 2.0), (2, 1.5), (3, 1.2), (4, 1.1)]
+    assert [m.step for m in tracker.client.get_metric_history(run_id, "lr")] == [2]

@@ -305,7 +305,9 @@ def train(
             raise FloatingPointError(f"finetune: loss is {loss.item()} at step {step + 1}")
         rate = pairs_per_step / (time.perf_counter() - tic)
         history.add(step + 1, float(loss), lr, rate)
-        bar.update(1, loss=f"{float(loss):.3f}", pairs_s=f"{rate:.1f}")
+        # Named as the curves the tracker logs (outputs.Adapter.curves), so a listener can
+        # chart them live.
+        bar.update(1, train_loss=float(loss), lr=lr, pairs_per_s=rate)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == end:
             checkpoints.save(
