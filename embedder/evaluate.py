@@ -37,7 +37,13 @@ from embedder.datasets.schema import EVAL_SCHEMA, read_table
 from embedder.embed import make_item, open_backbone
 from embedder.errors import UserError
 from embedder.model.backbone import Backbone
-from embedder.model.encode import EmbedItem, EncodeStats, current_slice, encode
+from embedder.model.encode import (
+    EmbedItem,
+    EncodeStats,
+    current_slice,
+    encode,
+    whole_plan,
+)
 from embedder.model.shards import load_embeddings
 from embedder.outputs import Adapter, EvalReport, Generator, Tables
 
@@ -286,12 +292,16 @@ def evaluate_model(
         qkeys.append(q.key)
         ckeys.append([c.key for c in cands])
     distinct = list({it.key: it for it in items}.values())
-    worker = current_slice() is not None  # one of several embedding workers: shards only
+    share = current_slice()  # one of several embedding workers: shards only
+    worker = share is not None
     checks = {}
-    if not worker:
-        checks = sanity_check(
-            backbone, distinct[: cfg.sanity_items], images_root, settings, out / "sanity"
-        )
+    # Before the long part: in one process, or in the first of several workers (whole, not
+    # sliced; the assembling pass checks again, in seconds).
+    if share is None or share.index == 0:
+        with whole_plan():
+            checks = sanity_check(
+                backbone, distinct[: cfg.sanity_items], images_root, settings, out / "sanity"
+            )
     output = EvalReport(folder=out, template=cfg.template)
     identity = vectors_identity(model, generator, adapter, settings)
     reused = reusable_vectors(out, identity, {it.key for it in items})

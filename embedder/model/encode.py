@@ -245,6 +245,16 @@ def current_slice() -> ShardSlice | None:
     return _SLICE.get()
 
 
+@contextmanager
+def whole_plan() -> Iterator[None]:
+    """Inside a worker's slice, a small job that must run whole (a sanity check)."""
+    token = _SLICE.set(None)
+    try:
+        yield
+    finally:
+        _SLICE.reset(token)
+
+
 def plan_shards(lengths: Sequence[int], batch_size: int, shard_size: int) -> list[list[list[int]]]:
     """Indices grouped into batches (by ascending estimated length, ties in input order) and
     batches into shards of about `shard_size` items."""
