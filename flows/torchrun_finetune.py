@@ -7,7 +7,9 @@ Every stage the row's `finetune` reads (ingest, mine, ...) must already be publi
 pipeline with `--until mine` first. Each rank trains on its share of every global batch
 (embeddings gathered across ranks for the loss, LoRA gradients all-reduced); rank 0 writes the
 checkpoints and publishes the stage folder under the same fingerprint the pipeline computes,
-so the next `gen2embed run` finds `finetune[row]` cached and goes on to evaluate it.
+so the next `gen2embed run` finds `finetune[row]` cached and goes on to evaluate it. Rank 0
+records the job as one MLflow run (`finetune[row] (torchrun xN)`: config, live loss curves,
+metrics, the adapter), which the pipeline's cached stage run then points at.
 Interrupted, the same command resumes from the last checkpoint.
 """
 
@@ -17,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -26,8 +29,10 @@ from embedder.artifacts import ArtifactStore
 from embedder.config import PRESETS, load_config
 from embedder.errors import UserError
 from embedder.outputs import StageOutput
+from embedder.progress import listening
 from flows.pipeline import method
-from tasks.contract import StageCall, current_row, running, stage_label
+from tasks.contract import ProgressArtifact, StageCall, current_row, running, stage_label
+from tasks.tracking import Tracker, source_tags
 
 log = logging.getLogger("gen2embed.torchrun")
 
@@ -57,21 +62,49 @@ def _published_or_run(store: ArtifactStore, target: str, rank: int) -> Any:
             log.info("%s: already published (%s)", label, published[0].folder)
             raise _Done
         out = store.partial_path(call.stage.name, call.fingerprint)
-        if rank == 0:
-            store.open_partial(call.stage.name, call.fingerprint)
-        dist.barrier()
-        output: StageOutput = call.stage.function(**call.arguments(out))
-        dist.barrier()
-        if rank == 0:
-            store.publish(
-                call.stage.name,
-                call.fingerprint,
-                code_version=call.stage.code_version,
-                config={k: v.model_dump(mode="json") for k, v in call.sections.items()},
-                inputs=call.inputs,
-                output=output,
-            )
-            log.info("%s: published %s", label, store.path(call.stage.name, call.fingerprint))
+        config = {k: v.model_dump(mode="json") for k, v in call.sections.items()}
+        with ExitStack() as stack:
+            run_id = None
+            if rank == 0:  # one MLflow run for the whole job, with the pipeline's tags
+                tracker = Tracker.for_workdir(store.workdir)
+                run_id = stack.enter_context(
+                    tracker.run(
+                        f"{label} (torchrun x{dist.get_world_size()})",
+                        tags={
+                            "gen2embed.stage": call.stage.name,
+                            "gen2embed.fingerprint": call.fingerprint,
+                            "gen2embed.row": current_row() or "",
+                            "gen2embed.world_size": str(dist.get_world_size()),
+                            **source_tags(),
+                        },
+                        params=config,
+                    )
+                )
+                # Loss, lr and pairs/s reach it while it trains, as in the pipeline.
+                stack.enter_context(listening(ProgressArtifact(label, tracker, run_id)))
+                store.open_partial(call.stage.name, call.fingerprint)
+            dist.barrier()
+            output: StageOutput = call.stage.function(**call.arguments(out))
+            dist.barrier()
+            if rank == 0:
+                info = {**output.info, "mlflow_run_id": run_id}
+                output = output.model_copy(update={"info": info})
+                manifest = store.publish(
+                    call.stage.name,
+                    call.fingerprint,
+                    code_version=call.stage.code_version,
+                    config=config,
+                    inputs=call.inputs,
+                    output=output,
+                )
+                folder = store.path(call.stage.name, call.fingerprint)
+                moved = output.model_copy(update={"folder": folder})
+                tracker.log_metrics(run_id, manifest.metrics)
+                tracker.log_curves(run_id, moved.curves())
+                for path in moved.tracked_folders():
+                    tracker.log_folder(run_id, path)
+                tracker.set_tags(run_id, {"gen2embed.path": str(folder)})
+                log.info("%s: published %s", label, folder)
         raise _Done
 
     return runner, _Done

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tests.conftest import SMALL_WORLD_OVERRIDES, TINY_MODEL_OVERRIDES
@@ -54,6 +55,14 @@ def test_two_ranks_train_what_one_process_trains_on_the_same_global_batch(
     _run(tmp_path, overrides=two_ranks, until="mine", rows=[ROW])
     res = _torchrun(tmp_path, two_ranks)
     assert res.returncode == 0, res.stderr[-3000:]
+    # Rank 0 recorded the job as one MLflow run: curves each step once, the adapter.
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    name = f"finetune[{ROW}] (torchrun x2)"
+    (job,) = client.search_runs(["1"], filter_string=f"attributes.run_name = '{name}'")
+    assert job.info.status == "FINISHED" and job.data.tags["gen2embed.world_size"] == "2"
+    steps = sorted(m.step for m in client.get_metric_history(job.info.run_id, "train_loss"))
+    assert steps == list(range(1, len(steps) + 1)) and steps
+    assert "adapter" in [a.path for a in client.list_artifacts(job.info.run_id)]
     # The next pipeline run finds it published under the pipeline's own fingerprint.
     paths, states = _run(tmp_path, overrides=two_ranks, until=None, rows=[ROW])
     assert states[f"finetune[{ROW}]"] == "Cached"
