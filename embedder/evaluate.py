@@ -293,7 +293,6 @@ def evaluate_model(
         ckeys.append([c.key for c in cands])
     distinct = list({it.key: it for it in items}.values())
     share = current_slice()  # one of several embedding workers: shards only
-    worker = share is not None
     checks = {}
     # Before the long part: in one process, or in the first of several workers (whole, not
     # sliced; the assembling pass checks again, in seconds).
@@ -308,7 +307,7 @@ def evaluate_model(
     folder = out / "embeddings"
     todo = [it for it in items if it.key not in reused]
     stats = encode(backbone, todo, images_root, folder, settings) if todo else EncodeStats()
-    if worker:
+    if share is not None:
         return output
     _write_identity(folder, identity)
     keys, matrix = load_embeddings(folder)

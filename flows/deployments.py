@@ -106,22 +106,25 @@ def load_specs(path: Path | None = None, nightly_cron: str | None = None) -> lis
         nightly = next((s for s in specs if s.name == NIGHTLY), None)
         if nightly is None:
             raise DeploymentError(f"--nightly-cron given but {path} has no {NIGHTLY} deployment")
-        _check_cron(nightly_cron)
         nightly.schedules = [CronSpec(cron=nightly_cron)]
     for spec in specs:
         for schedule in spec.schedules:
-            _check_cron(schedule.cron, f"{path}: deployment {spec.name}: ")
+            _check_schedule(schedule, f"{path}: deployment {spec.name}: ")
     return specs
 
 
-def _check_cron(text: str, where: str = "") -> None:
+def _check_schedule(schedule: CronSpec, where: str) -> None:
     from prefect.client.schemas.schedules import CronSchedule
 
     try:
-        CronSchedule(cron=text)
-    except ValidationError:
+        CronSchedule(cron=schedule.cron, timezone=schedule.timezone)
+    except ValidationError as exc:
+        if any("timezone" in map(str, e["loc"]) for e in exc.errors()):
+            raise DeploymentError(
+                f"{where}timezone {schedule.timezone!r} is not known (e.g. UTC, Europe/Paris)"
+            ) from None
         raise DeploymentError(
-            f"{where}{text!r} is not a cron expression (five fields, e.g. '0 2 * * *')"
+            f"{where}{schedule.cron!r} is not a cron expression (five fields, e.g. '0 2 * * *')"
         ) from None
 
 
@@ -161,7 +164,6 @@ def _check_parameters(path: Path, spec: DeploymentSpec) -> None:
 
 def runner_deployments(specs: list[DeploymentSpec]) -> list[Any]:
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-    from prefect.client.schemas.schedules import CronSchedule
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Schedule
 
@@ -180,8 +182,6 @@ def runner_deployments(specs: list[DeploymentSpec]) -> list[Any]:
         schedules = [
             Schedule(cron=s.cron, timezone=s.timezone, active=s.active) for s in spec.schedules
         ]
-        for s in spec.schedules:
-            CronSchedule(cron=s.cron, timezone=s.timezone)  # raises on a bad timezone
         out.append(
             pipeline.to_deployment(
                 name=spec.name,

@@ -21,6 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from embedder.artifacts import WORKDIR_ENV
 from embedder.errors import UserError
 from flows.environment import SERVICES_FILE, create_prefect_store
@@ -45,18 +47,11 @@ def _healthy(url: str) -> bool:
 
 
 def _descendants(pid: int) -> list[int]:
-    """Processes below `pid` (from /proc): a runner starts each flow run in its own group."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
+    """Processes below `pid`: a runner starts each flow run in a process group of its own."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def _signal_groups(pids: list[int], sig: int) -> None:

@@ -31,7 +31,14 @@ from embedder.errors import UserError
 from embedder.outputs import StageOutput
 from embedder.progress import listening
 from flows.pipeline import method
-from tasks.contract import ProgressArtifact, StageCall, current_row, running, stage_label
+from tasks.contract import (
+    ProgressArtifact,
+    StageCall,
+    current_row,
+    running,
+    stage_label,
+    track_published,
+)
 from tasks.tracking import Tracker, source_tags
 
 log = logging.getLogger("gen2embed.torchrun")
@@ -99,11 +106,7 @@ def _published_or_run(store: ArtifactStore, target: str, rank: int) -> Any:
                 )
                 folder = store.path(call.stage.name, call.fingerprint)
                 moved = output.model_copy(update={"folder": folder})
-                tracker.log_metrics(run_id, manifest.metrics)
-                tracker.log_curves(run_id, moved.curves())
-                for path in moved.tracked_folders():
-                    tracker.log_folder(run_id, path)
-                tracker.set_tags(run_id, {"gen2embed.path": str(folder)})
+                track_published(tracker, run_id, manifest, moved)
                 log.info("%s: published %s", label, folder)
         raise _Done
 

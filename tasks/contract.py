@@ -343,6 +343,26 @@ class ProgressArtifact:
             log.warning("%s: progress not shown in Prefect (%s)", self.stage, exc)
 
 
+def track_published(tracker: Tracker, run_id: str, manifest: Manifest, output: StageOutput) -> None:
+    """What a stage's MLflow run records once its folder (`output.folder`) is published:
+    metrics, row counts, per-step curves, small folders (an adapter), the manifest, reports
+    and plots, the folder's path."""
+    published = output.folder
+    tracker.log_metrics(run_id, manifest.metrics)
+    tracker.log_metrics(run_id, {f"rows.{k}": v for k, v in manifest.rows.items()})
+    tracker.log_curves(run_id, output.curves())
+    for folder in output.tracked_folders():
+        tracker.log_folder(run_id, folder)
+    tracker.log_json(run_id, manifest.__dict__, "manifest.json")
+    for rel, entry in manifest.files.items():
+        # Top-level reports and plots travel to MLflow; tables, shards and weights stay,
+        # referenced by the folder path tag.
+        report = "/" not in rel and Path(rel).suffix in REPORT_SUFFIXES
+        if report and entry["size"] <= REPORT_MAX_BYTES:
+            tracker.log_file(run_id, published / rel)
+    tracker.set_tags(run_id, {"gen2embed.path": str(published), **_warning_tags(manifest)})
+
+
 def _compute(
     call: StageCall[OutputT], run: RunSettings, store: ArtifactStore, tracker: Tracker
 ) -> OutputT:
@@ -375,20 +395,7 @@ def _compute(
             output=output.model_copy(update={"info": {**output.info, **ids}}),
         )
         published = store.path(stage.name, fp)
-        tracker.log_metrics(rid, manifest.metrics)
-        tracker.log_metrics(rid, {f"rows.{k}": v for k, v in manifest.rows.items()})
-        moved = output.model_copy(update={"folder": published})
-        tracker.log_curves(rid, moved.curves())
-        for folder in moved.tracked_folders():
-            tracker.log_folder(rid, folder)
-        tracker.log_json(rid, manifest.__dict__, "manifest.json")
-        for rel, entry in manifest.files.items():
-            # Top-level reports and plots travel to MLflow; tables, shards and weights stay,
-            # referenced by the folder path tag.
-            report = "/" not in rel and Path(rel).suffix in REPORT_SUFFIXES
-            if report and entry["size"] <= REPORT_MAX_BYTES:
-                tracker.log_file(rid, published / rel)
-        tracker.set_tags(rid, {"gen2embed.path": str(published), **_warning_tags(manifest)})
+        track_published(tracker, rid, manifest, output.model_copy(update={"folder": published}))
         _publish_summary(manifest, published, tracker, rid, cached=False)
     return stage.restore(store, manifest)
 

@@ -55,6 +55,7 @@ def test_the_file_defines_the_demo_the_paper_recipes_and_a_nightly_retrain() -> 
         (lambda d: d[3]["parameters"].update(rows=["saha-hierarhical"]), "saha-hierarchical"),
         (lambda d: d[0]["parameters"].update(overrides=["mine.kk=3"]), "mine.kk"),
         (lambda d: d[3]["schedules"][0].update(cron="at two"), "'at two' is not a cron"),
+        (lambda d: d[3]["schedules"][0].update(timezone="Mars/Olympus"), "'Mars/Olympus' is not"),
         (lambda d: d[3].update(schedule=d[3].pop("schedules")), "nightly-retrain: schedule"),
         (lambda d: d[1].update(entrypoint="flows/other.py:x"), "entrypoint must be"),
         (lambda d: d.append(dict(d[0])), "names repeat"),

@@ -177,7 +177,7 @@ def load_backbone(
             **kwargs,
         )
     except OSError as exc:
-        if "safetensors" not in str(exc) and "model.safetensors" not in str(exc):
+        if "safetensors" not in str(exc):
             raise
         raise UnsafeWeightsError(
             f"{source}: no safetensors weights (pickled .bin files are refused: loading them "
