@@ -361,3 +361,59 @@ def test_every_row_rejected_is_an_error_even_with_skip(tmp_path: Path) -> None:
 def test_an_unknown_subset_suggests_the_folder_name(world_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=r"did you mean: Shape-Class -> ShapeClass"):
         ingest(_world_config(world_dir, train_subsets=["Shape-Class"]), None, tmp_path)
+
+
+# ------------------------------------------------- text that is not text (issue 15, item 2)
+
+# Each line is one JSONL row; the bad ones must be named by file and line, the rest published.
+BAD_TEXT_LINES = [
+    # (raw line bytes, expected reason fragment)
+    (rb'{"qry": "caf\udcb2", "pos_text": "apple"}', "unpaired surrogate '\\udcb2'"),
+    (rb'{"qry": "ok", "pos_text": "\ud83d"}', "pos_text holds an unpaired surrogate"),
+    (rb'{"qry": "ok", "pos_text": "x\udfff y"}', "unpaired surrogate '\\udfff'"),
+    (rb'{"qry": "ok", "pos_text": "apple", "qry_image_path": "a\udc80.png"}', "qry_image_path"),
+    (b'{"qry": "caf\xe9", "pos_text": "apple"}', "not UTF-8 text"),
+    (b'{"qry": "\xff\xfe", "pos_text": "apple"}', "not UTF-8 text"),
+    (b"[1, 2]", "not a JSON object"),
+]
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_text_a_utf8_file_cannot_hold_is_a_bad_row_named_by_file_and_line(
+    tmp_path: Path, skip: bool
+) -> None:
+    images = tmp_path / "img"
+    _png(images / "a.png")
+    good = {**GOOD_ROW, "qry_image_path": "a.png"}
+    lines = [json.dumps(good).encode()]
+    for raw, _ in BAD_TEXT_LINES:
+        lines += [raw, b""]  # blank lines between: line numbers are not row numbers
+    lines.append(json.dumps({**good, "pos_text": "pear"}, ensure_ascii=False).encode())
+    f = tmp_path / "mine.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    (tmp_path / "subsets.json").write_text(json.dumps({"mine": {"meta_task": "classification"}}))
+    cfg = IngestConfig(
+        source="jsonl",
+        jsonl_files=[f],
+        jsonl_images=images,
+        on_bad_rows="skip" if skip else "error",
+        batch_rows=3,
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    if not skip:
+        with pytest.raises(BadRowsError) as err:
+            ingest(cfg, None, out)
+        for k, (_, reason) in enumerate(BAD_TEXT_LINES):
+            assert f"mine/mine.jsonl line {2 + 2 * k} " in str(err.value)
+            assert reason in str(err.value)
+        return
+    ingest(cfg, None, out)
+    pairs = pq.read_table(out / "pairs.parquet").to_pylist()
+    assert [p["pos_text"] for p in pairs] == ["apple", "pear"]
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert [(r["row"], r["source"]) for r in rejects] == [
+        (2 + 2 * k, "mine.jsonl") for k in range(len(BAD_TEXT_LINES))
+    ]
+    for r, (_, reason) in zip(rejects, BAD_TEXT_LINES, strict=True):
+        assert reason in r["reason"], r

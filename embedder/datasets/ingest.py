@@ -47,7 +47,7 @@ class _Rejects:
     first: list[str] = field(default_factory=list)
 
     def add(self, table: str, chunk: sources.Chunk, i: int, rid: str, reason: str) -> None:
-        row = chunk.start_row + i
+        row = chunk.row_number(i)
         self.writer.write_batch(
             pa.record_batch(
                 [[table], [chunk.subset], [chunk.source], [row], [rid], [reason]],
@@ -56,7 +56,9 @@ class _Rejects:
         )
         self.total += 1
         if len(self.first) < MAX_NAMED_REJECTS:
-            self.first.append(f"{chunk.subset}/{chunk.source} row {row} [id {rid}]: {reason}")
+            self.first.append(
+                f"{chunk.subset}/{chunk.source} {chunk.where(i)} [id {rid}]: {reason}"
+            )
 
 
 @dataclass(frozen=True)
@@ -457,7 +459,7 @@ def _ingest_table(
                             bad += 1
                             continue
                         rid, out, reason = table.convert(
-                            record, info, source.split, chunk.start_row + i, images
+                            record, info, source.split, chunk.row_number(i), images
                         )
                         if out is None:
                             rejects.add(table.name, chunk, i, rid, reason or "invalid")

@@ -177,5 +177,8 @@ def row_id(subset: str, *parts: str | list[str]) -> str:
     Exact duplicate rows share an id (MMEB's identity is content; see METHOD.md section 3).
     """
     flat = [_RECORD.join(p) if isinstance(p, list) else p for p in parts]
-    digest = hashlib.blake2b(_UNIT.join([subset, *flat]).encode(), digest_size=8)
+    # surrogatepass: a row holding a lone surrogate is rejected, but still gets an id to name it.
+    digest = hashlib.blake2b(
+        _UNIT.join([subset, *flat]).encode("utf-8", "surrogatepass"), digest_size=8
+    )
     return digest.hexdigest()

@@ -60,9 +60,20 @@ class Chunk:
     columns: dict[str, list[Any]]
     # Rows that could not even be parsed (JSONL), by index within the chunk.
     row_errors: dict[int, str] = field(default_factory=dict)
+    # 1-based line numbers of the rows in a text file (JSONL skips blank lines, so the row
+    # index is not the line a person opens in an editor); None for tables.
+    lines: list[int] | None = None
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values()))) if self.columns else 0
+
+    def row_number(self, i: int) -> int:
+        """Where row `i` of the chunk sits in its source: the line (text files) or the row."""
+        return self.lines[i] if self.lines is not None else self.start_row + i
+
+    def where(self, i: int) -> str:
+        """Row `i` as a person finds it: `line 7` in a JSONL file, `row 6` in a table."""
+        return f"line {self.lines[i]}" if self.lines is not None else f"row {self.start_row + i}"
 
 
 def _is_hidden(name: str) -> bool:
@@ -149,6 +160,24 @@ def discover_jsonl(files: Sequence[Path]) -> list[SubsetSource]:
     return [SubsetSource(subset=Path(f).stem, split="jsonl", files=(Path(f),)) for f in files]
 
 
+def _parse_jsonl_line(raw: bytes, first: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """One JSONL line -> (object, None) or (None, why it is not a usable row).
+
+    Lines are decoded one at a time, so one line of invalid UTF-8 is a bad row, not a failed
+    file; a byte-order mark is accepted on the first line only, as JSON text may carry one."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as exc:
+        return None, f"not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 4]!r})"
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        return None, f"not a JSON object ({exc})"
+    if not isinstance(obj, dict):
+        return None, f"not a JSON object (a JSON {type(obj).__name__})"
+    return obj, None
+
+
 def read_jsonl(source: SubsetSource, required: Sequence[str], batch_rows: int) -> Iterator[Chunk]:
     (path,) = source.files
     wanted = [*required, *OPTIONAL_COLUMNS]
@@ -157,29 +186,26 @@ def read_jsonl(source: SubsetSource, required: Sequence[str], batch_rows: int) -
     def empty() -> dict[str, list[Any]]:
         return {c: [] for c in wanted}
 
-    columns, errors, start, n = empty(), {}, 0, 0
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh):
-            if not line.strip():
+    columns, errors, lines, start, n = empty(), {}, [], 0, 0
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
                 continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                obj, errors[n] = {}, f"line {lineno + 1} is not a JSON object ({exc})"
-            else:
-                if not checked:
-                    _check_columns(list(obj), required, f"{path} (first record)")
-                    checked = True
+            obj, problem = _parse_jsonl_line(raw, lineno == 1)
+            if obj is None:
+                obj, errors[n] = {}, problem
+            elif not checked:
+                _check_columns(list(obj), required, f"{path} (first record)")
+                checked = True
             for c in wanted:
                 columns[c].append(obj.get(c))
+            lines.append(lineno)
             n += 1
             if n == batch_rows:
-                yield Chunk(source.subset, source.split, path.name, start, columns, errors)
-                columns, errors, start, n = empty(), {}, start + n, 0
+                yield Chunk(source.subset, source.split, path.name, start, columns, errors, lines)
+                columns, errors, lines, start, n = empty(), {}, [], start + n, 0
     if n:
-        yield Chunk(source.subset, source.split, path.name, start, columns, errors)
+        yield Chunk(source.subset, source.split, path.name, start, columns, errors, lines)
 
 
 def discover_hub(
@@ -227,4 +253,14 @@ def text_problem(value: Any, column: str) -> str | None:
         return f"{column} is NaN"
     if not isinstance(value, str):
         return f"{column} is {type(value).__name__}, not text"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        # JSON's \udXXX escapes can carry half of a surrogate pair: a string Python holds
+        # but no UTF-8 file, tokenizer or Arrow column can.
+        bad = value[exc.start]
+        return (
+            f"{column} holds an unpaired surrogate {bad!a} at character {exc.start} "
+            "(not valid Unicode text)"
+        )
     return None
