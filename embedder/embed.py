@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,8 +34,17 @@ def open_backbone(model: ModelConfig, generator: Generator | None) -> Backbone:
 
 
 def make_item(
-    text: str, image: str, *, template: str, role: str, image_token: str, strings: EmbedConfig
+    text: str,
+    image: str,
+    *,
+    template: str,
+    role: str,
+    image_token: str,
+    strings: EmbedConfig,
+    literal: Callable[[str], str] | None = None,
 ) -> EmbedItem:
+    """One example as the model reads it; `literal` is the backbone's `as_text`, so that
+    special-token strings in the data stay text (embedder.model.prompts.render)."""
     rendered = render(
         template,
         text,
@@ -42,6 +52,7 @@ def make_item(
         role=role,  # type: ignore[arg-type]
         image_token=image_token,
         strings=strings,
+        literal=literal,
     )
     return EmbedItem(rendered, image)
 
@@ -69,6 +80,7 @@ def embed_pairs(
             role="query",
             image_token=token,
             strings=cfg,
+            literal=backbone.as_text,
         )
         p = make_item(
             row["pos_text"],
@@ -77,6 +89,7 @@ def embed_pairs(
             role="target",
             image_token=token,
             strings=cfg,
+            literal=backbone.as_text,
         )
         items += [q, p]
         qkeys.append(q.key)

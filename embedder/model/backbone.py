@@ -10,8 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils.chat_template_utils import mark_control_tokens
 
 from embedder.config import PretrainConfig
 from embedder.errors import UserError
@@ -116,6 +119,24 @@ class Backbone:
 
     def image_token(self, wrapped: bool = False) -> str:
         return self.adapter.wrapped_image_token if wrapped else self.adapter.image_token
+
+    @cached_property
+    def _added_tokens(self) -> re.Pattern[str]:
+        # Every added token (special or not): longest first, so `<|image_pad|>` is never read
+        # as a shorter token it contains.
+        tokens = sorted(self.processor.tokenizer.added_tokens_encoder, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, tokens)) or "(?!)")
+
+    def as_text(self, text: str) -> str:
+        """`text` from the data, with every added-token string in it (`<|im_end|>`,
+        `<|image_pad|>`, ...) marked so that the processor encodes it as plain text and never
+        as a control token or an image placeholder.
+
+        This is transformers' own mechanism for user text inside chat templates
+        (`mark_control_tokens`, read back by `processor(..., sanitize_control_tokens=True)`,
+        which `embedder.model.encode.process_items` passes); a text without such strings is
+        returned unchanged, so its tokens are exactly those of a plain tokenization."""
+        return mark_control_tokens(text, self._added_tokens)
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -143,7 +143,8 @@ def _estimate_lengths(
     backbone: Backbone, items: Sequence[EmbedItem], images_root: Path, settings: EmbedConfig
 ) -> list[int]:
     tok = backbone.processor.tokenizer
-    text_lengths = [len(ids) for ids in tok([i.text for i in items])["input_ids"]]
+    texts = [i.text for i in items]
+    text_lengths = [len(ids) for ids in tok(texts, sanitize_control_tokens=True)["input_ids"]]
     cache: dict[str, int] = {}
     out = []
     for item, n in zip(items, text_lengths, strict=True):
@@ -196,8 +197,15 @@ def process_items(
         if i.image
     ]
     processor.tokenizer.padding_side = settings.padding_side
+    # sanitize_control_tokens: special-token strings the data brought in, marked by
+    # `Backbone.as_text` when the prompt was rendered, are encoded as plain text; the
+    # template's own tokens (and image placeholders) as control tokens.
     inputs = processor(
-        text=[i.text for i in items], images=images or None, padding=True, return_tensors="pt"
+        text=[i.text for i in items],
+        images=images or None,
+        padding=True,
+        return_tensors="pt",
+        sanitize_control_tokens=True,
     )
     return dict(inputs)
 

@@ -10,6 +10,7 @@ separates the template's effect from the instruction's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # config.py takes its default strings from here
@@ -43,6 +44,7 @@ def render(
     role: Role,
     image_token: str,
     strings: EmbedConfig | None = None,
+    literal: Callable[[str], str] | None = None,
 ) -> str:
     """The full input string for one example.
 
@@ -50,12 +52,21 @@ def render(
     the processor expands to the image's patch tokens). An image without a placeholder in the
     text gets the token prepended, so the image is never silently dropped. The strings come
     from `strings` (the embed section), else METHOD.md's exact text.
+
+    `literal` (the backbone's `Backbone.as_text`) is applied to the example's own text, the
+    data, and never to the template: a special-token string in the data (a question about
+    prompt formats that mentions `<|image_pad|>` or `<|im_end|>`) is then read as ordinary
+    text, while the template's own tokens stay control tokens.
     """
+    lit = literal or (lambda piece: piece)
     if has_image:
         if MMEB_IMAGE_PLACEHOLDER in text:
-            text = text.replace(MMEB_IMAGE_PLACEHOLDER, image_token, 1)
+            before, _, after = text.partition(MMEB_IMAGE_PLACEHOLDER)
+            text = f"{lit(before)}{image_token}{lit(after)}"
         else:
-            text = f"{image_token}\n{text}" if text else image_token
+            text = f"{image_token}\n{lit(text)}" if text else image_token
+    else:
+        text = lit(text)
     if template == "plain":
         return text
     if strings is None:
