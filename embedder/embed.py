@@ -11,25 +11,31 @@ from embedder.config import EmbedConfig, ModelConfig
 from embedder.datasets.schema import PAIR_KEYS_SCHEMA, PAIRS_SCHEMA, read_table, write_table
 from embedder.model.backbone import Backbone, load_backbone
 from embedder.model.encode import EmbedItem, current_slice, encode
+from embedder.model.identity import resolve_hub_commit
 from embedder.model.prompts import render
 from embedder.outputs import Embeddings, Generator, Tables
 
 
 def open_backbone(model: ModelConfig, generator: Generator | None) -> Backbone:
     """The configured backbone; `tiny` means the generator the pretrain stage published."""
+    revision = model.revision
     if model.backbone == "tiny":
         if generator is None:
             raise ValueError("model.backbone=tiny needs the pretrain stage's output")
         source: str | Path = generator.model_dir
     else:
         source = model.backbone
+        if not Path(source).expanduser().is_dir():
+            # The commit the stage's fingerprint holds (resolved once per process), not
+            # whatever the branch points at by the time the weights download.
+            revision = resolve_hub_commit(model.backbone, model.revision)
     return load_backbone(
         source,
         dtype=model.dtype,
         attn=model.attn,
         device=model.device,
         trust_remote_code=model.trust_remote_code,
-        revision=model.revision,
+        revision=revision,
     )
 
 

@@ -7,13 +7,17 @@ order, which is run order. How they connect is `flows/pipeline.py`'s `method`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
+from embedder.artifacts import resolve_workdir
+from embedder.config import ModelConfig
 from embedder.datasets.ingest import ingest as ingest_tables
 from embedder.datasets.ingest import source_inputs
 from embedder.embed import embed_pairs
 from embedder.evaluate import AGGREGATES, evaluate_model
 from embedder.generator import pretrain_generator
 from embedder.mining import mine_clusters
+from embedder.model.identity import DigestCache, model_identity
 from embedder.outputs import Clusters, EvalReport, Tables
 from embedder.retrieval import retrieve_candidates
 from embedder.training.finetune import finetune_adapter
@@ -30,8 +34,12 @@ def ingested_tables(tables: Tables) -> list[DatasetRef]:
 
 
 def scores(report: EvalReport) -> dict[str, float]:
-    """Strict P@1 overall, IND, OOD and per meta-task."""
-    return {f"p1.{k}": report.metrics[f"p1.{k}"] for k in AGGREGATES if f"p1.{k}" in report.metrics}
+    """P@1 overall, IND, OOD and per meta-task as MMEB's reference computes it (`p1.*`, argmax:
+    a tie with the correct candidate counts), strict P@1 beside it (`p1_strict.*`), and the
+    overall tie rate (`tie_rate.overall`), so a collapsed model's high `p1` shows for what it
+    is. Conventions: embedder.evaluate."""
+    wanted = [f"{name}.{k}" for name in ("p1", "p1_strict") for k in AGGREGATES]
+    return {k: report.metrics[k] for k in [*wanted, "tie_rate.overall"] if k in report.metrics}
 
 
 def planted_fn_rate(clusters: Clusters) -> dict[str, float]:
@@ -40,14 +48,32 @@ def planted_fn_rate(clusters: Clusters) -> dict[str, float]:
     return {} if rate is None or math.isnan(rate) else {"planted_fn_rate": rate}
 
 
+def model_inputs(model: ModelConfig, **_: Any) -> dict[str, str]:
+    """The backbone's identity in the fingerprint of every stage that runs it: a local
+    folder's content, a hub model's resolved commit (embedder.model.identity). The tiny
+    generator enters as the pretrain stage's fingerprint instead. File digests are remembered
+    in the workdir, so an unchanged multi-GB folder costs a `stat` per file, not a read."""
+    if model.backbone == "tiny":
+        return {}
+    cache = DigestCache(resolve_workdir() / "cache" / "file-digests.json")
+    return model_identity(model.backbone, model.revision, cache).as_inputs()
+
+
 world = Stage("world", build_world)
 ingest = Stage("ingest", ingest_tables, inputs=source_inputs, datasets=ingested_tables)
 pretrain = Stage("pretrain", pretrain_generator)
-embed = Stage("embed", embed_pairs, resumable=True, fan_out=True)
+embed = Stage("embed", embed_pairs, resumable=True, fan_out=True, inputs=model_inputs)
 retrieve = Stage("retrieve", retrieve_candidates)
 mine = Stage("mine", mine_clusters, headline=planted_fn_rate)
-finetune = Stage("finetune", finetune_adapter, resumable=True)
-evaluate = Stage("evaluate", evaluate_model, resumable=True, headline=scores, fan_out=True)
+finetune = Stage("finetune", finetune_adapter, resumable=True, inputs=model_inputs)
+evaluate = Stage(
+    "evaluate",
+    evaluate_model,
+    resumable=True,
+    headline=scores,
+    fan_out=True,
+    inputs=model_inputs,
+)
 
 STAGE_NAMES: tuple[str, ...] = tuple(
     v.name for v in list(globals().values()) if isinstance(v, Stage)

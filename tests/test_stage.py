@@ -80,7 +80,10 @@ def test_real_sources_are_fingerprinted_by_their_files(tmp_path: Path) -> None:
 
 
 def test_stage_options_must_name_a_stage_of_this_pipeline(tmp_path: Path) -> None:
-    cfg = load_config("tiny", overrides=["model.backbone=/some/model"])
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    cfg = load_config("tiny", overrides=[f"model.backbone={model}"])
     with pytest.raises(PipelineError, match="--force pretrain: not part of this pipeline"):
         PipelineRun(method, cfg, str(tmp_path), preset="tiny", force=["pretrain"])
     zero_shot_only = cfg.with_rows(["zeroshot-plain"])

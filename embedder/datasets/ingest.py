@@ -13,7 +13,9 @@ rejects table and the count is logged.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ import pyarrow.parquet as pq
 
 from embedder.config import IngestConfig
 from embedder.datasets import sources
-from embedder.datasets.catalog import SubsetInfo, read_sidecar, subset_info
+from embedder.datasets.catalog import SIDECAR, SubsetInfo, read_sidecar, subset_info
 from embedder.datasets.images import ImageChecker
 from embedder.datasets.schema import EVAL_SCHEMA, PAIRS_SCHEMA, REJECTS_SCHEMA, row_id
 from embedder.errors import UserError
@@ -327,13 +329,48 @@ def check_sources(config: IngestConfig) -> None:
             raise sources.SourceError(f"images root {root} does not exist")
 
 
-def source_inputs(config: IngestConfig) -> dict[str, str]:
-    """What ingest's fingerprint depends on besides its config and upstream stages: the
-    source files themselves.
+def _stat_entry(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
-    Local tables enter by name, size and modification time, so new data landing in a source
-    folder changes the fingerprint and the next run re-ingests. Images are checked on ingest
-    but not fingerprinted (millions of files); pass `--force ingest` after replacing images.
+
+def images_digest(root: Path) -> str:
+    """sha256 over (relative path, size, mtime) of every file under an images root.
+
+    Images change ingest's output (a replaced image may now fail its check) and everything
+    downstream (its pixels), so they enter the fingerprint; by `stat`, not by content: a
+    walk of a million files takes seconds where reading them would take hours. Hidden files
+    and folders (`._*`, `__MACOSX`) are skipped as ingest skips them."""
+    digest = hashlib.sha256()
+    stack = [root]
+    entries: list[tuple[str, str]] = []
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.startswith((".", "__MACOSX")):
+                    continue
+                if entry.is_dir():
+                    stack.append(Path(entry.path))
+                elif entry.is_file():
+                    st = entry.stat()
+                    rel = Path(entry.path).relative_to(root).as_posix()
+                    entries.append((rel, f"{st.st_size}:{st.st_mtime_ns}"))
+    for rel, stat in sorted(entries):
+        digest.update(f"{rel}\0{stat}\n".encode("utf-8", "surrogateescape"))
+    return f"{len(entries)} files sha256:{digest.hexdigest()}"
+
+
+def source_inputs(config: IngestConfig) -> dict[str, str]:
+    """What ingest's fingerprint depends on besides its config and upstream stages: every
+    file whose change changes its output.
+
+    - local tables and everything beside them (a `subsets.json` sidecar that relabels a
+      subset's meta-task included, for JSONL files too) by name, size and modification time,
+      so new data landing in a source folder changes the fingerprint and the next run
+      re-ingests;
+    - each images root by the `stat` of every file in it (`images_digest`);
+    - a hub dataset by its current commit.
     The miniature world enters as the world stage's fingerprint, an upstream input.
     """
     if config.source == "world":
@@ -342,21 +379,26 @@ def source_inputs(config: IngestConfig) -> dict[str, str]:
     for root in (config.train_dir, config.eval_dir):
         if root is not None and Path(root).is_dir():
             files.extend(p for p in sorted(Path(root).rglob("*")) if p.is_file())
-    files.extend(Path(f) for f in config.jsonl_files if Path(f).is_file())
-    out = {}
-    for f in files:
-        st = f.stat()
-        out[str(f.resolve())] = f"{st.st_size}:{st.st_mtime_ns}"
+    for f in config.jsonl_files:
+        if Path(f).is_file():
+            files.append(Path(f))
+            sidecar = Path(f).parent / SIDECAR
+            if sidecar.is_file():
+                files.append(sidecar)
+    out = {str(f.resolve()): _stat_entry(f) for f in files}
     if config.source == "hub":
         for repo in (config.hub_train, config.hub_eval):
             if Path(repo).is_dir():  # a local copy laid out like the hub repository
                 for f in sorted(p for p in Path(repo).rglob("*") if p.is_file()):
-                    st = f.stat()
-                    out[str(f.resolve())] = f"{st.st_size}:{st.st_mtime_ns}"
+                    out[str(f.resolve())] = _stat_entry(f)
             else:
                 from huggingface_hub import HfApi
 
                 out[f"hub:{repo}"] = HfApi().dataset_info(repo).sha or "unknown"
+    roots = {config.train_images, config.eval_images, config.jsonl_images} - {None}
+    for root in sorted(Path(r).resolve() for r in roots if r is not None):
+        if root.is_dir():
+            out[f"images:{root}"] = images_digest(root)
     return out
 
 
