@@ -12,14 +12,17 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from PIL import Image
+from embedder.image_files import ImagePathError, read_image, resolve_image_path
 
 # Results are remembered for recently seen paths: eval candidate lists repeat images heavily.
 _MEMO_SIZE = 200_000
 
 
-def path_problem(root: Path, rel: str) -> str | None:
-    """Why `rel` may not be used as an image path under `root`, without touching the file."""
+def path_problem(root: Path, rel: str, found: Path | None = None) -> str | None:
+    """Why `rel` may not be used as an image path under `root`, without reading the file: its
+    spelling (absolute, '..', a macOS '._' file), then whether the file, `found` (where
+    `resolve_image_path` matched it under Unicode normalization; default `root / rel`),
+    resolves outside `root` through a symlink."""
     if (
         PurePosixPath(rel).is_absolute()
         or PureWindowsPath(rel).is_absolute()
@@ -31,24 +34,36 @@ def path_problem(root: Path, rel: str) -> str | None:
         return f"path {rel!r} contains '..' (must stay inside the images root)"
     if PurePosixPath(rel).name.startswith("._"):
         return f"{rel!r} is a macOS '._' metadata file, not an image"
-    full = (root / rel).resolve()
+    full = (root / rel if found is None else found).resolve()
     if not full.is_relative_to(root):
         return f"path {rel!r} resolves outside the images root (symlink?)"
     return None
 
 
 def check_image(root: Path, rel: str) -> str | None:
-    """None if `rel` is a readable image inside `root`, else the reason it is not."""
-    problem = path_problem(root, rel)
+    """None if `rel` is a readable image inside `root`, else the reason it is not.
+
+    The file is found and decoded exactly as the embed stage will (`read_image`: names matched
+    under Unicode normalization, a full decode to RGB), so what passes here opens the same way
+    there."""
+    problem = path_problem(root, rel)  # spelling first: an absolute or '..' path is not looked up
     if problem:
         return problem
-    full = root / rel
-    if not full.is_file():
-        return f"image {rel!r} not found under {root}"
     try:
-        with Image.open(full) as im:
-            im.load()  # a full decode: truncated files pass open() but fail here
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        full = resolve_image_path(root, rel)
+    except ImagePathError as exc:  # not found, or two names differing only in normalization
+        return str(exc)
+    problem = path_problem(root, rel, full)
+    if problem:
+        return problem
+    if not full.is_file():
+        return f"image {rel!r} not found under {root} (not a file)"
+    try:
+        read_image(root, rel)  # a full decode: truncated files pass open() but fail here
+    except Exception as exc:
+        # Pillow's plugins raise many types on malformed files (OSError, SyntaxError,
+        # ValueError, DecompressionBombError, but also struct.error, IndexError, EOFError...);
+        # any of them would fail the embed stage the same way, so each is a bad row here.
         return f"image {rel!r} cannot be decoded ({type(exc).__name__}: {exc})"
     return None
 

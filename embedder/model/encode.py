@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from embedder.config import EmbedConfig
+from embedder.image_files import read_image_size
 from embedder.model.backbone import Backbone
 from embedder.model.images import load_image
 from embedder.model.shards import write_shard
@@ -152,10 +153,8 @@ def _estimate_lengths(
             if settings.image_mode == "fixed":
                 size = (settings.image_side, settings.image_side)
             else:
-                from PIL import Image
-
-                with Image.open(images_root / item.image) as im:
-                    size = im.size
+                # The size decoding will give (after EXIF orientation), pixels not converted.
+                size = read_image_size(images_root, item.image)
             key = f"{size}"
             if key not in cache:
                 cache[key] = image_tokens(backbone, settings, size)

@@ -7,6 +7,8 @@ from typing import Literal
 
 from PIL import Image
 
+from embedder.image_files import read_image
+
 ImageMode = Literal["fixed", "eval", "native"]
 
 
@@ -30,10 +32,14 @@ def eval_size(
 
 
 def load_image(root: Path, rel: str, mode: ImageMode, side: int) -> Image.Image:
-    """Open, convert to RGB and resize: `fixed` = side x side (training, 448 in the paper),
-    `eval` = the evaluation rule above, `native` = untouched."""
-    with Image.open(root / rel) as im:
-        img = im.convert("RGB")
+    """Decode to RGB as a person sees it, then resize: `fixed` = side x side (training, 448 in
+    the paper), `eval` = the evaluation rule above, `native` = untouched.
+
+    Decoding (`embedder.image_files.read_image`) is the one the ingest check ran: the path is
+    matched under Unicode normalization, EXIF orientation applied, 16-bit samples scaled and
+    transparency put on white. Raises `embedder.image_files.ImagePathError` (a
+    `FileNotFoundError`) and Pillow's errors for a bad file."""
+    img = read_image(root, rel)
     if mode == "fixed":
         if img.size != (side, side):
             img = img.resize((side, side), Image.Resampling.BICUBIC)
