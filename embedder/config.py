@@ -80,7 +80,9 @@ class IngestConfig(_Section):
         default_factory=lambda: ["original"],
         description="MMEB-train splits to read: original, diverse_instruction.",
     )
-    train_subsets: list[str] | None = Field(None, description="Train subsets to keep (None: all).")
+    train_subsets: list[str] | None = Field(
+        None, description="Train subsets to keep (None: all); for JSONL, file names without .jsonl."
+    )
     eval_subsets: list[str] | None = Field(None, description="Eval subsets to keep (None: all).")
     on_bad_rows: Literal["error", "skip"] = Field(
         "error",
@@ -103,7 +105,56 @@ class IngestConfig(_Section):
             )
         if self.eval_dir is not None and self.eval_images is None:
             raise ValueError("ingest.eval_dir is set but ingest.eval_images is not")
+        self._every_setting_applies()
         return self
+
+    def _every_setting_applies(self) -> None:
+        """A setting given for a source that cannot honour it is an error naming both,
+        never silently ignored (`train_subsets` for JSONL files, `train_dir` for the world)."""
+        # Given and not the default: a dumped config (every key present, most at their
+        # defaults) must load again.
+        given = {
+            k
+            for k in self.model_fields_set
+            if getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)
+        }
+        for key in sorted(given):
+            sources = INGEST_SETTING_SOURCES.get(key)
+            if sources is not None and self.source not in sources:
+                used_by = ", ".join(f"source={s}" for s in sources)
+                raise ValueError(
+                    f"ingest.{key} does nothing with ingest.source={self.source} (it is read "
+                    f"with {used_by}): drop it, or change ingest.source"
+                )
+        has_eval_dir = self.eval_dir is not None
+        if self.source == "hub" and has_eval_dir and "hub_eval" in given:
+            raise ValueError(
+                "ingest.hub_eval and ingest.eval_dir are both set: the local eval_dir is read "
+                "and hub_eval would do nothing; keep one"
+            )
+        if self.source in ("mmeb", "jsonl") and not has_eval_dir:
+            for key in ("eval_images", "eval_subsets"):
+                if key in given:
+                    raise ValueError(
+                        f"ingest.{key} is set but ingest.eval_dir is not: with "
+                        f"source={self.source} there is no eval table for it to apply to"
+                    )
+
+
+# The sources each ingest setting is read with (settings absent here apply to every source).
+# `world` is read through the MMEB-layout reader on the world's own folders, so subset
+# selection and splits apply to it; its folders and images are the world stage's.
+INGEST_SETTING_SOURCES: dict[str, tuple[str, ...]] = {
+    "train_dir": ("mmeb",),
+    "train_images": ("mmeb", "hub"),
+    "eval_dir": ("mmeb", "jsonl", "hub"),
+    "eval_images": ("mmeb", "jsonl", "hub"),
+    "jsonl_files": ("jsonl",),
+    "jsonl_images": ("jsonl",),
+    "hub_train": ("hub",),
+    "hub_eval": ("hub",),
+    "train_splits": ("world", "mmeb", "hub"),
+}
 
 
 class ModelConfig(_Section):
@@ -211,7 +262,10 @@ class FinetuneConfig(_Section):
     )
     target_modules: list[str] = Field(
         default_factory=lambda: list(LM_PROJECTIONS),
-        description="Module names given LoRA: the language model's attention and MLP projections.",
+        description="Last names of the Linear layers given LoRA, under the language model "
+        "only (found by the backbone family's module path: the vision tower gets none, though "
+        "Qwen2.5-VL's also has gate/up/down_proj layers); by default its attention and MLP "
+        "projections. A name that matches nothing there is an error.",
     )
     checkpoint_every: int = Field(100, ge=1, description="Steps between resumable checkpoints.")
     keep_checkpoints: int = Field(2, ge=1)
@@ -220,8 +274,9 @@ class FinetuneConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    """MMEB-style evaluation (METHOD.md section 5): strict Precision@1 per subset, with the
-    base model (zero-shot) or a fine-tuned adapter."""
+    """MMEB-style evaluation (METHOD.md section 5), with the base model (zero-shot) or a
+    fine-tuned adapter: Precision@1 per subset as MMEB's reference toolkit computes it (argmax,
+    a tie with the correct candidate counts as correct), strict P@1 and the tie rate beside."""
 
     template: Literal["hierarchical", "plain", "chat"] = Field(
         "hierarchical", description="Prompt template of the eval inputs (set per table row)."
@@ -237,6 +292,15 @@ class EvaluateConfig(_Section):
         992 * 992, ge=1, description="Hard cap on pixels per image given to the processor."
     )
     hit_k: int = Field(5, ge=1, description="Hit@k reported beside P@1.")
+    tie_warning: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Warn (log, the run's warnings, the evaluate summary line) when a subset's "
+        "tie rate, the share of its queries whose best score another candidate reaches within "
+        "1e-6, is above this: P@1 (MMEB argmax) credits such ties to the correct candidate, "
+        "so a model mapping inputs to one vector would score high.",
+    )
     sanity_items: int = Field(
         16,
         ge=0,

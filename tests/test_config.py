@@ -149,3 +149,60 @@ def test_rows_are_selected_by_name_with_a_suggestion_for_typos() -> None:
                 " {name: a, template: chat, negatives: none}]"
             ],
         )
+
+
+# Every ingest setting against every source (issue 15, item 4): it applies, or setting it
+# is an error naming the key and the source. (source, setting) -> applies?
+_PATHS = {
+    "world": [],
+    "mmeb": ["ingest.train_dir=/d/train", "ingest.train_images=/d/img"],
+    "jsonl": ["ingest.jsonl_files=[/d/A.jsonl]", "ingest.jsonl_images=/d/img"],
+    "hub": ["ingest.train_images=/d/img"],
+}
+_SETTINGS = {
+    "train_dir": ("/d/train", {"mmeb"}),
+    "train_images": ("/d/img", {"mmeb", "hub"}),
+    "jsonl_files": ("[/d/A.jsonl]", {"jsonl"}),
+    "jsonl_images": ("/d/img", {"jsonl"}),
+    "hub_train": ("org/train", {"hub"}),
+    "hub_eval": ("org/eval", {"hub"}),
+    "train_splits": ("[original, diverse_instruction]", {"world", "mmeb", "hub"}),
+    "train_subsets": ("[A]", {"world", "mmeb", "jsonl", "hub"}),
+    "eval_subsets": ("[A]", {"world", "hub"}),  # mmeb/jsonl: only with an eval_dir
+    "eval_images": ("/d/eimg", {"hub"}),  # mmeb/jsonl: only with an eval_dir
+    "on_bad_rows": ("skip", {"world", "mmeb", "jsonl", "hub"}),
+    "batch_rows": ("64", {"world", "mmeb", "jsonl", "hub"}),
+    "image_workers": ("2", {"world", "mmeb", "jsonl", "hub"}),
+}
+
+
+@pytest.mark.parametrize("source", list(_PATHS))
+@pytest.mark.parametrize("key", list(_SETTINGS))
+def test_every_ingest_setting_applies_to_its_source_or_is_an_error(source: str, key: str) -> None:
+    value, applies = _SETTINGS[key]
+    base = [f"ingest.source={source}", *_PATHS[source]]
+    overrides = [o for o in base if not o.startswith(f"ingest.{key}=")]
+    overrides.append(f"ingest.{key}={value}")
+    if source in applies:
+        load_config("tiny", overrides=overrides)
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", overrides=overrides)
+    assert f"ingest.{key}" in str(err.value) and source in str(err.value)
+
+
+@pytest.mark.parametrize("source", ["mmeb", "jsonl", "hub"])
+def test_eval_settings_apply_with_an_eval_dir(source: str) -> None:
+    eval_dir = ["ingest.eval_dir=/d/eval", "ingest.eval_images=/d/eimg", "ingest.eval_subsets=[A]"]
+    load_config("tiny", overrides=[f"ingest.source={source}", *_PATHS[source], *eval_dir])
+    if source == "hub":
+        with pytest.raises(ConfigError, match=r"ingest\.hub_eval and ingest\.eval_dir"):
+            load_config(
+                "tiny",
+                overrides=[
+                    f"ingest.source={source}",
+                    *_PATHS[source],
+                    *eval_dir,
+                    "ingest.hub_eval=o/e",
+                ],
+            )

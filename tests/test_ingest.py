@@ -417,3 +417,23 @@ def test_text_a_utf8_file_cannot_hold_is_a_bad_row_named_by_file_and_line(
     ]
     for r, (_, reason) in zip(rejects, BAD_TEXT_LINES, strict=True):
         assert reason in r["reason"], r
+
+
+def test_jsonl_train_subsets_keep_only_the_named_files(tmp_path: Path) -> None:
+    images = tmp_path / "img"
+    images.mkdir()
+    files = []
+    for name in ("A", "B"):
+        f = tmp_path / f"{name}.jsonl"
+        f.write_text(json.dumps({**GOOD_ROW, "qry": f"from {name}", "qry_image_path": ""}) + "\n")
+        files.append(f)
+    meta = {n: {"meta_task": "retrieval"} for n in ("A", "B")}
+    (tmp_path / "subsets.json").write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = IngestConfig(source="jsonl", jsonl_files=files, jsonl_images=images, train_subsets=["A"])
+    ingest(cfg, None, out)
+    assert [p["qry_text"] for p in pq.read_table(out / "pairs.parquet").to_pylist()] == ["from A"]
+    wrong = cfg.model_copy(update={"train_subsets": ["A.jsonl"]})
+    with pytest.raises(SourceError, match=r"name no JSONL file.*did you mean: A.jsonl -> A"):
+        ingest(wrong, None, out)

@@ -274,7 +274,7 @@ def _plans(config: IngestConfig) -> list[_Plan]:
         plans.append(
             _Plan(
                 PAIRS,
-                sources.discover_jsonl(files),
+                sources.discover_jsonl(files, config.train_subsets),
                 config.jsonl_images,
                 sidecar,
                 sources.read_source,

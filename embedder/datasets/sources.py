@@ -152,12 +152,29 @@ def read_parquet(source: SubsetSource, required: Sequence[str], batch_rows: int)
             start += batch.num_rows
 
 
-def discover_jsonl(files: Sequence[Path]) -> list[SubsetSource]:
-    """One subset per JSONL file, named by the file's stem."""
+def discover_jsonl(
+    files: Sequence[Path], subsets: Sequence[str] | None = None
+) -> list[SubsetSource]:
+    """One subset per JSONL file, named by the file's stem; only `subsets` when given (each
+    must name one of the files)."""
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
         raise SourceError(f"JSONL files not found: {', '.join(missing)}")
-    return [SubsetSource(subset=Path(f).stem, split="jsonl", files=(Path(f),)) for f in files]
+    found = [SubsetSource(subset=Path(f).stem, split="jsonl", files=(Path(f),)) for f in files]
+    if subsets is None:
+        return found
+    names = [s.subset for s in found]
+    unknown = [s for s in subsets if s not in names]
+    if unknown:
+        # A file name given for its stem ("A.jsonl" for "A") is the common slip.
+        close = {s: [Path(s).stem] if Path(s).stem in names else [] for s in unknown}
+        close = {s: c or difflib.get_close_matches(s, names, 1) for s, c in close.items()}
+        hints = [f"{s} -> {c[0]}" for s, c in close.items() if c]
+        raise SourceError(
+            f"ingest.train_subsets {unknown} name no JSONL file; the files hold: "
+            f"{', '.join(names)}" + (f" (did you mean: {', '.join(hints)}?)" if hints else "")
+        )
+    return [s for s in found if s.subset in set(subsets)]
 
 
 def _parse_jsonl_line(raw: bytes, first: bool) -> tuple[dict[str, Any] | None, str | None]:
