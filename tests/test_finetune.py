@@ -9,13 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from embedder.config import EmbedConfig, FinetuneConfig, ModelConfig
+from embedder.config import EmbedConfig, FinetuneConfig, ModelConfig, PretrainConfig
 from embedder.datasets import schema
 from embedder.embed import open_backbone
 from embedder.outputs import Clusters, Generator, Tables
 from embedder.training.finetune import (
     CHECKPOINTS,
     TrainingDataError,
+    TrainPair,
     finetune_adapter,
     step_clusters,
     train,
@@ -105,6 +106,25 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(
     assert result.history.loss == pytest.approx(whole_result.history.loss, abs=1e-6)
 
 
+def test_pairs_of_one_query_are_not_each_others_negatives_in_training(
+    tables: Tables, generator: Generator, tmp_path: Path
+) -> None:
+    """Every pair of the batch shares one query (rendered content): each target is a positive
+    of that query, so nothing is left to contrast and the first step's loss is exactly 0."""
+    clusters = make_clusters(tables, tmp_path / "mine")
+    assert tables.pairs_images is not None
+    groups = training_clusters(clusters, tables, "hierarchical", "<|image_pad|>", EMBED)
+    one = groups[0][0].query
+    same_query = [[TrainPair(one, p.target) for p in c] for c in groups]
+    assert len({p.target.key for c in same_query[:2] for p in c}) > 1, "distinct positives"
+    backbone = open_backbone(ModelConfig(), generator)
+    cfg = FAST.model_copy(update={"steps": 1})
+    _, result = train(
+        backbone, same_query, cfg, EMBED, tables.pairs_images, tmp_path / "ft", progress=False
+    )
+    assert result.history.loss[0] == pytest.approx(0.0, abs=1e-5)
+
+
 def test_finetune_stage_saves_a_safetensors_adapter_and_its_history(
     tables: Tables, generator: Generator, tmp_path: Path
 ) -> None:
@@ -123,6 +143,13 @@ def test_finetune_stage_saves_a_safetensors_adapter_and_its_history(
     assert not (out.folder / CHECKPOINTS).exists()
     assert out.rows == {"clusters": len(pq.read_table(clusters.clusters)) // 3, "steps": 2}
     assert out.metrics["pairs_per_step"] == 2 * 3
+    layers = PretrainConfig().layers  # the tiny generator's
+    assert out.metrics["lora_modules.language_model"] == layers * 7
+    assert out.metrics["lora_modules.vision"] == 0 and out.metrics["lora_modules.other"] == 0
+    assert sorted(p.name for p in out.adapter.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     assert out.template == "hierarchical" and out.info["strategy"] == "in_batch"
 
 

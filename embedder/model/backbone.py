@@ -67,6 +67,18 @@ class FamilyAdapter:
     model_types: tuple[str, ...] = ("qwen2_vl",)
     image_token = "<|image_pad|>"
     wrapped_image_token = "<|vision_start|><|image_pad|><|vision_end|>"
+    # Module paths in the loaded model (`named_modules()` names, no trailing dot). LoRA goes
+    # under `language_model` only (METHOD.md section 4), resolved by path because name
+    # suffixes alone also hit the vision tower on some families (Qwen2.5-VL's vision MLP has
+    # gate/up/down_proj). transformers 5 lays out Qwen2-VL, Qwen2.5-VL and Qwen3-VL alike;
+    # a family with another layout overrides these.
+    language_model = "model.language_model"
+    vision = "model.visual"
+
+    @property
+    def components(self) -> dict[str, str]:
+        """Component name -> module path, for the manifest's LoRA counts per component."""
+        return {"language_model": self.language_model, "vision": self.vision}
 
     def model_class(self, model_type: str) -> type[PreTrainedModel]:
         import transformers

@@ -62,22 +62,37 @@ def info_nce(
     targets: torch.Tensor,
     temperature: float,
     target_ids: torch.Tensor | None = None,
+    query_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backpropagate, the global batch's mean loss for logging).
+    """(loss to backpropagate, the global batch's mean loss for logging), both 0-d float.
 
-    `queries[i]`'s positive is `targets[i]`; every other target of the global batch is a
-    negative, except a target equal to its own positive (same `target_ids`), which is masked:
-    two clusters may hold the same class label, and it is not a negative of itself. Inputs are
-    L2-normalised embeddings of this rank's pairs.
+    `queries[i]`'s positive is `targets[i]` (both (n, d), L2-normalised, this rank's pairs);
+    every other target of the global batch is a negative except a positive of the same query
+    content, which is masked (identity is content, as in METHOD.md section 3 step 1). With
+    `target_ids` / `query_ids` ((n,) int64 content ids, e.g. from `item_key` of the rendered
+    item; None: every row's content is its own), target j is masked from row i
+    (j != i) when some row k has row i's query content and target j's content: so
+    - a target equal to row i's own positive (two clusters holding the same class label);
+    - row j's target when row j has the same query content as row i (one question, two
+      answers: VQA and classification data, and SaHa's phase 2, put (q, p0) and (q, p1) in
+      one batch);
+    - a copy elsewhere of such a target.
+    The ids are gathered across ranks like the embeddings, so the rule covers the global batch.
     """
     size = world()[1]
     all_q = gather_with_grad(queries)
     all_t = gather_with_grad(targets)
     logits = all_q @ all_t.T / temperature
-    labels = torch.arange(len(all_q), device=logits.device)
-    if target_ids is not None:
-        ids = gather_with_grad(target_ids)
-        same = ids[:, None] == ids[None, :]
+    n = len(all_q)
+    labels = torch.arange(n, device=logits.device)
+    if target_ids is not None or query_ids is not None:
+        rows = torch.arange(n, device=logits.device)
+        t_ids = rows if target_ids is None else gather_with_grad(target_ids)
+        q_ids = rows if query_ids is None else gather_with_grad(query_ids)
+        same_q = q_ids[:, None] == q_ids[None, :]  # (i, k): row k has row i's query
+        same_t = t_ids[:, None] == t_ids[None, :]  # (k, j): row j has row k's target
+        # Exact in float32: the counts are at most the global batch size.
+        same = (same_q.float() @ same_t.float()) > 0
         same.fill_diagonal_(False)
         logits = logits.masked_fill(same, float("-inf"))
     loss = F.cross_entropy(logits, labels)

@@ -200,9 +200,20 @@ class Checkpoints:
 
 
 def _loss(
-    temperature: float, ids: torch.Tensor, q: torch.Tensor, t: torch.Tensor
+    temperature: float,
+    query_ids: torch.Tensor,
+    target_ids: torch.Tensor,
+    q: torch.Tensor,
+    t: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return info_nce(q, t, temperature, target_ids=ids)
+    return info_nce(q, t, temperature, target_ids=target_ids, query_ids=query_ids)
+
+
+def content_ids(items: list[EmbedItem], device: torch.device) -> torch.Tensor:
+    """(len(items),) int64: each rendered item's content identity (the first 60 bits of its
+    `item_key`, so it fits a signed int64 and travels through all_gather)."""
+    keys = [item_key(item.text, item.image) for item in items]
+    return torch.tensor([int(k[:15], 16) for k in keys], device=device)
 
 
 def _barrier(size: int) -> None:
@@ -282,15 +293,15 @@ def train(
         pairs_per_step = len(pairs) * size
         queries = [p.query for p in pairs]
         targets = [p.target for p in pairs]
-        # Equal positives (one class label in two clusters) are not each other's negatives.
-        ids = torch.tensor(
-            [int(item_key(t.text, t.image)[:15], 16) for t in targets], device=backbone.device
-        )
+        # Equal positives (one class label in two clusters) are not each other's negatives,
+        # nor are two positives of one query content (VQA, classification, SaHa's phase 2).
+        q_ids = content_ids(queries, backbone.device)
+        t_ids = content_ids(targets, backbone.device)
         n = cfg.chunk_size
         q_chunks = [queries[i : i + n] for i in range(0, len(queries), n)]
         t_chunks = [targets[i : i + n] for i in range(0, len(targets), n)]
         run_step = grad_cache_step if cfg.grad_cache else plain_step
-        loss = run_step(encode, q_chunks, t_chunks, partial(_loss, cfg.temperature, ids))
+        loss = run_step(encode, q_chunks, t_chunks, partial(_loss, cfg.temperature, q_ids, t_ids))
         if size > 1:
             for p in params:
                 torch.distributed.all_reduce(p.grad)
@@ -361,8 +372,9 @@ def finetune_adapter(
     settings = embed.model_copy(update={"template": cfg.template})
     peft_model, result = train(backbone, groups, cfg, settings, data.pairs_images, out)
     output = Adapter(folder=out, base=backbone.source, template=cfg.template)
+    lora_modules = adapters.lora_module_counts(peft_model, backbone.adapter)
     if world()[0] == 0:
-        peft_model.save_pretrained(str(output.adapter), safe_serialization=True)
+        adapters.save_adapter(peft_model, output.adapter)  # same adapter, same bytes
         if cfg.merge:
             merged = peft_model.merge_and_unload()
             merged.save_pretrained(out / "merged")
@@ -385,6 +397,8 @@ def finetune_adapter(
                 "pairs_per_step": result.pairs_per_step,
                 "pairs_per_s_median": float(np.median(h.pairs_per_s)),
                 "resumed_from_step": result.resumed_from,
+                # Where LoRA went (METHOD.md section 4: the language model only).
+                **{f"lora_modules.{part}": n for part, n in lora_modules.items()},
             },
             "info": {
                 "strategy": clusters.strategy,
