@@ -3,20 +3,30 @@ adapter) and one prompt template (METHOD.md section 5).
 
 Every distinct query and candidate is embedded once (classification subsets share their
 label candidates across all queries), into shards that resume; each query is scored against
-its own candidate list. Reported per subset:
-- strict Precision@1: the correct candidate (index 0) must beat every other by more than
+its own candidate list. Reported per subset (`query_scores` defines each precisely):
+- P@1 (`p1`), the headline: as MMEB's reference toolkit (VLM2Vec's eval) and the authors
+  compute it, numpy argmax over the cosine scores, first maximum wins, so an exact tie with
+  the correct candidate (index 0) counts as correct. Our numbers then compare with published
+  tables (METHOD.md section 5);
+- strict P@1 (`p1_strict`): the correct candidate must beat every other by more than
   `TIE_EPS`. An untrained model maps everything to nearly one vector; with the correct
-  candidate first, a plain argmax would call that a perfect score;
-- argmax P@1 (the reference toolkit's convention: a tie resolves to index 0), where the two
-  differ;
-- Hit@k (strict as P@1: the correct one among the k best with ties counted against it).
-Means per meta-task, IND, OOD and overall are over MMEB subsets; subsets outside MMEB are
-reported on their own (unless the eval set has no MMEB subset at all, like the miniature
-world's, which is then averaged by the meta-tasks and distributions it declares).
+  candidate first, the argmax convention calls that a perfect score, strict P@1 calls it 0;
+- the tie rate (`tie_rate`): share of queries whose best score is shared, within `TIE_EPS`.
+  Above `EvaluateConfig.tie_warning` in a subset it is a warning of the run (log, summary
+  line, the run's warnings), so a collapsed model never looks good silently;
+- Hit@k (strict, as `p1_strict`: the correct one among the k best with ties counted against
+  it).
+Means per meta-task, IND, OOD and overall, of each of the three, are over MMEB subsets;
+subsets outside MMEB are reported on their own (unless the eval set has no MMEB subset at
+all, like the miniature world's, which is then averaged by the meta-tasks and distributions
+it declares).
 
-Before the long run, a sanity check embeds a few items twice, in different batches and
-order: each must find itself first. It catches broken pooling under padding, a collapsed
-model, and non-determinism, in seconds rather than after hours of wrong scores.
+Before the long run, a sanity check embeds a few content-distinct items twice, in different
+batches and order: each must find itself first. It catches broken pooling under padding, a
+collapsed model, and non-determinism, in seconds rather than after hours of wrong scores.
+Items with the same content (rendered text and decoded pixels: byte copies of an image under
+another name, lossless re-encodes) legitimately share one vector, so only one of them is
+checked.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from embedder.model.encode import (
     encode,
     whole_plan,
 )
+from embedder.model.images import load_image
 from embedder.model.shards import load_embeddings
 from embedder.outputs import Adapter, EvalReport, Generator, Tables
 
@@ -56,22 +67,48 @@ class SanityCheckError(UserError, RuntimeError):
     """The model fails the pre-evaluation check: its scores would be meaningless."""
 
 
+def cosine_scores(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Scores of one query against its candidates: (d,) and (n, d) L2-normalised vectors (any
+    float dtype; float32 as the shards hold them) -> (n,) dot products in that dtype.
+
+    Row by row (multiply, then numpy's sum over each row) rather than a BLAS matrix-vector
+    product: BLAS kernels may round rows at different positions differently, and the
+    reference convention rests on identical vectors giving bit-identical scores."""
+    return (candidates * query[None, :]).sum(axis=1)
+
+
 def query_scores(query: np.ndarray, candidates: np.ndarray, k: int) -> dict[str, bool]:
-    """One query against its own candidates (the correct one at index 0)."""
-    scores = candidates @ query
+    """One query against its own candidates, the correct one at index 0 (METHOD.md section 5).
+
+    `query` (d,), `candidates` (n, d) with n >= 1, both L2-normalised. Returns:
+    - `p1`: MMEB's reference convention (VLM2Vec's eval, the published tables): `np.argmax`
+      of the scores is 0. The first maximum wins, so an exact tie with the correct candidate
+      counts as correct (a duplicate of it shares its vector, so always ties);
+    - `p1_strict`: the correct candidate scores more than `TIE_EPS` above every other;
+    - `tie`: the best score is reached, within `TIE_EPS`, by at least two candidates (the
+      correct one or not): the top-1 is then decided by candidate order, not by the model;
+    - `hit` (Hit@k, strict as `p1_strict`): fewer than k other candidates score at least the
+      correct one's score minus `TIE_EPS`.
+    A single candidate is a hit on all three and no tie."""
+    scores = cosine_scores(query, candidates)
     others = scores[1:]
     if len(others) == 0:
-        return {"p1": True, "p1_argmax": True, "hit": True}
+        return {"p1": True, "p1_strict": True, "tie": False, "hit": True}
     beaten_or_tied = int((others >= scores[0] - TIE_EPS).sum())
     return {
-        "p1": bool(scores[0] > others.max() + TIE_EPS),
-        "p1_argmax": int(np.argmax(scores)) == 0,
+        "p1": int(np.argmax(scores)) == 0,
+        "p1_strict": bool(scores[0] > others.max() + TIE_EPS),
+        "tie": int((scores >= scores.max() - TIE_EPS).sum()) > 1,
         "hit": beaten_or_tied < k,
     }
 
 
 def strict_hits(query: np.ndarray, candidates: np.ndarray) -> bool:
-    return query_scores(query, candidates, 1)["p1"]
+    """Strict P@1 of one query (`query_scores`' `p1_strict`)."""
+    return query_scores(query, candidates, 1)["p1_strict"]
+
+
+SCORES = ("p1", "p1_strict", "tie_rate")  # per subset, each averaged by `aggregate`
 
 
 def subset_scores(
@@ -81,7 +118,10 @@ def subset_scores(
     vectors: dict[str, np.ndarray],
     k: int = 5,
 ) -> dict[str, dict[str, float]]:
-    """Per subset: p1 (strict), p1_argmax, hit@k, queries."""
+    """Per subset, means over its queries of `query_scores`: `p1` (MMEB argmax), `p1_strict`,
+    `tie_rate` (share of tied queries), `hit@k` (strict); and `queries`, their number.
+    Candidate lists may differ in length across queries; `ckeys[i]` are row i's candidates,
+    correct first, keys of `vectors` (a duplicated candidate is one key, so one vector)."""
     hits: dict[str, list[dict[str, bool]]] = defaultdict(list)
     for row, qk, cks in zip(rows, qkeys, ckeys, strict=True):
         cand = np.stack([vectors[c] for c in cks])
@@ -89,7 +129,8 @@ def subset_scores(
     return {
         s: {
             "p1": float(np.mean([h["p1"] for h in hs])),
-            "p1_argmax": float(np.mean([h["p1_argmax"] for h in hs])),
+            "p1_strict": float(np.mean([h["p1_strict"] for h in hs])),
+            "tie_rate": float(np.mean([h["tie"] for h in hs])),
             f"hit@{k}": float(np.mean([h["hit"] for h in hs])),
             "queries": len(hs),
         }
@@ -97,19 +138,58 @@ def subset_scores(
     }
 
 
-def aggregate(p1: dict[str, float], meta: dict[str, tuple[str, str]]) -> dict[str, Any]:
-    """Means per meta-task, IND, OOD and overall over MMEB subsets; `outside_mmeb` lists the
-    others (averaged by their declared labels only when no MMEB subset is present)."""
-    mmeb = [s for s in p1 if normalise(s) in MMEB_SUBSETS]
-    counted = mmeb or list(p1)
+def aggregate(scores: dict[str, float], meta: dict[str, tuple[str, str]]) -> dict[str, Any]:
+    """Means of one per-subset score (`p1`, `p1_strict` or `tie_rate`) per meta-task, IND, OOD
+    and overall over MMEB subsets, as MMEB reports them (METHOD.md section 5); `outside_mmeb`
+    lists the others (averaged by their declared labels only when no MMEB subset is present).
+    """
+    mmeb = [s for s in scores if normalise(s) in MMEB_SUBSETS]
+    counted = mmeb or list(scores)
     groups: dict[str, list[float]] = defaultdict(list)
     for subset in counted:
         task, dist = meta[subset]
         for name in (task, dist, "overall"):
-            groups[name].append(p1[subset])
+            groups[name].append(scores[subset])
     out: dict[str, Any] = {name: float(np.mean(v)) for name, v in groups.items()}
-    out["outside_mmeb"] = sorted(set(p1) - set(mmeb)) if mmeb else []
+    out["outside_mmeb"] = sorted(set(scores) - set(mmeb)) if mmeb else []
     return out
+
+
+def content_id(item: EmbedItem, images_root: Path, settings: EmbedConfig) -> str:
+    """What the model sees of `item`, as a hex digest: its rendered text and its image's pixels
+    as `load_image` decodes and resizes them under `settings`' image rules (the processor
+    works from those pixels alone). Byte copies and lossless re-encodes of one picture share
+    it whatever their file names; `item.key`, which hashes the path, does not.
+
+    Raises what `load_image` raises for an unreadable image (OSError, PIL's errors)."""
+    digest = hashlib.blake2b(item.text.encode(), digest_size=16)
+    if item.image:
+        img = load_image(images_root, item.image, settings.image_mode, settings.image_side)
+        # Mode and size too: equal bytes in another shape are another picture.
+        digest.update(f"\x1f{img.mode}{img.size}\x1f".encode())
+        digest.update(img.tobytes())
+    return digest.hexdigest()
+
+
+def content_distinct(
+    items: list[EmbedItem], images_root: Path, settings: EmbedConfig, limit: int | None = None
+) -> tuple[list[EmbedItem], int]:
+    """The first `limit` items (all: None) of distinct content (`content_id`), in order, and
+    how many content copies were passed over on the way. Images are decoded lazily: only as
+    far into `items` as the `limit` needs."""
+    chosen: list[EmbedItem] = []
+    seen: set[str] = set()
+    copies = 0
+    for item in items:
+        if limit is not None and len(chosen) >= limit:
+            break
+        cid = content_id(item, images_root, settings)
+        if cid in seen:
+            copies += 1
+            continue
+        seen.add(cid)
+        chosen.append(item)
+    return chosen, copies
 
 
 def sanity_check(
@@ -118,8 +198,22 @@ def sanity_check(
     images_root: Path,
     settings: EmbedConfig,
     folder: Path,
+    limit: int | None = None,
 ) -> dict[str, float]:
-    """Embed `items` twice, in other batches and order: each must be its own nearest."""
+    """Embed the first `limit` content-distinct `items` (all: None) twice, in other batches
+    and order: each must find its own embedding first, more than `TIE_EPS` above any other.
+
+    Content-identical items (same rendered text and decoded pixels, `content_id`) are left
+    out: they legitimately share one vector, so they would tie, and a real pooling bug still
+    shows on the distinct ones. Returns the self-similarity minimum and best-rival maximum
+    ({} when fewer than two distinct items are checked); raises SanityCheckError."""
+    items, copies = content_distinct(items, images_root, settings, limit)
+    if copies:
+        log.info(
+            "sanity check: %d items passed over as content copies of others (same text and "
+            "pixels under another file name): they may share one vector",
+            copies,
+        )
     if len(items) < 2:
         return {}
     first, second = folder / "a", folder / "b"
@@ -299,7 +393,7 @@ def evaluate_model(
     if share is None or share.index == 0:
         with whole_plan():
             checks = sanity_check(
-                backbone, distinct[: cfg.sanity_items], images_root, settings, out / "sanity"
+                backbone, distinct, images_root, settings, out / "sanity", cfg.sanity_items
             )
     output = EvalReport(folder=out, template=cfg.template)
     identity = vectors_identity(model, generator, adapter, settings)
@@ -313,37 +407,72 @@ def evaluate_model(
     keys, matrix = load_embeddings(folder)
     vectors = {**reused, **dict(zip(keys, matrix, strict=True))}
     per_subset = subset_scores(table, qkeys, ckeys, vectors, cfg.hit_k)
-    p1 = {s: v["p1"] for s, v in per_subset.items()}
-    agg = aggregate(p1, meta)
+    means = {name: aggregate({s: v[name] for s, v in per_subset.items()}, meta) for name in SCORES}
+    agg = means["p1"]
+    tied = {s: v["tie_rate"] for s, v in per_subset.items() if v["tie_rate"] > cfg.tie_warning}
+    warnings = []
+    if tied:
+        warnings.append(
+            f"tie rate above {cfg.tie_warning:g} in {len(tied)} subsets ("
+            + ", ".join(f"{s} {r:.2f}" for s, r in tied.items())
+            + "): their queries' best score is shared, so P@1 (MMEB argmax) credits the "
+            "correct candidate for coming first; see strict P@1. The model may map different "
+            "inputs to one vector"
+        )
+        log.warning("evaluate: %s", warnings[-1])
     step = max(1, len(table) // NEXT_TOKEN_QUERIES)
     wanted = set(qkeys[::step])
     sample = list({it.key: it for it in items if it.key in wanted}.values())
     report = {
         "template": cfg.template,
         "adapter": None if adapter is None else adapter.fingerprint,
+        "conventions": {
+            "p1": "P@1 as MMEB's reference toolkit computes it: numpy argmax over cosine "
+            "scores, first maximum wins (a tie with the correct candidate counts as correct)",
+            "p1_strict": f"P@1 with a tie within {TIE_EPS:g} of the correct score as a miss",
+            "tie_rate": f"share of queries whose best score another candidate reaches within "
+            f"{TIE_EPS:g}",
+            f"hit@{cfg.hit_k}": f"strict: fewer than k other candidates score at least the "
+            f"correct one's score minus {TIE_EPS:g}",
+        },
         "chance": {s: float(np.mean(v)) for s, v in chance.items()},
         "subsets": per_subset,
         "meta": {s: list(m) for s, m in meta.items()},
         "aggregate": agg,
+        "aggregate_strict": {k: v for k, v in means["p1_strict"].items() if k != "outside_mmeb"},
+        "aggregate_tie_rate": {k: v for k, v in means["tie_rate"].items() if k != "outside_mmeb"},
+        "tie_warning": {"threshold": cfg.tie_warning, "subsets": sorted(tied)},
         "next_tokens": next_tokens(backbone, sample, images_root, settings),
     }
     output.report.write_text(json.dumps(report, indent=2))
-    metrics = {f"p1.{k}": v for k, v in {**p1, **agg}.items() if isinstance(v, float)}
-    metrics.update({f"p1_argmax.{s}": v["p1_argmax"] for s, v in per_subset.items()})
+    metrics: dict[str, float] = {}
+    for name in SCORES:  # p1.<subset|mean>, p1_strict.<...>, tie_rate.<...>
+        values = {**{s: v[name] for s, v in per_subset.items()}, **means[name]}
+        metrics.update({f"{name}.{k}": v for k, v in values.items() if isinstance(v, float)})
     metrics.update({f"hit{cfg.hit_k}.{s}": v[f"hit@{cfg.hit_k}"] for s, v in per_subset.items()})
     # Timings go to metrics only: the report holds results, equal for equal runs.
     metrics["items_per_s"] = stats.metrics()["items_per_s"]
     metrics["reused_items"] = len(reused)
     metrics.update(checks)
-    line = " ".join(f"{k} {agg[k]:.3f}" for k in AGGREGATES if k in agg)
     model_name = "zero-shot" if adapter is None else f"adapter {adapter.fingerprint[:8]}"
+    summary = (
+        f"evaluate ({model_name}, {cfg.template}): P@1 (MMEB argmax) {_means_line(agg)}; "
+        f"strict P@1 {_means_line(means['p1_strict'])}; "
+        f"tie rate overall {means['tie_rate']['overall']:.3f}"
+    )
+    if tied:
+        summary += f" - WARNING: tie rate above {cfg.tie_warning:g} in {', '.join(tied)}"
     return output.model_copy(
         update={
             "rows": {"queries": len(table), "unique_items": stats.unique},
             "metrics": metrics,
-            "info": {"summary": [f"evaluate ({model_name}, {cfg.template}): strict P@1 {line}"]},
+            "info": {"summary": [summary], "warnings": warnings},
         }
     )
+
+
+def _means_line(means: dict[str, Any]) -> str:
+    return " ".join(f"{k} {means[k]:.3f}" for k in AGGREGATES if k in means)
 
 
 class EvalDataError(UserError, ValueError):

@@ -1,5 +1,8 @@
 """The comparison table of a run: one row per table row of the config (the paper's ablation
-by default), columns the meta-tasks, IND, OOD and overall; chance beside it.
+by default), columns the meta-tasks, IND, OOD and overall of P@1 as MMEB's reference toolkit
+computes it (the headline, comparable with published tables), then strict P@1 and the tie rate
+overall; chance beside it. The conventions (embedder.evaluate, METHOD.md section 5) are
+written under the table, so the printed table says what each column is.
 
 Writes `report.md` (the table, then per-subset scores in an appendix), `table.json` (the same
 numbers for scripts), one bar chart per meta-task and the fine-tuned rows' loss curves, and
@@ -16,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from embedder.config import TableRow
-from embedder.evaluate import AGGREGATES
+from embedder.evaluate import AGGREGATES, TIE_EPS
 from embedder.outputs import Adapter, EvalReport
 
 COLUMNS = AGGREGATES  # the means evaluate reports, in table order
@@ -29,6 +32,16 @@ SHORT = {
     "ood": "OOD",
     "overall": "overall",
 }
+# Beside the headline columns: (header, report key of the means, which mean).
+BESIDE = (("strict", "aggregate_strict", "overall"), ("ties", "aggregate_tie_rate", "overall"))
+LEGEND = [
+    "{columns}: P@1 (MMEB argmax) as the reference toolkit computes it, mean over subsets:",
+    "  numpy argmax over cosine scores, first maximum wins (a tie with the correct candidate "
+    "counts as correct).",
+    f"strict: P@1 overall with a tie within {TIE_EPS:g} of the correct score as a miss.",
+    f"ties: tie rate overall, share of queries whose best score another candidate reaches "
+    f"within {TIE_EPS:g}.",
+]
 
 
 @dataclass(frozen=True)
@@ -39,7 +52,8 @@ class RowResult:
 
 
 def _chance(report: dict[str, Any]) -> dict[str, float]:
-    """Expected strict P@1 of a random embedding, averaged like the scores."""
+    """Expected P@1 of a random embedding (1 / candidates, either convention: random vectors
+    do not tie), averaged like the scores."""
     outside = set(report["aggregate"].get("outside_mmeb", []))
     groups: dict[str, list[float]] = {}
     for subset, value in report["chance"].items():
@@ -52,15 +66,32 @@ def _chance(report: dict[str, Any]) -> dict[str, float]:
 
 
 def table_lines(results: list[RowResult], reports: list[dict[str, Any]]) -> list[str]:
+    """The table as text: a header, the chance row, one row per result (P@1 means, then
+    strict P@1 and the tie rate overall), then, after a blank line, what each column is and
+    which rows have subsets tied above the warning threshold."""
     columns = [c for c in COLUMNS if c in reports[0]["aggregate"]]
     width = max(len(r.row.name) for r in results) + 2
     head = f"{'row':{width}s}" + "".join(f"{SHORT[c]:>9s}" for c in columns)
-    lines = [head]
+    lines = [head + "".join(f"{name:>9s}" for name, _, _ in BESIDE)]
     chance = _chance(reports[0])
-    lines.append(f"{'(chance)':{width}s}" + "".join(f"{chance.get(c, 0):9.3f}" for c in columns))
+    # Random vectors never tie: strict P@1 has P@1's chance, the tie rate 0.
+    lines.append(
+        f"{'(chance)':{width}s}"
+        + "".join(f"{chance.get(c, 0):9.3f}" for c in columns)
+        + f"{chance.get('overall', 0):9.3f}{0:9.3f}"
+    )
     for result, report in zip(results, reports, strict=True):
         cells = "".join(f"{report['aggregate'][c]:9.3f}" for c in columns)
+        cells += "".join(f"{report[key][mean]:9.3f}" for _, key, mean in BESIDE)
         lines.append(f"{result.row.name:{width}s}{cells}")
+    lines += ["", LEGEND[0].format(columns="/".join(SHORT[c] for c in columns)), *LEGEND[1:]]
+    for result, report in zip(results, reports, strict=True):
+        warn = report["tie_warning"]
+        if warn["subsets"]:
+            lines.append(
+                f"WARNING {result.row.name}: tie rate above {warn['threshold']:g} in "
+                f"{', '.join(warn['subsets'])}: its P@1 rests on ties, see strict."
+            )
     return lines
 
 
@@ -77,11 +108,15 @@ def _bar_charts(results: list[RowResult], reports: list[dict[str, Any]], out: Pa
         if column not in reports[0]["aggregate"]:
             continue
         values = [rep["aggregate"][column] for rep in reports]
+        strict = [rep["aggregate_strict"][column] for rep in reports]
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.bar(range(len(names)), values, color="#4c72b0")
+        ax.bar(range(len(names)), values, color="#4c72b0", label="P@1 (MMEB argmax)")
+        ax.scatter(
+            range(len(names)), strict, marker="_", s=400, color="#c44e52", label="strict P@1"
+        )
         ax.axhline(chance.get(column, 0.0), color="k", ls="--", lw=1, label="chance")
         ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
-        ax.set_ylabel(f"strict P@1, mean over {column} subsets")
+        ax.set_ylabel(f"P@1, mean over {column} subsets")
         ax.set_ylim(0, 1)
         ax.legend(loc="upper left", fontsize=8)
         fig.tight_layout()
@@ -121,7 +156,14 @@ def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     reports = [json.loads(r.evaluation.report.read_text()) for r in results]
     lines = table_lines(results, reports)
-    md = [f"# {title}", "", "Strict Precision@1 (a tie with the correct candidate is a miss).", ""]
+    md = [
+        f"# {title}",
+        "",
+        "Precision@1 as MMEB's reference toolkit computes it (the headline, comparable with "
+        "published tables), strict P@1 and the tie rate beside it; the columns are explained "
+        "under the table.",
+        "",
+    ]
     md += ["```", *lines, "```", ""]
     md += ["| row | template | negatives | fine-tuned |", "|---|---|---|---|"]
     md += [
@@ -134,6 +176,11 @@ def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
         md += ["", f"Subsets outside MMEB, not in the means: {', '.join(outside)}."]
     md += ["", "## Appendix: per subset", ""]
     subsets = sorted(reports[0]["subsets"])
+    md += [
+        f"Each cell: P@1 (MMEB argmax) (strict P@1, tie rate), Hit@k (strict: ties within "
+        f"{TIE_EPS:g} count against the correct candidate).",
+        "",
+    ]
     md += ["| subset | chance | " + " | ".join(r.row.name for r in results) + " |"]
     md += ["|---|---:|" + "---:|" * len(results)]
     for s in subsets:
@@ -141,8 +188,8 @@ def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
         for rep in reports:
             v = rep["subsets"][s]
             hit = next(k for k in v if k.startswith("hit@"))
-            argmax = f" (argmax {v['p1_argmax']:.3f})" if v["p1_argmax"] != v["p1"] else ""
-            cells.append(f"{v['p1']:.3f}{argmax}, {hit} {v[hit]:.3f}")
+            beside = f"(strict {v['p1_strict']:.3f}, ties {v['tie_rate']:.3f})"
+            cells.append(f"{v['p1']:.3f} {beside}, {hit} {v[hit]:.3f}")
         md.append(f"| {s} | {reports[0]['chance'][s]:.3f} | " + " | ".join(cells) + " |")
     md += ["", "Next token predicted at the final position (share of sampled queries):", ""]
     for r, rep in zip(results, reports, strict=True):
@@ -155,13 +202,20 @@ def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
         md.append(f"![loss curves]({loss})")
     (out / "report.md").write_text("\n".join(md) + "\n")
     table = {
+        "conventions": reports[0]["conventions"],
         "chance": _chance(reports[0]),
         "rows": {
             r.row.name: {
                 "template": r.row.template,
                 "negatives": r.row.negatives,
+                # `aggregate`, `subsets`: P@1 (MMEB argmax), the headline; the others beside.
                 "aggregate": {k: v for k, v in rep["aggregate"].items() if isinstance(v, float)},
+                "aggregate_strict": rep["aggregate_strict"],
+                "aggregate_tie_rate": rep["aggregate_tie_rate"],
                 "subsets": {s: v["p1"] for s, v in rep["subsets"].items()},
+                "subsets_strict": {s: v["p1_strict"] for s, v in rep["subsets"].items()},
+                "subsets_tie_rate": {s: v["tie_rate"] for s, v in rep["subsets"].items()},
+                "tie_warning": rep["tie_warning"]["subsets"],
             }
             for r, rep in zip(results, reports, strict=True)
         },

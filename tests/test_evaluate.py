@@ -1,38 +1,152 @@
-"""Evaluation: the metric on hand-made candidate lists, the means, and adapters that must
-apply (or fail loudly)."""
+"""Evaluation: the metric on hand-made candidate lists (MMEB's argmax convention, strict P@1,
+the tie rate), the means, the report's columns, the sanity check (content copies pass, a
+pooling bug fails), and adapters that must apply (or fail loudly)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
-from embedder.config import EmbedConfig, EvaluateConfig, FinetuneConfig, ModelConfig
-from embedder.evaluate import aggregate, evaluate_model, query_scores, strict_hits, subset_scores
+from embedder.config import EmbedConfig, EvaluateConfig, FinetuneConfig, ModelConfig, TableRow
+from embedder.evaluate import (
+    SanityCheckError,
+    aggregate,
+    content_id,
+    evaluate_model,
+    query_scores,
+    strict_hits,
+    subset_scores,
+)
+from embedder.model.encode import EmbedItem
 from embedder.outputs import Adapter, Generator, Tables
 from embedder.training.adapters import WEIGHTS, AdapterError
 
 E = np.eye(3)
 
 
-def test_correct_at_index_0_scores_and_ties_are_misses() -> None:
+def test_correct_at_index_0_scores_and_a_tie_is_a_hit_by_argmax_and_a_miss_when_strict() -> None:
     q = E[0]
     assert query_scores(q, np.stack([E[0], E[1], E[2]]), 5) == {
         "p1": True,
-        "p1_argmax": True,
+        "p1_strict": True,
+        "tie": False,
         "hit": True,
     }
     tie = query_scores(q, np.stack([E[0], E[0], E[1]]), 1)
-    assert tie["p1"] is False, "a tie with the correct candidate is a miss"
-    assert tie["p1_argmax"] is True, "the argmax convention resolves it to index 0"
+    assert tie["p1"] is True, "MMEB's argmax convention resolves a tie to index 0"
+    assert tie["p1_strict"] is False, "strict: a tie with the correct candidate is a miss"
+    assert tie["tie"] is True
     assert tie["hit"] is False
     second = 0.6 * E[0] + 0.8 * E[1]  # the correct one, ranked second
     wrong = query_scores(q, np.stack([second, E[0], E[2]]), 2)
-    assert (wrong["p1"], wrong["p1_argmax"], wrong["hit"]) == (False, False, True)
+    assert (wrong["p1"], wrong["p1_strict"], wrong["hit"]) == (False, False, True)
     assert not strict_hits(q, np.stack([E[2], E[0]]))
+    assert not strict_hits(q, np.stack([E[0], E[0]])), "strict_hits stays strict"
+
+
+def _unit(*xs: float) -> np.ndarray:
+    v = np.array(xs, dtype=np.float64)
+    return v / np.linalg.norm(v)
+
+
+def _at(score: float, axis: int) -> np.ndarray:
+    """A unit vector whose cosine with E[0] is exactly `score` (the rest on `axis`)."""
+    v = np.zeros(3)
+    v[0], v[axis] = score, np.sqrt(1 - score**2)
+    return v
+
+
+ONE = _unit(1.0, 2.0, 3.0)
+# (case, query, candidates with the correct one first, MMEB p1, strict p1, tie, strict hit@2;
+# "above"/"below": the correct candidate's score against its best rival's):
+# the values MMEB's reference toolkit (`np.argmax(scores) == 0`) and the definitions give.
+CASES = [
+    ("clear win", E[0], [E[0], E[1], E[2]], True, True, False, True),
+    ("correct duplicated (one vector)", E[0], [E[0], E[1], E[0]], True, False, True, True),
+    ("equal score, other vector", E[0], [_at(0.6, 1), _at(0.6, 2), E[1]], True, False, True, True),
+    ("correct second", E[0], [_at(0.6, 1), E[0], E[2]], False, False, False, True),
+    ("near-tie, 1e-7 above", E[0], [_at(0.5 + 1e-7, 1), _at(0.5, 2)], True, False, True, True),
+    ("near-tie, 1e-7 below", E[0], [_at(0.5, 1), _at(0.5 + 1e-7, 2)], False, False, True, True),
+    ("gap, 1e-3 above", E[0], [_at(0.5 + 1e-3, 1), _at(0.5, 2)], True, True, False, True),
+    ("gap, 1e-3 below", E[0], [_at(0.5, 1), _at(0.5 + 1e-3, 2)], False, False, False, True),
+    ("two wrong ones tie on top", E[0], [_at(0.6, 1), E[0], E[0]], False, False, True, False),
+    ("single candidate", E[1], [E[2]], True, True, False, True),
+    ("collapsed: all one vector", ONE, [ONE] * 4, True, False, True, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("query", "candidates", "p1", "strict", "tie", "hit2"),
+    [c[1:] for c in CASES],
+    ids=[c[0] for c in CASES],
+)
+def test_p1_follows_mmeb_argmax_with_strict_p1_and_ties_beside(
+    query: np.ndarray, candidates: list[np.ndarray], p1: bool, strict: bool, tie: bool, hit2: bool
+) -> None:
+    cands = np.stack(candidates)
+    # The table itself against the reference toolkit's formula (VLM2Vec's eval).
+    assert (int(np.argmax(np.dot(cands, query))) == 0) is p1
+    got = query_scores(query, cands, 2)
+    assert got == {"p1": p1, "p1_strict": strict, "tie": tie, "hit": hit2}
+
+
+def test_copies_of_the_correct_vector_tie_exactly_wherever_they_stand() -> None:
+    # As the shards hold them (float32, a real width): the argmax convention needs a copy of
+    # the correct candidate to score bit-identically wherever it stands. A BLAS product need
+    # not: with OpenBLAS on x86, `cands @ query` scores the copy at row 15 2e-7 above row 0.
+    rng = np.random.default_rng(76)
+    n, d = int(rng.integers(2, 300)), int(rng.integers(3, 2000))  # 170, 1613
+    cands = rng.standard_normal((n, d)).astype(np.float32)
+    cands /= np.linalg.norm(cands, axis=1, keepdims=True)
+    query = cands[0] + np.float32(0.01) * rng.standard_normal(d).astype(np.float32)
+    query /= np.linalg.norm(query)
+    cands[rng.integers(1, n, size=3)] = cands[0]  # rows 15, 31, 169
+    assert query_scores(query, cands, 5) == {
+        "p1": True,
+        "p1_strict": False,
+        "tie": True,
+        "hit": True,
+    }
+
+
+def test_subset_means_over_queries_with_unequal_candidate_lists() -> None:
+    # Every case above as one query of one subset (1 to 4 candidates): keys are what the
+    # pipeline gives subset_scores (a duplicated candidate is one key, one vector).
+    vectors: dict[str, np.ndarray] = {}
+    qkeys, ckeys = [], []
+    for i, (_, query, candidates, *_rest) in enumerate(CASES):
+        vectors[f"q{i}"] = query
+        keys = []
+        for j, c in enumerate(candidates):
+            same = [k for k in keys if np.array_equal(vectors[k], c)]
+            keys.append(same[0] if same else f"c{i}.{j}")
+            vectors.setdefault(keys[-1], c)
+        qkeys.append(f"q{i}")
+        ckeys.append(keys)
+    got = subset_scores([{"subset": "T"}] * len(CASES), qkeys, ckeys, vectors, k=2)["T"]
+    expected = np.array([c[3:] for c in CASES], dtype=float).mean(axis=0)
+    assert [got["p1"], got["p1_strict"], got["tie_rate"], got["hit@2"]] == pytest.approx(
+        expected.tolist()
+    )
+    assert got["queries"] == len(CASES)
+
+
+def test_a_perfect_model_with_a_duplicated_label_and_a_collapsed_one() -> None:
+    apple, pear = _unit(1, 0, 0), _unit(0, 1, 0)
+    vectors = {"img:apple": apple, "img:pear": pear, "apple": apple, "pear": pear}
+    rows = [{"subset": "Fruit"}, {"subset": "Fruit"}]
+    # The label set has "apple" twice: each query's list is it, correct label first.
+    ckeys = [["apple", "pear", "apple"], ["pear", "apple", "apple"]]
+    got = subset_scores(rows, ["img:apple", "img:pear"], ckeys, vectors)["Fruit"]
+    assert (got["p1"], got["p1_strict"], got["tie_rate"]) == (1.0, 0.5, 0.5)
+    collapsed = dict.fromkeys(vectors, ONE)
+    got = subset_scores(rows, ["img:apple", "img:pear"], ckeys, collapsed)["Fruit"]
+    assert (got["p1"], got["p1_strict"], got["tie_rate"]) == (1.0, 0.0, 1.0)
 
 
 def test_duplicated_and_single_modality_candidates_score_by_their_vectors() -> None:
@@ -54,7 +168,13 @@ def test_duplicated_and_single_modality_candidates_score_by_their_vectors() -> N
         ["img_only", "txt_only", "label_a"],
     ]
     got = subset_scores(rows, qkeys, ckeys, vectors, k=2)
-    assert got["Cls"] == {"p1": 0.5, "p1_argmax": 0.5, "hit@2": 1.0, "queries": 2}
+    assert got["Cls"] == {
+        "p1": 0.5,
+        "p1_strict": 0.5,
+        "tie_rate": 0.0,
+        "hit@2": 1.0,
+        "queries": 2,
+    }
     assert got["Ret"]["p1"] == 1.0
 
 
@@ -168,3 +288,153 @@ def test_a_re_evaluation_embeds_only_what_earlier_evaluations_lack(
     adapter = _adapter(tmp_path / "zero", generator, train_b=False)
     tuned = evaluate_model(ModelConfig(), EMBED, EVAL, tables, generator, adapter, stage / "d")
     assert tuned.metrics["reused_items"] == 0
+
+
+def _collapse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the model map every input to one vector (pooling returns a constant)."""
+    import torch
+
+    import embedder.model.encode as encode_module
+
+    def constant(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.ones(hidden.shape[0], hidden.shape[-1], dtype=hidden.dtype)
+
+    monkeypatch.setattr(encode_module, "pool_last_token", constant)
+
+
+def test_a_collapsed_model_scores_1_by_argmax_and_the_run_and_report_say_why(
+    tables: Tables, generator: Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embedder.report import RowResult, write_report
+
+    # No sanity check: it would stop this model, and what is tested is the scoring after it.
+    unchecked = EVAL.model_copy(update={"sanity_items": 0})
+    honest = evaluate_model(
+        ModelConfig(), EMBED, unchecked, tables, generator, None, tmp_path / "a" / "ev"
+    )
+    _collapse(monkeypatch)
+    # In a folder of its own: a sibling's embeddings of the same model would be reused.
+    flat = evaluate_model(
+        ModelConfig(), EMBED, unchecked, tables, generator, None, tmp_path / "b" / "ev"
+    )
+    subsets = sorted(json.loads(flat.report.read_text())["subsets"])
+    for s in [*subsets, "overall"]:
+        assert flat.metrics[f"p1.{s}"] == 1.0, "MMEB's argmax: every tie goes to index 0"
+        assert flat.metrics[f"p1_strict.{s}"] == 0.0
+        assert flat.metrics[f"tie_rate.{s}"] == 1.0
+    assert "p1_strict.classification" in flat.metrics and "tie_rate.ind" in flat.metrics
+    (summary,) = flat.info["summary"]
+    assert "P@1 (MMEB argmax)" in summary and "strict P@1" in summary
+    assert "WARNING: tie rate above 0.05" in summary and all(s in summary for s in subsets)
+    (warning,) = flat.info["warnings"]
+    assert all(s in warning for s in subsets)
+    assert not honest.info["warnings"] and "WARNING" not in honest.info["summary"][0]
+    # The report: the headline is P@1 (argmax), strict and ties beside it, each explained.
+    rows = [
+        RowResult(TableRow(name="honest", template="hierarchical", negatives="none"), honest, None),
+        RowResult(TableRow(name="flat", template="hierarchical", negatives="none"), flat, None),
+    ]
+    lines = write_report(rows, tmp_path / "report", "t")
+    md = (tmp_path / "report" / "report.md").read_text()
+    block = md.split("```")[1].strip("\n")
+    assert block == "\n".join(lines)
+    table, legend = block.split("\n\n")
+    head, chance, *cells = table.splitlines()
+    assert head.split()[-3:] == ["overall", "strict", "ties"]
+    assert chance.startswith("(chance)")
+    assert cells[1].split() == ["flat", *["1.000"] * (len(head.split()) - 3), "0.000", "1.000"]
+    assert "MMEB argmax" in legend and "first maximum wins" in legend
+    assert "strict:" in legend and "ties:" in legend
+    assert "WARNING flat: tie rate above 0.05" in legend and "WARNING honest" not in legend
+    data = json.loads((tmp_path / "report" / "table.json").read_text())
+    assert data["rows"]["flat"]["aggregate"]["overall"] == 1.0
+    assert data["rows"]["flat"]["aggregate_strict"]["overall"] == 0.0
+    assert data["rows"]["flat"]["aggregate_tie_rate"]["overall"] == 1.0
+    assert set(data["conventions"]) >= {"p1", "p1_strict", "tie_rate"}
+
+
+def _tables_with_copies(tables: Tables, root: Path) -> Tables:
+    """Four classification queries of the miniature world where the second query's image is
+    a byte copy of the first's and the third's a lossless re-encode of it, under other names."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from embedder.datasets.schema import EVAL_SCHEMA
+
+    assert tables.eval_images is not None
+    rows = [r for r in pq.read_table(tables.eval).to_pylist() if r["subset"] == "ShapeClass"][:4]
+    images = root / "images"
+    for r in rows:
+        (images / r["qry_image"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tables.eval_images / r["qry_image"], images / r["qry_image"])
+    first = images / rows[0]["qry_image"]
+    shutil.copy(first, first.with_name("copy.png"))
+    with Image.open(first) as im:
+        im.save(first.with_name("reencoded.png"), compress_level=0)
+    assert first.read_bytes() != first.with_name("reencoded.png").read_bytes()
+    rows[1]["qry_image"] = str(Path(rows[0]["qry_image"]).with_name("copy.png"))
+    rows[2]["qry_image"] = str(Path(rows[0]["qry_image"]).with_name("reencoded.png"))
+    out = Tables(folder=root / "tables", eval_images=images)
+    out.folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), out.eval)
+    return out
+
+
+def test_content_identity_is_text_and_pixels_not_the_file_name(
+    tables: Tables, tmp_path: Path
+) -> None:
+    copies = _tables_with_copies(tables, tmp_path)
+    assert copies.eval_images is not None
+    root: Path = copies.eval_images
+    names = sorted(p.relative_to(root) for p in root.rglob("*.png"))
+    by_name = {p.name: str(p) for p in names}
+    first = sorted(n for n in by_name if n not in ("copy.png", "reencoded.png"))[0]
+
+    def cid(text: str, name: str) -> str:
+        return content_id(EmbedItem(text, by_name[name]), root, EMBED)
+
+    assert cid("x", first) == cid("x", "copy.png") == cid("x", "reencoded.png")
+    assert EmbedItem("x", by_name[first]).key != EmbedItem("x", by_name["copy.png"]).key
+    assert cid("x", first) != cid("y", first), "same pixels, other text"
+    other = next(n for n in sorted(by_name) if n not in (first, "copy.png", "reencoded.png"))
+    assert cid("x", first) != cid("x", other)
+
+
+def test_the_sanity_check_accepts_content_copies_under_other_names(
+    tables: Tables, generator: Generator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    copies = _tables_with_copies(tables, tmp_path / "data")
+    cfg = EVAL.model_copy(update={"max_queries": 4})
+    with caplog.at_level(logging.INFO, logger="gen2embed.evaluate"):
+        got = evaluate_model(ModelConfig(), EMBED, cfg, copies, generator, None, tmp_path / "ev")
+    assert got.metrics["sanity_self_min"] > got.metrics["sanity_rival_max"], "the check ran"
+    assert "2 items passed over as content copies" in caplog.text, "the copy and the re-encode"
+    assert got.rows["queries"] == 4
+
+
+def test_the_sanity_check_still_stops_a_pooling_bug(
+    tables: Tables, generator: Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import embedder.model.encode as encode_module
+
+    def first_position(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Padding on the left: every shorter row's first position is padding.
+        return hidden[:, 0]
+
+    copies = _tables_with_copies(tables, tmp_path / "data")
+    cfg = EVAL.model_copy(update={"max_queries": 4})
+    monkeypatch.setattr(encode_module, "pool_last_token", first_position)
+    with pytest.raises(SanityCheckError, match="do not find their own embedding first"):
+        evaluate_model(
+            ModelConfig(), EMBED, cfg, copies, generator, None, tmp_path / "checked" / "ev"
+        )
+    # The check is what stops it: without the check the same run completes.
+    unchecked = cfg.model_copy(update={"sanity_items": 0})
+    evaluate_model(
+        ModelConfig(), EMBED, unchecked, copies, generator, None, tmp_path / "unchecked" / "ev"
+    )

@@ -251,13 +251,15 @@ def test_full_tiny_pipeline_produces_the_six_row_table(tmp_path: Path) -> None:
     # The report: six rows in config order, the same numbers as each row's evaluation.
     report_dir = Path(paths["report"])
     text = (report_dir / "report.md").read_text()
-    table = text.split("```")[1].strip().splitlines()
+    # The block: the table, a blank line, what each column is (and tie warnings).
+    table = text.split("```")[1].strip().split("\n\n")[0].splitlines()
     assert [line.split()[0] for line in table[2:]] == ROWS
     assert table[1].startswith("(chance)")
     for line in table[2:]:
         row = line.split()[0]
         overall = by_name[row][0].data.metrics["evaluate.p1.overall"]
-        assert float(line.split()[-1]) == pytest.approx(overall, abs=5e-4)
+        column = table[0].split().index("overall")  # P@1 (MMEB argmax); strict, ties after
+        assert float(line.split()[column]) == pytest.approx(overall, abs=5e-4)
         # The parent carries every row's headline, so whole runs compare in MLflow.
         assert parent.data.metrics[f"{row}/p1.overall"] == overall
         assert f"{row}/p1.classification" in parent.data.metrics

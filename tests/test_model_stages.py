@@ -85,7 +85,8 @@ def test_evaluate_scores_each_query_against_its_own_candidates(
                     ]
                 )
                 hits.append(strict_hits(q, cands))
-            assert got["subsets"][subset]["p1"] == pytest.approx(np.mean(hits)), (template, subset)
+            strict = got["subsets"][subset]["p1_strict"]  # as strict_hits: ties are misses
+            assert strict == pytest.approx(np.mean(hits)), (template, subset)
         assert report.metrics["p1.overall"] == got["aggregate"]["overall"]
         assert "sanity_self_min" in report.metrics, "the sanity check ran"
         again = evaluate_model(
