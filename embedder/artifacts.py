@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -169,6 +170,29 @@ def create_once(path: Path, build: Callable[[Path], None]) -> None:
         tmp.replace(path)
 
 
+def _strict(value: Any) -> Any:
+    """`value` with every float that JSON cannot hold (NaN, +-inf) as None, numpy scalars as
+    Python numbers, and mappings with string keys."""
+    if isinstance(value, Mapping):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", None) == 0:
+        value = value.item()  # numpy and torch scalars
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def json_text(value: Any, *, indent: int | None = None, sort_keys: bool = False) -> str:
+    """Strict JSON (RFC 8259) for a published file: Python's `json` writes NaN and Infinity,
+    which other readers (jq, JavaScript, Java, Go, MLflow's UI) reject, so non-finite floats
+    are written as null. Raises TypeError for values JSON has no form for."""
+    return json.dumps(_strict(value), indent=indent, sort_keys=sort_keys, allow_nan=False)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -195,7 +219,7 @@ class Manifest:
     created: float = 0.0
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=2, sort_keys=True, default=str)
+        return json_text(_canonical(self.__dict__), indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
@@ -294,7 +318,8 @@ class ArtifactStore:
             inputs=dict(inputs),
             files=files,
             rows=dict(output.rows),
-            metrics={k: float(v) for k, v in output.metrics.items()},
+            # A metric without a value (a rate over nothing) is left out, never NaN.
+            metrics={k: float(v) for k, v in output.metrics.items() if math.isfinite(float(v))},
             info=_canonical(dict(output.info)),
             output=output.own_fields(self.workdir),
             created=time.time(),

@@ -12,7 +12,6 @@ zero-shot.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -25,6 +24,7 @@ import torch
 from PIL import Image
 
 from embedder import world
+from embedder.artifacts import json_text
 from embedder.config import PretrainConfig, WorldConfig
 from embedder.model.backbone import Backbone, build_tiny, save_backbone
 from embedder.model.prompts import (
@@ -348,7 +348,7 @@ def pretrain_generator(cfg: PretrainConfig, world_cfg: WorldConfig, out: Path) -
         backbone, per_type=cfg.eval_per_type, seed=cfg.seed, image_size=image_size
     )
     save_backbone(backbone, Generator(folder=out).model_dir)
-    (out / "loss.json").write_text(json.dumps(result.losses))
+    (out / "loss.json").write_text(json_text(result.losses))
     ready = accuracy["category"] >= 0.8 and accuracy["position"] >= 0.8
     summary = [
         "Tiny generator: held-out one-word VQA accuracy by question type "

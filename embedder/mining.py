@@ -29,7 +29,6 @@ grows with the pool.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from embedder.artifacts import json_text
 from embedder.config import MineConfig
 from embedder.datasets import schema
 from embedder.model.shards import load_embeddings
@@ -213,7 +213,7 @@ class Diagnostics:
     clusters: int
     size_histogram: dict[int, int]
     planted_fn_pairs: int
-    planted_fn_rate: float
+    planted_fn_rate: float | None  # None: no planted pairs, so no rate (not NaN: JSON has none)
 
 
 def diagnose(pool: SubsetPool, clusters: list[Cluster], fn_groups: list[str | None]) -> Diagnostics:
@@ -246,7 +246,7 @@ def diagnose(pool: SubsetPool, clusters: list[Cluster], fn_groups: list[str | No
         clusters=len(clusters),
         size_histogram=dict(sorted(sizes.items())),
         planted_fn_pairs=total,
-        planted_fn_rate=together / total if total else float("nan"),
+        planted_fn_rate=together / total if total else None,
     )
 
 
@@ -355,7 +355,7 @@ def mine_clusters(cfg: MineConfig, cands: Candidates, emb: Embeddings, out: Path
             totals["phase2"] += round(diag.phase2_share * diag.clusters)
             if diag.planted_fn_pairs:
                 totals["fn_pairs"] += diag.planted_fn_pairs
-                totals["fn_together"] += diag.planted_fn_rate * diag.planted_fn_pairs
+                totals["fn_together"] += (diag.planted_fn_rate or 0.0) * diag.planted_fn_pairs
             if name == strategy:
                 ids = rows["id"].to_list()
                 for c in clusters:
@@ -378,7 +378,7 @@ def mine_clusters(cfg: MineConfig, cands: Candidates, emb: Embeddings, out: Path
             "phase2_share": totals["phase2"] / max(1, totals["clusters"]),
             "planted_fn_pairs": totals["fn_pairs"],
             "planted_fn_rate": (
-                totals["fn_together"] / totals["fn_pairs"] if totals["fn_pairs"] else float("nan")
+                totals["fn_together"] / totals["fn_pairs"] if totals["fn_pairs"] else None
             ),
             "subsets": per_subset,
         }
@@ -387,7 +387,7 @@ def mine_clusters(cfg: MineConfig, cands: Candidates, emb: Embeddings, out: Path
     schema.write_table(
         pa.table(columns, schema=schema.CLUSTERS_SCHEMA), output.clusters, schema.CLUSTERS_SCHEMA
     )
-    output.diagnostics.write_text(json.dumps(report, indent=2, default=float))
+    output.diagnostics.write_text(json_text(report, indent=2))
     _score_plot({k: traces[k] for k in strategies if k != "in_batch"}, out / "scores.png")
     summary = [
         f"Mining (k={cfg.k}, m={cfg.m}): clusters and planted false negatives "
@@ -398,7 +398,12 @@ def mine_clusters(cfg: MineConfig, cands: Candidates, emb: Embeddings, out: Path
     for name, r in report.items():
         summary.append(
             f"{name:12s} {r['coverage']:9.3f} {r['clusters']:9d} "
-            f"{r['phase2_share']:8.3f} {r['planted_fn_rate']:16.3f}"
+            f"{r['phase2_share']:8.3f} "
+            + (
+                f"{r['planted_fn_rate']:16.3f}"
+                if r["planted_fn_rate"] is not None
+                else f"{'n/a':>16s}"
+            )
         )
     if report[strategy]["planted_fn_pairs"]:
         summary.append(f"({report[strategy]['planted_fn_pairs']} planted FN pairs)")
@@ -410,7 +415,8 @@ def mine_clusters(cfg: MineConfig, cands: Candidates, emb: Embeddings, out: Path
         "phase2_share": chosen["phase2_share"],
     }
     for name, r in report.items():
-        metrics[f"planted_fn_rate.{name}"] = r["planted_fn_rate"]
+        if r["planted_fn_rate"] is not None:
+            metrics[f"planted_fn_rate.{name}"] = r["planted_fn_rate"]
         metrics[f"coverage.{name}"] = r["coverage"]
     return output.model_copy(
         update={

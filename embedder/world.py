@@ -21,7 +21,6 @@ seen in train.
 
 from __future__ import annotations
 
-import json
 import random
 import zlib
 from dataclasses import dataclass, replace
@@ -33,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
+from embedder.artifacts import json_text
 from embedder.config import WorldConfig
 from embedder.outputs import World
 
@@ -605,8 +605,8 @@ def build_world(config: WorldConfig, out: Path) -> World:
             rows[f"eval:{eval_name}"] = len(table)
             images += writer.count
             eval_meta[eval_name] = {"meta_task": meta, "distribution": dist}
-    (out / "train" / "subsets.json").write_text(json.dumps(train_meta, indent=2))
-    (out / "eval" / "subsets.json").write_text(json.dumps(eval_meta, indent=2))
+    (out / "train" / "subsets.json").write_text(json_text(train_meta, indent=2))
+    (out / "eval" / "subsets.json").write_text(json_text(eval_meta, indent=2))
     return World(
         folder=out, rows=rows, metrics={"images": images}, info={"categories": len(CATEGORIES)}
     )

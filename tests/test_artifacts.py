@@ -207,3 +207,43 @@ def test_a_manifest_entry_without_size_means_recompute(tmp_path: Path) -> None:
     ]
     path.write_text(json.dumps({**data, "files": ["table.bin"]}))
     assert "unreadable" in store.verify("demo", "fp1")[0]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (float("nan"), "null"),
+        (float("inf"), "null"),
+        (-float("inf"), "null"),
+        ({"a": [1.5, float("nan")]}, '{"a": [1.5, null]}'),
+        ((1, float("-inf")), "[1, null]"),
+        (__import__("numpy").float32("nan"), "null"),
+        (__import__("numpy").float64(0.25), "0.25"),
+        (__import__("numpy").int64(3), "3"),
+        (Path("/a/b"), '"/a/b"'),
+    ],
+)
+def test_published_json_is_strict(value: object, expected: str) -> None:
+    from embedder.artifacts import json_text
+
+    assert json_text(value) == expected
+
+
+def test_a_metric_without_a_value_is_left_out_of_the_manifest(tmp_path: Path) -> None:
+    import json
+
+    store = ArtifactStore(tmp_path)
+    partial = store.open_partial("demo", "fp")
+    (partial / "x.txt").write_text("x")
+    metrics = {"rate": float("nan"), "inf": float("inf"), "ok": 0.5}
+    manifest = store.publish(
+        "demo",
+        "fp",
+        code_version="1",
+        config={"nan_setting": float("nan")},
+        inputs={},
+        output=StageOutput(folder=partial, metrics=metrics, info={"x": float("nan")}),
+    )
+    assert manifest.metrics == {"ok": 0.5}
+    text = (store.path("demo", "fp") / MANIFEST).read_text()
+    json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))

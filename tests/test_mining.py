@@ -292,3 +292,34 @@ def test_a_cluster_is_headed_by_the_row_being_visited(tmp_path: Path) -> None:
     table = pl.read_parquet(clusters.clusters)
     anchors = table.filter(pl.col("role") == "anchor")["id"].to_list()
     assert "a3" in anchors and "a3b" not in anchors
+
+
+def _strict_json(text: str) -> object:
+    """Parse as other tools do: NaN / Infinity are not JSON."""
+
+    def refuse(name: str) -> object:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_mining_data_without_planted_pairs_writes_strict_json(tmp_path: Path) -> None:
+    """No fn_group anywhere: the planted false-negative rate has no value. It is null in the
+    diagnostics and absent from the metrics, never a bare NaN other readers reject."""
+    from embedder.artifacts import ArtifactStore
+
+    emb, _ = _star_files(tmp_path)
+    store = ArtifactStore(tmp_path / "w")
+    cands = retrieve_candidates(
+        RetrieveConfig(top_r=8, device="cpu"), emb, store.open_partial("retrieve", "r")
+    )
+    out = store.open_partial("mine", "m")
+    clusters = mine_clusters(MineConfig(k=2, m=3), cands, emb, out)
+    report = _strict_json(clusters.diagnostics.read_text())
+    assert report["saha"]["planted_fn_pairs"] == 0
+    assert report["saha"]["planted_fn_rate"] is None
+    manifest = store.publish("mine", "m", code_version="1", config={}, inputs={}, output=clusters)
+    published = store.path("mine", "m")
+    for path in published.rglob("*.json"):
+        _strict_json(path.read_text())
+    assert not any(k.startswith("planted_fn_rate") for k in manifest.metrics)
