@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from embedder.artifacts import json_text
 from embedder.config import EmbedConfig, EvaluateConfig, ModelConfig
 from embedder.datasets.catalog import MMEB_SUBSETS, normalise
 from embedder.datasets.schema import EVAL_SCHEMA, read_table
@@ -54,6 +55,7 @@ from embedder.model.encode import (
     encode,
     whole_plan,
 )
+from embedder.model.identity import model_identity, workdir_cache
 from embedder.model.images import load_image
 from embedder.model.shards import load_embeddings
 from embedder.outputs import Adapter, EvalReport, Generator, Tables
@@ -279,9 +281,14 @@ def vectors_identity(
 ) -> str:
     """What an embedding depends on besides its item key (which hashes the rendered prompt
     and the image path): the weights (backbone, generator, adapter), dtype and image rules."""
+    if generator is not None:
+        backbone, revision = f"tiny:{generator.fingerprint}", None
+    else:  # the content or resolved commit: a replaced weights file is another model
+        found = model_identity(model.backbone, model.revision, workdir_cache())
+        backbone, revision = f"{model.backbone}:{found.digest}", found.revision
     parts = {
-        "backbone": model.backbone if generator is None else f"tiny:{generator.fingerprint}",
-        "revision": model.revision,
+        "backbone": backbone,
+        "revision": revision,
         "dtype": model.dtype,
         "adapter": None if adapter is None else adapter.fingerprint,
         "image": [settings.image_mode, settings.image_side, settings.max_pixels],
@@ -292,7 +299,7 @@ def vectors_identity(
 
 def _write_identity(folder: Path, identity: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / IDENTITY_FILE).write_text(json.dumps({"identity": identity}))
+    (folder / IDENTITY_FILE).write_text(json_text({"identity": identity}))
 
 
 def reusable_vectors(out: Path, identity: str, wanted: set[str]) -> dict[str, np.ndarray]:
@@ -375,11 +382,20 @@ def evaluate_model(
             role="query",
             image_token=token,
             strings=embed,
+            literal=backbone.as_text,
         )
         # MMEB: candidates get no suffix, except in "matching" subsets.
         role = "query" if "matching" in r["subset"].lower() else "target"
         cands = [
-            make_item(t, im, template=cfg.template, role=role, image_token=token, strings=embed)
+            make_item(
+                t,
+                im,
+                template=cfg.template,
+                role=role,
+                image_token=token,
+                strings=embed,
+                literal=backbone.as_text,
+            )
             for t, im in zip(r["tgt_text"], r["tgt_image"], strict=True)
         ]
         items += [q, *cands]
@@ -444,7 +460,7 @@ def evaluate_model(
         "tie_warning": {"threshold": cfg.tie_warning, "subsets": sorted(tied)},
         "next_tokens": next_tokens(backbone, sample, images_root, settings),
     }
-    output.report.write_text(json.dumps(report, indent=2))
+    output.report.write_text(json_text(report, indent=2))
     metrics: dict[str, float] = {}
     for name in SCORES:  # p1.<subset|mean>, p1_strict.<...>, tie_rate.<...>
         values = {**{s: v[name] for s, v in per_subset.items()}, **means[name]}

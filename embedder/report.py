@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from embedder.artifacts import json_text
 from embedder.config import TableRow
 from embedder.evaluate import AGGREGATES, TIE_EPS
 from embedder.outputs import Adapter, EvalReport
@@ -220,5 +221,5 @@ def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
             for r, rep in zip(results, reports, strict=True)
         },
     }
-    (out / "table.json").write_text(json.dumps(table, indent=2))
+    (out / "table.json").write_text(json_text(table, indent=2))
     return lines

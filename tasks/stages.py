@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from embedder.artifacts import resolve_workdir
 from embedder.config import ModelConfig
 from embedder.datasets.ingest import ingest as ingest_tables
 from embedder.datasets.ingest import source_inputs
@@ -17,7 +16,7 @@ from embedder.embed import embed_pairs
 from embedder.evaluate import AGGREGATES, evaluate_model
 from embedder.generator import pretrain_generator
 from embedder.mining import mine_clusters
-from embedder.model.identity import DigestCache, model_identity
+from embedder.model.identity import model_identity, workdir_cache
 from embedder.outputs import Clusters, EvalReport, Tables
 from embedder.retrieval import retrieve_candidates
 from embedder.training.finetune import finetune_adapter
@@ -55,8 +54,7 @@ def model_inputs(model: ModelConfig, **_: Any) -> dict[str, str]:
     in the workdir, so an unchanged multi-GB folder costs a `stat` per file, not a read."""
     if model.backbone == "tiny":
         return {}
-    cache = DigestCache(resolve_workdir() / "cache" / "file-digests.json")
-    return model_identity(model.backbone, model.revision, cache).as_inputs()
+    return model_identity(model.backbone, model.revision, workdir_cache()).as_inputs()
 
 
 world = Stage("world", build_world)

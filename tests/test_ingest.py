@@ -437,3 +437,39 @@ def test_jsonl_train_subsets_keep_only_the_named_files(tmp_path: Path) -> None:
     wrong = cfg.model_copy(update={"train_subsets": ["A.jsonl"]})
     with pytest.raises(SourceError, match=r"name no JSONL file.*did you mean: A.jsonl -> A"):
         ingest(wrong, None, out)
+
+
+def test_eval_lists_whose_correct_candidate_is_duplicated_are_counted(tmp_path: Path) -> None:
+    root, images = tmp_path / "eval", tmp_path / "img"
+    images.mkdir()
+    rows = [  # (candidates, duplicated?)
+        (["apple", "pear", "apple"], True),
+        (["apple", "pear", "plum"], False),
+        (["apple", "apple"], True),
+        (["apple"], False),
+        (["pear", "apple", "apple"], False),  # a duplicated wrong one does not count
+    ]
+    table = [
+        {"qry_text": "q", "qry_img_path": "", "tgt_text": c, "tgt_img_path": [""] * len(c)}
+        for c, _ in rows
+    ]
+    (root / "VOC2007").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(table), root / "VOC2007" / "test-0.parquet")
+    train = tmp_path / "train" / "VOC2007"
+    train.mkdir(parents=True)
+    pq.write_table(
+        pa.Table.from_pylist([{**GOOD_ROW, "qry_image_path": ""}]), train / "original-0.parquet"
+    )
+    cfg = IngestConfig(
+        source="mmeb",
+        train_dir=tmp_path / "train",
+        train_images=images,
+        eval_dir=root,
+        eval_images=images,
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    tables = ingest(cfg, None, out)
+    expected = sum(dup for _, dup in rows)
+    assert tables.info["correct_duplicated"] == {"VOC2007/test": expected}
+    assert tables.info["subsets"]["eval:VOC2007/test"]["correct_duplicated"] == expected

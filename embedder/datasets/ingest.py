@@ -141,6 +141,15 @@ def _convert_pair(
     )
 
 
+def correct_is_duplicated(row: dict[str, Any]) -> bool:
+    """An eval row whose correct candidate (index 0) appears again, same text and image,
+    among its other candidates: the two embed to one vector and always tie."""
+    if "tgt_text" not in row:
+        return False
+    correct = (row["tgt_text"][0], row["tgt_image"][0])
+    return any(c == correct for c in zip(row["tgt_text"][1:], row["tgt_image"][1:], strict=True))
+
+
 def _eval_images(row: dict[str, Any]) -> list[str]:
     paths = [row["qry_img_path"]] if isinstance(row["qry_img_path"], str) else []
     if isinstance(row["tgt_img_path"], list):
@@ -461,7 +470,16 @@ def ingest(config: IngestConfig, world: World | None, out: Path) -> Tables:
             "seconds": elapsed,
             "rows_per_s": total_rows / elapsed if elapsed > 0 else 0.0,
         },
-        info={"subsets": subsets_info, "empty_subsets": empty},
+        info={
+            "subsets": subsets_info,
+            "empty_subsets": empty,
+            # Eval queries whose correct candidate is listed twice, per subset (ties by design).
+            "correct_duplicated": {
+                k.split(":", 1)[1]: v["correct_duplicated"]
+                for k, v in subsets_info.items()
+                if v.get("correct_duplicated")
+            },
+        },
     )
 
 
@@ -483,7 +501,7 @@ def _ingest_table(
             for source in plan.subsets:
                 t0 = time.perf_counter()
                 info = subset_info(source.subset, plan.sidecar)
-                kept = bad = 0
+                kept = bad = duplicated = 0
                 for chunk in plan.reader(source, table.required, config.batch_rows):
                     records = [
                         {c: chunk.columns[c][i] for c in chunk.columns} for i in range(len(chunk))
@@ -508,6 +526,7 @@ def _ingest_table(
                             bad += 1
                         else:
                             good.append(out)
+                            duplicated += correct_is_duplicated(out)
                     if good:
                         writer.write_table(pa.Table.from_pylist(good, schema=table.schema))
                     kept += len(good)
@@ -517,8 +536,18 @@ def _ingest_table(
                     "distribution": info.distribution,
                     "rows": kept,
                     "rejected": bad,
+                    **({"correct_duplicated": duplicated} if table is EVAL else {}),
                 }
                 written += kept
+                if duplicated:
+                    log.warning(
+                        "ingest eval %s: %d of %d queries list their correct candidate again "
+                        "among the others; such a copy ties with it (P@1 in MMEB's argmax "
+                        "convention counts the tie as correct, strict P@1 as a miss)",
+                        source.label,
+                        duplicated,
+                        kept,
+                    )
                 log.info(
                     "ingest %s %s: %d rows kept, %d rejected (%.1fs)",
                     table.name,

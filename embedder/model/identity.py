@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from embedder.artifacts import resolve_workdir
 from embedder.errors import UserError
 
 log = logging.getLogger("gen2embed.identity")
@@ -124,6 +125,12 @@ class DigestCache:
             if changed:
                 self._save(known)
             return out
+
+
+def workdir_cache() -> DigestCache:
+    """The digest cache of the current workdir ($GEN2EMBED_HOME, else ./data), shared by
+    every stage and process of that workdir."""
+    return DigestCache(resolve_workdir() / "cache" / "file-digests.json")
 
 
 def folder_digest(folder: Path, cache: DigestCache) -> str:

@@ -17,11 +17,11 @@ each step.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import get_linear_schedule_with_warmup
 
+from embedder.artifacts import json_text
 from embedder.config import EmbedConfig, FinetuneConfig, ModelConfig
 from embedder.datasets.schema import CLUSTERS_SCHEMA, PAIRS_SCHEMA, read_table
 from embedder.embed import make_item, open_backbone
@@ -60,9 +61,15 @@ class TrainPair:
 
 
 def training_clusters(
-    clusters: Clusters, data: Tables, template: str, image_token: str, strings: EmbedConfig
+    clusters: Clusters,
+    data: Tables,
+    template: str,
+    image_token: str,
+    strings: EmbedConfig,
+    literal: Callable[[str], str] | None = None,
 ) -> list[list[TrainPair]]:
-    """The clusters as lists of rendered (query, positive) pairs, in cluster order."""
+    """The clusters as lists of rendered (query, positive) pairs, in cluster order;
+    `literal` is the backbone's `as_text` (special-token strings in the data stay text)."""
     members = read_table(clusters.clusters, CLUSTERS_SCHEMA, ["cluster", "position", "id"])
     pairs = read_table(
         data.pairs, PAIRS_SCHEMA, ["id", "qry_text", "qry_image", "pos_text", "pos_image"]
@@ -89,6 +96,7 @@ def training_clusters(
                 role="query",
                 image_token=image_token,
                 strings=strings,
+                literal=literal,
             )
             t = make_item(
                 r["pos_text"],
@@ -97,6 +105,7 @@ def training_clusters(
                 role="target",
                 image_token=image_token,
                 strings=strings,
+                literal=literal,
             )
             cluster.append(TrainPair(q, t))
         out.append(cluster)
@@ -368,7 +377,7 @@ def finetune_adapter(
         raise TrainingDataError("the ingest output holds no training pairs")
     backbone = open_backbone(model, generator)
     token = backbone.image_token(model.wrapped_image_token)
-    groups = training_clusters(clusters, data, cfg.template, token, embed)
+    groups = training_clusters(clusters, data, cfg.template, token, embed, backbone.as_text)
     settings = embed.model_copy(update={"template": cfg.template})
     peft_model, result = train(backbone, groups, cfg, settings, data.pairs_images, out)
     output = Adapter(folder=out, base=backbone.source, template=cfg.template)
@@ -379,7 +388,7 @@ def finetune_adapter(
             merged = peft_model.merge_and_unload()
             merged.save_pretrained(out / "merged")
             backbone.processor.save_pretrained(out / "merged")
-        output.history.write_text(json.dumps(result.history.__dict__))
+        output.history.write_text(json_text(result.history.__dict__))
         _loss_plot(
             result.history,
             out / "loss.png",
