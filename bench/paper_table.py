@@ -91,7 +91,7 @@ def main() -> None:
             se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
             cells.append(f"{v.mean():8.3f} +-{se:.3f}")
         print(f"{row:{width}s}" + "".join(f"{x:>15s}" for x in cells))
-    print("\nOrderings of METHOD.md (overall strict P@1; per seed, then the mean):")
+    print("\nOrderings of METHOD.md (overall P@1, MMEB argmax; per seed, then the mean):")
     for label, better, worse in ORDERINGS:
         if better not in values or worse not in values:
             continue

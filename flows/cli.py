@@ -175,7 +175,12 @@ def run_summary(paths: dict[str, str], workdir: Path) -> str:
     lines += summaries
     if report is not None:
         table = (Path(report) / "report.md").read_text().split("```")[1].strip("\n")
-        lines += ["", "The table (strict P@1):", table, f"Report: {Path(report) / 'report.md'}"]
+        lines += [
+            "",
+            "The table (P@1 as MMEB scores it; strict P@1 and ties beside):",
+            table,
+            f"Report: {Path(report) / 'report.md'}",
+        ]
     if warnings:
         lines += ["", "WARNINGS (also tagged gen2embed.warnings on the MLflow runs):", *warnings]
     lines += [

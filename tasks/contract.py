@@ -718,7 +718,8 @@ class PipelineRun:
                 for name, row in table["rows"].items()
             ],
             key="scores",
-            description="strict P@1 per table row (MLflow: metrics <row>/p1.* on the parent)",
+            description="P@1 per table row, MMEB argmax convention (strict P@1 in table.json; "
+            "MLflow: <row>/p1.* and <row>/p1_strict.* on the parent)",
         )
         self.paths["report"] = str(folder)
 
