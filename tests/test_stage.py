@@ -79,7 +79,10 @@ def test_real_sources_are_fingerprinted_by_their_files(tmp_path: Path) -> None:
     assert plan(method, cfg, store)[0].fingerprint != planned[0].fingerprint
 
 
-def test_stage_options_must_name_a_stage_of_this_pipeline(tmp_path: Path) -> None:
+def test_stage_options_must_name_a_stage_of_this_pipeline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GEN2EMBED_HOME", str(tmp_path))  # the model digest cache lives there
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
