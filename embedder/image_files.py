@@ -13,6 +13,7 @@ tables that spell them composed (NFC), although both print the same.
 
 from __future__ import annotations
 
+import io
 import os
 import unicodedata
 from pathlib import Path, PurePosixPath
@@ -27,6 +28,7 @@ _DEEP_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 # EXIF orientations that swap width and height (transpose, rotations by 90 degrees).
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 _WHITE = (255, 255, 255, 255)
+_TIFF_WIDTH, _TIFF_LENGTH = 256, 257  # TIFF tags ImageWidth and ImageLength
 
 
 class ImagePathError(UserError, FileNotFoundError):
@@ -191,6 +193,10 @@ def oriented_size(im: Image.Image) -> tuple[int, int]:
     # The same lookup as ImageOps.exif_transpose, so size and pixels agree.
     orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
     w, h = im.size
+    if im.format == "TIFF":
+        # Pillow 13 orients TIFFs itself and already reports the swapped size at open; older
+        # versions do not. The stored width and length say which, whatever the version.
+        w, h = im.tag_v2.get(_TIFF_WIDTH, w), im.tag_v2.get(_TIFF_LENGTH, h)
     return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
 
 
@@ -198,7 +204,7 @@ def read_image(root: Path, rel: str) -> Image.Image:
     """The RGB image (mode "RGB", uint8, original size after EXIF orientation) at the table path
     `rel` under `root`: `resolve_image_path`, then `decode_image`. Raises `ImagePathError`
     when no single file matches, and Pillow's errors on a bad file."""
-    with Image.open(resolve_image_path(root, rel)) as im:
+    with Image.open(_in_memory(resolve_image_path(root, rel))) as im:
         return decode_image(im)
 
 
@@ -206,5 +212,14 @@ def read_image_size(root: Path, rel: str) -> tuple[int, int]:
     """`read_image(root, rel).size`, mostly from the header (see `oriented_size`): the batch
     planner reads the size of every image before any is embedded, and a full decode and
     conversion there would double the work. Raises as `read_image`."""
-    with Image.open(resolve_image_path(root, rel)) as im:
+    with Image.open(_in_memory(resolve_image_path(root, rel))) as im:
         return oriented_size(im)
+
+
+def _in_memory(path: Path) -> io.BytesIO:
+    """The file's bytes, for Pillow to decode from memory. Opened by file name, Pillow maps
+    uncompressed files (TIFF, BMP, PPM) straight from disk, and in Pillow 13 that path gets
+    EXIF orientations 5..8 of uncompressed TIFFs wrong (pixels read with the swapped size);
+    decoding from memory takes the decoder path, which gets them right. Images are small
+    next to the memory a batch of them takes once decoded."""
+    return io.BytesIO(path.read_bytes())

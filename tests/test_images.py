@@ -277,8 +277,28 @@ def _save_gray_key(path: Path) -> None:
     Image.fromarray(np.array([[5, 7, 5]], dtype=np.uint8)).save(path, transparency=5)
 
 
+def case_orientation_tiff(orientation: int, mode: str, compression: str | None) -> Case:
+    """A TIFF with the orientation tag, uncompressed (which Pillow maps from disk) or LZW."""
+
+    def build(tmp: Path) -> tuple[str, Expected]:
+        image = Image.fromarray(PATTERN).convert(mode)
+        image.save(tmp / "o.tiff", exif=_exif(orientation), compression=compression)
+        shown = np.asarray(image.convert("RGB"))
+        return "o.tiff", ORIENTED[orientation](shown)
+
+    return build
+
+
 CASES: dict[str, Case] = {
     **{f"orientation-{o}-png": case_orientation(o) for o in range(1, 9)},
+    **{
+        f"orientation-{o}-tiff-{mode}-{compression or 'raw'}": case_orientation_tiff(
+            o, mode, compression
+        )
+        for o in range(1, 9)
+        for mode in ("L", "RGB", "RGBA", "CMYK")
+        for compression in (None, "tiff_lzw")
+    },
     "mode-I;16-png-ramp (a)": case_gray16_ramp,
     "mode-I;16B-tiff": case_gray16_tiff("I;16B"),
     "mode-I;16L-tiff": case_gray16_tiff("I;16L"),
@@ -410,6 +430,21 @@ def _sizes_seen_by_planner(
     )
     assert lengths == [2 + 5 - 1] * len(rels)
     return seen
+
+
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_tiff_size_read_is_the_decoded_size(
+    orientation: int, compression: str | None, tmp_path: Path
+) -> None:
+    """Pillow reports a TIFF's size already oriented at open (13) or not (older): the size
+    read must equal the decoded size either way."""
+    Image.new("L", (30, 20)).save(
+        tmp_path / "o.tiff", exif=_exif(orientation), compression=compression
+    )
+    decoded = load_image(tmp_path, "o.tiff", "native", 16).size
+    assert decoded == ((20, 30) if orientation >= 5 else (30, 20))
+    assert image_files.read_image_size(tmp_path, "o.tiff") == decoded
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
