@@ -44,6 +44,7 @@ import numpy as np
 from embedder.artifacts import json_text
 from embedder.config import EmbedConfig, EvaluateConfig, ModelConfig
 from embedder.datasets.catalog import MMEB_SUBSETS, normalise
+from embedder.datasets.ingest import images_digest
 from embedder.datasets.schema import EVAL_SCHEMA, read_table
 from embedder.embed import make_item, open_backbone
 from embedder.errors import UserError
@@ -71,12 +72,14 @@ class SanityCheckError(UserError, RuntimeError):
 
 def cosine_scores(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """Scores of one query against its candidates: (d,) and (n, d) L2-normalised vectors (any
-    float dtype; float32 as the shards hold them) -> (n,) dot products in that dtype.
+    float dtype) -> (n,) float32 dot products.
 
     Row by row (multiply, then numpy's sum over each row) rather than a BLAS matrix-vector
     product: BLAS kernels may round rows at different positions differently, and the
     reference convention rests on identical vectors giving bit-identical scores."""
-    return (candidates * query[None, :]).sum(axis=1)
+    # float32 even for float16 shards (embed.out_dtype): float16 scores step by ~5e-4 near 1,
+    # so unequal vectors would tie within TIE_EPS.
+    return (candidates.astype(np.float32) * query.astype(np.float32)[None, :]).sum(axis=1)
 
 
 def query_scores(query: np.ndarray, candidates: np.ndarray, k: int) -> dict[str, bool]:
@@ -157,14 +160,23 @@ def aggregate(scores: dict[str, float], meta: dict[str, tuple[str, str]]) -> dic
     return out
 
 
-def content_id(item: EmbedItem, images_root: Path, settings: EmbedConfig) -> str:
-    """What the model sees of `item`, as a hex digest: its rendered text and its image's pixels
+def content_id(
+    item: EmbedItem, images_root: Path, settings: EmbedConfig, tokenizer: Any | None = None
+) -> str:
+    """What the model sees of `item`, as a hex digest: its tokens (with `tokenizer`, as the
+    engine encodes them: two spellings the tokenizer normalises alike, say composed and
+    decomposed accents, are one input; without one, the rendered text) and its image's pixels
     as `load_image` decodes and resizes them under `settings`' image rules (the processor
     works from those pixels alone). Byte copies and lossless re-encodes of one picture share
     it whatever their file names; `item.key`, which hashes the path, does not.
 
     Raises what `load_image` raises for an unreadable image (OSError, PIL's errors)."""
-    digest = hashlib.blake2b(item.text.encode(), digest_size=16)
+    if tokenizer is not None:
+        ids = tokenizer(item.text, sanitize_control_tokens=True)["input_ids"]
+        text = ",".join(map(str, ids))
+    else:
+        text = item.text
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16)
     if item.image:
         img = load_image(images_root, item.image, settings.image_mode, settings.image_side)
         # Mode and size too: equal bytes in another shape are another picture.
@@ -174,7 +186,11 @@ def content_id(item: EmbedItem, images_root: Path, settings: EmbedConfig) -> str
 
 
 def content_distinct(
-    items: list[EmbedItem], images_root: Path, settings: EmbedConfig, limit: int | None = None
+    items: list[EmbedItem],
+    images_root: Path,
+    settings: EmbedConfig,
+    limit: int | None = None,
+    tokenizer: Any | None = None,
 ) -> tuple[list[EmbedItem], int]:
     """The first `limit` items (all: None) of distinct content (`content_id`), in order, and
     how many content copies were passed over on the way. Images are decoded lazily: only as
@@ -185,7 +201,7 @@ def content_distinct(
     for item in items:
         if limit is not None and len(chosen) >= limit:
             break
-        cid = content_id(item, images_root, settings)
+        cid = content_id(item, images_root, settings, tokenizer)
         if cid in seen:
             copies += 1
             continue
@@ -209,7 +225,9 @@ def sanity_check(
     out: they legitimately share one vector, so they would tie, and a real pooling bug still
     shows on the distinct ones. Returns the self-similarity minimum and best-rival maximum
     ({} when fewer than two distinct items are checked); raises SanityCheckError."""
-    items, copies = content_distinct(items, images_root, settings, limit)
+    items, copies = content_distinct(
+        items, images_root, settings, limit, backbone.processor.tokenizer
+    )
     if copies:
         log.info(
             "sanity check: %d items passed over as content copies of others (same text and "
@@ -277,10 +295,19 @@ IDENTITY_FILE = "vectors.json"
 
 
 def vectors_identity(
-    model: ModelConfig, generator: Generator | None, adapter: Adapter | None, settings: EmbedConfig
+    model: ModelConfig,
+    generator: Generator | None,
+    adapter: Adapter | None,
+    settings: EmbedConfig,
+    backbone_loaded: Backbone,
+    images_root: Path,
 ) -> str:
     """What an embedding depends on besides its item key (which hashes the rendered prompt
-    and the image path): the weights (backbone, generator, adapter), dtype and image rules."""
+    and the image path *relative to its root*): the weights (backbone content or commit,
+    generator, adapter), the dtype and device they ran in (as loaded: `auto` means bfloat16
+    on a GPU), the attention kernel, the image rules, and the images the paths point at (the
+    root and the `stat` of every file in it: another root holding other pictures under the
+    same names must not lend its vectors)."""
     if generator is not None:
         backbone, revision = f"tiny:{generator.fingerprint}", None
     else:  # the content or resolved commit: a replaced weights file is another model
@@ -289,12 +316,15 @@ def vectors_identity(
     parts = {
         "backbone": backbone,
         "revision": revision,
-        "dtype": model.dtype,
+        "dtype": str(backbone_loaded.dtype),
+        "device": backbone_loaded.device.type,
+        "attn": getattr(backbone_loaded.model.config, "_attn_implementation", model.attn),
+        "images": images_digest(images_root),
         "adapter": None if adapter is None else adapter.fingerprint,
         "image": [settings.image_mode, settings.image_side, settings.max_pixels],
         "out_dtype": settings.out_dtype,
     }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+    return hashlib.sha256(json_text(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def _write_identity(folder: Path, identity: str) -> None:
@@ -412,7 +442,7 @@ def evaluate_model(
                 backbone, distinct, images_root, settings, out / "sanity", cfg.sanity_items
             )
     output = EvalReport(folder=out, template=cfg.template)
-    identity = vectors_identity(model, generator, adapter, settings)
+    identity = vectors_identity(model, generator, adapter, settings, backbone, images_root)
     reused = reusable_vectors(out, identity, {it.key for it in items})
     folder = out / "embeddings"
     todo = [it for it in items if it.key not in reused]

@@ -438,3 +438,70 @@ def test_the_sanity_check_still_stops_a_pooling_bug(
     evaluate_model(
         ModelConfig(), EMBED, unchecked, copies, generator, None, tmp_path / "unchecked" / "ev"
     )
+
+
+def test_texts_the_tokenizer_reads_alike_are_one_content_for_the_sanity_check(
+    tables: Tables, generator: Generator, tmp_path: Path
+) -> None:
+    """Composed and decomposed accents: different strings, one token sequence (the tokenizer
+    normalises to NFC), one vector. The check must not call that a pooling bug."""
+    import unicodedata
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embedder.datasets.schema import EVAL_SCHEMA
+
+    rows = [r for r in pq.read_table(tables.eval).to_pylist() if r["subset"] == "ShapeClass"][:4]
+    text = "caf\u00e9 au lait"
+    for r, spelled in zip(rows, [text, unicodedata.normalize("NFD", text)], strict=False):
+        r["qry_text"], r["qry_image"] = spelled, ""
+    out = Tables(folder=tmp_path / "tables", eval_images=tables.eval_images)
+    out.folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=EVAL_SCHEMA), out.eval)
+    cfg = EVAL.model_copy(update={"max_queries": 4})
+    got = evaluate_model(ModelConfig(), EMBED, cfg, out, generator, None, tmp_path / "ev")
+    assert got.metrics["sanity_self_min"] > got.metrics["sanity_rival_max"]
+
+
+def test_embeddings_are_reused_only_from_the_same_images(
+    tables: Tables, generator: Generator, tmp_path: Path
+) -> None:
+    """Two eval image roots with the same relative names and other pictures: the second
+    evaluation, a sibling of the first, must embed its own images, not borrow the first's."""
+    import shutil
+
+    from PIL import Image, ImageOps
+
+    assert tables.eval_images is not None
+    other = tmp_path / "other_images"
+    shutil.copytree(tables.eval_images, other)
+    for path in sorted(other.rglob("*.png")):
+        with Image.open(path) as im:
+            ImageOps.invert(im.convert("RGB")).save(path)
+    swapped = tables.model_copy(update={"eval_images": other})
+    stage = tmp_path / "evaluate"
+    cfg = EVAL.model_copy(update={"max_queries": 2, "sanity_items": 0})
+    first = evaluate_model(ModelConfig(), EMBED, cfg, tables, generator, None, stage / "a")
+    assert first.metrics["reused_items"] == 0
+    second = evaluate_model(ModelConfig(), EMBED, cfg, swapped, generator, None, stage / "b")
+    assert second.metrics["reused_items"] == 0, "other pictures under the same names"
+    again = evaluate_model(ModelConfig(), EMBED, cfg, tables, generator, None, stage / "c")
+    assert again.metrics["reused_items"] > 0, "the same images are reused"
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_scores_are_float32_whatever_the_shards_hold(dtype: type) -> None:
+    """float16 shards (embed.out_dtype) step by ~5e-4 near 1: scored in float16, a candidate
+    1e-4 closer would tie; scored in float32 it does not."""
+    from embedder.evaluate import cosine_scores
+
+    rng = np.random.default_rng(0)
+    q = _unit(*rng.normal(size=64)).astype(dtype)
+    noise = _unit(*rng.normal(size=64))
+    close = [_unit(*(q.astype(np.float64) + eps * noise)) for eps in (0.02, 0.03)]
+    cands = np.stack(close).astype(dtype)
+    scores = cosine_scores(q, cands)
+    assert scores.dtype == np.float32
+    got = query_scores(q, cands, 1)
+    assert got["tie"] is False and got["p1_strict"] is True
