@@ -26,6 +26,18 @@ from embedder.model.prompts import (
 )
 
 
+def _given(section: BaseModel) -> list[str]:
+    """The keys of `section` set explicitly to something other than their default, sorted.
+    (Set and equal to the default changes nothing: a dumped config, every key present and
+    most at their defaults, must load again.)"""
+    fields = type(section).model_fields
+    return sorted(
+        k
+        for k in section.model_fields_set
+        if getattr(section, k) != fields[k].get_default(call_default_factory=True)
+    )
+
+
 class ConfigError(UserError, ValueError):
     """A configuration that cannot be used; the message names the offending key."""
 
@@ -111,13 +123,7 @@ class IngestConfig(_Section):
     def _every_setting_applies(self) -> None:
         """A setting given for a source that cannot honour it is an error naming both,
         never silently ignored (`train_subsets` for JSONL files, `train_dir` for the world)."""
-        # Given and not the default: a dumped config (every key present, most at their
-        # defaults) must load again.
-        given = {
-            k
-            for k in self.model_fields_set
-            if getattr(self, k) != type(self).model_fields[k].get_default(call_default_factory=True)
-        }
+        given = set(_given(self))
         for key in sorted(given):
             sources = INGEST_SETTING_SOURCES.get(key)
             if sources is not None and self.source not in sources:
@@ -479,6 +485,24 @@ class PipelineConfig(_Section):
     table: TableConfig = Field(default_factory=TableConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     scale: ScaleConfig = Field(default_factory=ScaleConfig)
+
+    @model_validator(mode="after")
+    def _sections_that_cannot_apply(self) -> PipelineConfig:
+        """The world's settings do nothing unless the data is the world, the tiny
+        generator's unless the backbone is tiny: setting them otherwise is an error."""
+        checks = (
+            ("world", self.ingest.source == "world", "ingest.source=world"),
+            ("pretrain", self.model.backbone == "tiny", "model.backbone=tiny"),
+        )
+        for section, applies, needs in checks:
+            if not applies and (given := _given(getattr(self, section))):
+                raise ValueError(
+                    f"{section}.{given[0]} does nothing unless {needs} (here "
+                    f"{needs.split('=')[0]}="
+                    f"{self.ingest.source if section == 'world' else self.model.backbone}): "
+                    f"drop the {section} settings"
+                )
+        return self
 
     @model_validator(mode="after")
     def _retrieval_depth_from_mining(self) -> PipelineConfig:

@@ -222,3 +222,21 @@ def test_every_ingest_source_file_is_in_its_fingerprint(
         _edit(tmp_path / name, data)
     assert source_inputs(cfg) != before
     assert source_inputs(cfg) == source_inputs(cfg)
+
+
+def test_an_images_root_with_a_symlink_loop_and_dot_files_is_fingerprinted(
+    tmp_path: Path,
+) -> None:
+    from embedder.datasets.ingest import images_digest
+
+    root = tmp_path / "img"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "x.png").write_bytes(b"1")
+    (root / "a" / "up").symlink_to(root)  # a link back up the tree
+    (root / ".hidden.png").write_bytes(b"h")  # ingest accepts it, so it counts
+    before = images_digest(root)
+    _edit(root / ".hidden.png", b"h2")
+    assert images_digest(root) != before
+    middle = images_digest(root)
+    (root / "._x.png").write_bytes(b"macOS litter")  # ingest refuses it: not an input
+    assert images_digest(root) == middle

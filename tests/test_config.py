@@ -206,3 +206,19 @@ def test_eval_settings_apply_with_an_eval_dir(source: str) -> None:
                     "ingest.hub_eval=o/e",
                 ],
             )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["ingest.source=jsonl", *_PATHS["jsonl"], "world.seed=7"], "world.seed"),
+        (["ingest.source=mmeb", *_PATHS["mmeb"], "world.eval_queries=999"], "world.eval_queries"),
+        (["model.backbone=Qwen/Qwen2-VL-2B-Instruct", "pretrain.steps=5"], "pretrain.steps"),
+    ],
+)
+def test_world_and_pretrain_settings_that_cannot_apply_are_errors(
+    overrides: list[str], named: str
+) -> None:
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config("tiny", overrides=overrides)
+    load_config("tiny", overrides=[o for o in overrides if not o.startswith(named)])

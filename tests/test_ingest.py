@@ -375,6 +375,10 @@ BAD_TEXT_LINES = [
     (b'{"qry": "caf\xe9", "pos_text": "apple"}', "not UTF-8 text"),
     (b'{"qry": "\xff\xfe", "pos_text": "apple"}', "not UTF-8 text"),
     (b"[1, 2]", "not a JSON object"),
+    (rb'{"qry": "ok", "pos_text": "apple", "fn_group": "g\ud800"}', "fn_group holds an unpaired"),
+    # transformers' markers for control tokens: as_text would silently drop them.
+    ('{"qry": "\U000f0000", "pos_text": "apple"}'.encode(), "reserves to mark control tokens"),
+    ('{"qry": "ok", "pos_text": "a\U000f0001b"}'.encode(), "'\\U000f0001'"),
 ]
 
 
@@ -473,3 +477,42 @@ def test_eval_lists_whose_correct_candidate_is_duplicated_are_counted(tmp_path: 
     expected = sum(dup for _, dup in rows)
     assert tables.info["correct_duplicated"] == {"VOC2007/test": expected}
     assert tables.info["subsets"]["eval:VOC2007/test"]["correct_duplicated"] == expected
+
+
+def test_a_parquet_string_that_is_not_utf8_is_a_bad_row(tmp_path: Path) -> None:
+    """Arrow checks UTF-8 when it writes, other Parquet writers do not: a table written with
+    a binary column holding invalid UTF-8, read as strings, names the row."""
+    images = tmp_path / "img"
+    images.mkdir()
+    good = {**GOOD_ROW, "qry_image_path": ""}
+    columns = {k: pa.array([v] * 3, pa.string()) for k, v in good.items() if k != "pos_text"}
+    raw = pa.array([b"apple", b"caf\xe9", b"plum"], pa.binary())
+    # The binary buffers relabelled as strings, unchecked, as a foreign writer leaves them.
+    columns["pos_text"] = pa.Array.from_buffers(pa.string(), 3, raw.buffers())
+    bad = pa.table(columns)
+    (tmp_path / "train" / "VOC2007").mkdir(parents=True)
+    pq.write_table(bad, tmp_path / "train" / "VOC2007" / "original-0.parquet")
+    cfg = IngestConfig(
+        source="mmeb", train_dir=tmp_path / "train", train_images=images, on_bad_rows="skip"
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    ingest(cfg, None, out)
+    assert [p["pos_text"] for p in pq.read_table(out / "pairs.parquet").to_pylist()] == [
+        "apple",
+        "plum",
+    ]
+    (reject,) = pq.read_table(out / "rejects.parquet").to_pylist()
+    assert reject["row"] == 1 and "pos_text is not UTF-8 text" in reject["reason"]
+
+
+def test_two_jsonl_files_of_one_name_are_an_error(tmp_path: Path) -> None:
+    files = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        f = tmp_path / folder / "mine.jsonl"
+        f.write_text(json.dumps({**GOOD_ROW, "qry_image_path": ""}) + "\n")
+        files.append(f)
+    cfg = IngestConfig(source="jsonl", jsonl_files=files, jsonl_images=tmp_path)
+    with pytest.raises(SourceError, match="would both be subset 'mine'"):
+        ingest(cfg, None, tmp_path)

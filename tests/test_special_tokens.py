@@ -117,3 +117,27 @@ def test_the_embed_engine_embeds_special_token_strings_in_queries(
     assert len(got) == 4 and all(np.isfinite(v).all() for v in got.values())
     # The literal token is content: the two otherwise equal questions embed differently.
     assert not np.allclose(got[items[0].key], got[items[3].key])
+
+
+def test_an_item_with_nothing_to_embed_is_an_error_naming_it(
+    tiny: Backbone, world_dir: Path, tmp_path: Path
+) -> None:
+    """Text that tokenizes to nothing (say only the characters transformers uses as control
+    markers, which ingest refuses) would get padding's vector, which depends on the batch."""
+    from embedder.model.encode import EmbedItem
+
+    root, _ = _image(world_dir)
+    empty = EmbedItem(tiny.as_text("\U000f0000\U000f0001"))
+    with pytest.raises(ValueError, match=f"item {empty.key} has no tokens"):
+        encode(tiny, [empty, _item(tiny, "a red circle")], root, tmp_path, SETTINGS)
+
+
+def test_the_ingest_marker_check_names_transformers_own_markers() -> None:
+    from transformers.utils import chat_template_utils
+
+    from embedder.datasets.sources import CONTROL_MARKERS
+
+    assert {
+        chat_template_utils._CONTROL_TOKEN_START,
+        chat_template_utils._CONTROL_TOKEN_END,
+    } == CONTROL_MARKERS

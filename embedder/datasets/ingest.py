@@ -103,6 +103,10 @@ def _convert_pair(
             sources.text_problem(pos, "pos_text"),
             sources.text_problem("" if qimg is None else qimg, "qry_image_path"),
             sources.text_problem("" if pimg is None else pimg, "pos_image_path"),
+            # The miniature world's false-negative label; optional everywhere else.
+            sources.text_problem(
+                "" if row.get("fn_group") is None else row["fn_group"], "fn_group"
+            ),
             # Negatives are optional in MMEB-train: null means none.
             sources.text_problem("" if neg is None else neg, "neg_text"),
             sources.text_problem("" if nimg is None else nimg, "neg_image_path"),
@@ -348,16 +352,22 @@ def images_digest(root: Path) -> str:
 
     Images change ingest's output (a replaced image may now fail its check) and everything
     downstream (its pixels), so they enter the fingerprint; by `stat`, not by content: a
-    walk of a million files takes seconds where reading them would take hours. Hidden files
-    and folders (`._*`, `__MACOSX`) are skipped as ingest skips them."""
+    walk of a million files takes seconds where reading them would take hours. macOS litter
+    (`._*`, `__MACOSX`) is skipped, as ingest refuses it; symlinked folders are followed once
+    (a link back up the tree is not a loop)."""
     digest = hashlib.sha256()
     stack = [root]
     entries: list[tuple[str, str]] = []
+    seen: set[tuple[int, int]] = set()  # folders by (device, inode): a symlink loop ends here
     while stack:
         folder = stack.pop()
+        st = folder.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
         with os.scandir(folder) as it:
             for entry in it:
-                if entry.name.startswith((".", "__MACOSX")):
+                if entry.name.startswith("._") or entry.name == "__MACOSX":
                     continue
                 if entry.is_dir():
                     stack.append(Path(entry.path))

@@ -33,6 +33,11 @@ OPTIONAL_COLUMNS = ("fn_group",)
 EVAL_SPLIT = "test"
 
 
+# transformers.utils.chat_template_utils._CONTROL_TOKEN_START / _END (tested equal): the
+# characters `Backbone.as_text` uses to keep special-token strings in data as text.
+CONTROL_MARKERS = frozenset({"\U000f0000", "\U000f0001"})
+
+
 class SourceError(UserError, ValueError):
     """The source as a whole cannot be read (missing folder, wrong columns, corrupt file)."""
 
@@ -148,8 +153,30 @@ def read_parquet(source: SubsetSource, required: Sequence[str], batch_rows: int)
         wanted = [*required, *(c for c in OPTIONAL_COLUMNS if c in names)]
         start = 0
         for batch in pf.iter_batches(batch_size=batch_rows, columns=wanted):
-            yield Chunk(source.subset, source.split, path.name, start, batch.to_pydict())
+            try:
+                columns, errors = batch.to_pydict(), {}
+            except UnicodeDecodeError:  # a string cell that is not UTF-8: find the rows
+                columns, errors = _rows_one_by_one(batch)
+            yield Chunk(source.subset, source.split, path.name, start, columns, errors)
             start += batch.num_rows
+
+
+def _rows_one_by_one(batch: pa.RecordBatch) -> tuple[dict[str, list[Any]], dict[int, str]]:
+    """A record batch whose strings are not all valid UTF-8 (Parquet writers other than Arrow
+    do not always check), converted row by row: a row that cannot be read is a row error
+    naming its column; the others convert as usual."""
+    columns: dict[str, list[Any]] = {name: [] for name in batch.schema.names}
+    errors: dict[int, str] = {}
+    for i in range(batch.num_rows):
+        row = batch.slice(i, 1)
+        for name in batch.schema.names:
+            try:
+                value = row.column(name).to_pylist()[0]
+            except UnicodeDecodeError as exc:
+                errors.setdefault(i, f"{name} is not UTF-8 text ({exc.reason})")
+                value = None
+            columns[name].append(value)
+    return columns, errors
 
 
 def discover_jsonl(
@@ -161,6 +188,18 @@ def discover_jsonl(
     if missing:
         raise SourceError(f"JSONL files not found: {', '.join(missing)}")
     found = [SubsetSource(subset=Path(f).stem, split="jsonl", files=(Path(f),)) for f in files]
+    stems: dict[str, list[str]] = {}
+    for f in files:
+        stems.setdefault(Path(f).stem, []).append(str(f))
+    clash = {stem: paths for stem, paths in stems.items() if len(paths) > 1}
+    if clash:
+        # One subset name for two files would merge them, and the sidecar of only one folder
+        # would describe both.
+        stem, paths = next(iter(clash.items()))
+        raise SourceError(
+            f"ingest.jsonl_files: {' and '.join(paths)} would both be subset {stem!r} (a JSONL "
+            "file's subset is its name): rename one"
+        )
     if subsets is None:
         return found
     names = [s.subset for s in found]
@@ -270,6 +309,14 @@ def text_problem(value: Any, column: str) -> str | None:
         return f"{column} is NaN"
     if not isinstance(value, str):
         return f"{column} is {type(value).__name__}, not text"
+    marker = next((c for c in value if c in CONTROL_MARKERS), None)
+    if marker is not None:
+        # transformers marks control tokens in user text with these two characters and drops
+        # any the text already holds: the text the model saw would not be this one.
+        return (
+            f"{column} holds {marker!a}, a private-use character that transformers reserves "
+            "to mark control tokens in text"
+        )
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from embedder.artifacts import json_text
 from embedder.config import EmbedConfig
 from embedder.image_files import read_image_size
 from embedder.model.backbone import Backbone
@@ -46,7 +47,7 @@ STATS_SUFFIX = ".stats.json"
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomically: workers sharing a folder (shard_slice) read only whole files."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(data))
+    tmp.write_text(json_text(data))
     tmp.replace(path)
 
 
@@ -149,6 +150,9 @@ def _estimate_lengths(
     cache: dict[str, int] = {}
     out = []
     for item, n in zip(items, text_lengths, strict=True):
+        if n == 0 and not item.image:
+            # Nothing to embed: its vector would be padding's, and depend on the batch.
+            raise ValueError(f"embed: item {item.key} has no tokens and no image ({item.text!r})")
         if item.image:
             if settings.image_mode == "fixed":
                 size = (settings.image_side, settings.image_side)

@@ -27,6 +27,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from embedder.artifacts import json_text
 from embedder.config import FinetuneConfig
 from embedder.errors import UserError
 from embedder.model.backbone import Backbone, FamilyAdapter
@@ -157,7 +158,7 @@ def save_adapter(peft_model: PeftModel, folder: Path | str) -> None:
         for key, value in vars(config).items():
             if isinstance(value, set | frozenset) and isinstance(data.get(key), list):
                 data[key] = sorted(data[key])
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        path.write_text(json_text(data, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
