@@ -300,14 +300,14 @@ def vectors_identity(
     adapter: Adapter | None,
     settings: EmbedConfig,
     backbone_loaded: Backbone,
-    images_root: Path,
+    data: Tables,
 ) -> str:
     """What an embedding depends on besides its item key (which hashes the rendered prompt
     and the image path *relative to its root*): the weights (backbone content or commit,
     generator, adapter), the dtype and device they ran in (as loaded: `auto` means bfloat16
     on a GPU), the attention kernel, the image rules, and the images the paths point at (the
     root and the `stat` of every file in it: another root holding other pictures under the
-    same names must not lend its vectors)."""
+    same names must not lend its vectors: the digest ingest recorded, else a fresh walk)."""
     if generator is not None:
         backbone, revision = f"tiny:{generator.fingerprint}", None
     else:  # the content or resolved commit: a replaced weights file is another model
@@ -319,7 +319,10 @@ def vectors_identity(
         "dtype": str(backbone_loaded.dtype),
         "device": backbone_loaded.device.type,
         "attn": getattr(backbone_loaded.model.config, "_attn_implementation", model.attn),
-        "images": images_digest(images_root),
+        "images": [
+            str(data.eval_images),
+            data.eval_images_digest or images_digest(Path(str(data.eval_images))),
+        ],
         "adapter": None if adapter is None else adapter.fingerprint,
         "image": [settings.image_mode, settings.image_side, settings.max_pixels],
         "out_dtype": settings.out_dtype,
@@ -442,7 +445,7 @@ def evaluate_model(
                 backbone, distinct, images_root, settings, out / "sanity", cfg.sanity_items
             )
     output = EvalReport(folder=out, template=cfg.template)
-    identity = vectors_identity(model, generator, adapter, settings, backbone, images_root)
+    identity = vectors_identity(model, generator, adapter, settings, backbone, data)
     reused = reusable_vectors(out, identity, {it.key for it in items})
     folder = out / "embeddings"
     todo = [it for it in items if it.key not in reused]

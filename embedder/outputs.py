@@ -82,6 +82,9 @@ class Tables(StageOutput):
 
     pairs_images: Path | None = None
     eval_images: Path | None = None
+    # The eval images root as ingest saw it (embedder.datasets.ingest.images_digest): which
+    # pictures the relative paths of the eval table point at. None: not recorded.
+    eval_images_digest: str | None = None
 
     pairs = file("pairs.parquet")
     eval = file("eval.parquet")

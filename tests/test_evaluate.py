@@ -467,26 +467,36 @@ def test_texts_the_tokenizer_reads_alike_are_one_content_for_the_sanity_check(
 def test_embeddings_are_reused_only_from_the_same_images(
     tables: Tables, generator: Generator, tmp_path: Path
 ) -> None:
-    """Two eval image roots with the same relative names and other pictures: the second
+    """Other pictures under the same names (replaced in place, so re-ingested): the second
     evaluation, a sibling of the first, must embed its own images, not borrow the first's."""
     import shutil
 
     from PIL import Image, ImageOps
 
+    from embedder.datasets.ingest import images_digest
+
     assert tables.eval_images is not None
-    other = tmp_path / "other_images"
-    shutil.copytree(tables.eval_images, other)
-    for path in sorted(other.rglob("*.png")):
-        with Image.open(path) as im:
-            ImageOps.invert(im.convert("RGB")).save(path)
-    swapped = tables.model_copy(update={"eval_images": other})
+    root = tmp_path / "images"
+    shutil.copytree(tables.eval_images, root)
+
+    def ingested() -> Tables:  # what ingest records about the root it read
+        return tables.model_copy(
+            update={"eval_images": root, "eval_images_digest": images_digest(root)}
+        )
+
+    before = ingested()
     stage = tmp_path / "evaluate"
     cfg = EVAL.model_copy(update={"max_queries": 2, "sanity_items": 0})
-    first = evaluate_model(ModelConfig(), EMBED, cfg, tables, generator, None, stage / "a")
+    first = evaluate_model(ModelConfig(), EMBED, cfg, before, generator, None, stage / "a")
     assert first.metrics["reused_items"] == 0
-    second = evaluate_model(ModelConfig(), EMBED, cfg, swapped, generator, None, stage / "b")
+    for path in sorted(root.rglob("*.png")):
+        with Image.open(path) as im:
+            inverted = ImageOps.invert(im.convert("RGB"))
+        inverted.save(path)
+    after = ingested()
+    second = evaluate_model(ModelConfig(), EMBED, cfg, after, generator, None, stage / "b")
     assert second.metrics["reused_items"] == 0, "other pictures under the same names"
-    again = evaluate_model(ModelConfig(), EMBED, cfg, tables, generator, None, stage / "c")
+    again = evaluate_model(ModelConfig(), EMBED, cfg, after, generator, None, stage / "c")
     assert again.metrics["reused_items"] > 0, "the same images are reused"
 
 

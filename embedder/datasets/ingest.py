@@ -468,10 +468,12 @@ def ingest(config: IngestConfig, world: World | None, out: Path) -> Tables:
     if rejects.total:
         log.warning("ingest: skipped %d bad row(s); see rejects.parquet", rejects.total)
     rows["rejects"] = rejects.total
+    eval_root = images_roots.get(EVAL.name)
     return Tables(
         folder=out,
         pairs_images=images_roots.get(PAIRS.name),
-        eval_images=images_roots.get(EVAL.name),
+        eval_images=eval_root,
+        eval_images_digest=None if eval_root is None else images_digest(eval_root),
         rows=rows,
         metrics={
             "rows": total_rows,
