@@ -149,8 +149,13 @@ def test_finetune_stage_saves_a_safetensors_adapter_and_its_history(
     assert sorted(p.name for p in out.adapter.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
+        "gen2embed.json",  # how to prompt it (embedder.inference)
     ]
     assert out.template == "hierarchical" and out.info["strategy"] == "in_batch"
+    from embedder.inference import TrainedWith
+
+    trained = TrainedWith.read(out.adapter)
+    assert trained is not None and trained.template == "hierarchical"
 
 
 def test_too_few_clusters_for_one_step_is_a_clear_error(

@@ -38,6 +38,7 @@ from embedder.config import EmbedConfig, FinetuneConfig, ModelConfig
 from embedder.datasets.schema import CLUSTERS_SCHEMA, PAIRS_SCHEMA, read_table
 from embedder.embed import make_item, open_backbone
 from embedder.errors import UserError
+from embedder.inference import TRAINING_FILE, TrainedWith
 from embedder.model.backbone import Backbone
 from embedder.model.encode import EmbedItem, embed_inputs, item_key, process_items
 from embedder.outputs import Adapter, Clusters, Generator, Tables
@@ -384,6 +385,9 @@ def finetune_adapter(
     lora_modules = adapters.lora_module_counts(peft_model, backbone.adapter)
     if world()[0] == 0:
         adapters.save_adapter(peft_model, output.adapter)  # same adapter, same bytes
+        # How to prompt it, for whoever loads it outside the pipeline (embedder.inference).
+        trained = TrainedWith(cfg.template, embed, model.wrapped_image_token)
+        (output.adapter / TRAINING_FILE).write_text(trained.to_json() + "\n")
         if cfg.merge:
             merged = peft_model.merge_and_unload()
             merged.save_pretrained(out / "merged")

@@ -1,0 +1,249 @@
+"""The trained embedder outside the pipeline: load a base model (zero-shot) or a base plus a
+fine-tuned adapter, and turn texts, images or text+image pairs into unit vectors.
+
+    from embedder.inference import Embedder
+    model = Embedder.load("Qwen/Qwen2-VL-2B-Instruct", adapter="run/finetune/<fp>/adapter")
+    queries = model.encode(["a red apple"], role="query", instruction="Find an image that matches")
+    targets = model.encode(images=["apple.jpg"], role="target")
+    scores = queries @ targets.T
+
+It runs on the engine of the `embed` and `evaluate` stages (`embedder.model.encode.encode`:
+identical inputs embedded once, batches sorted by length, images decoded by the one decoder)
+and renders prompts as they do (`embedder.embed.make_item`), so an item gives the vector the
+pipeline's evaluation gives it. An adapter is loaded strictly (missing or unexpected keys are
+an error) with the template it was trained with, read from `gen2embed.json` beside it
+(written by the finetune stage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from embedder.config import EmbedConfig, EvaluateConfig
+from embedder.embed import make_item
+from embedder.errors import UserError
+from embedder.image_files import decode_image
+from embedder.model.backbone import Backbone, load_backbone
+from embedder.model.encode import EmbedItem, encode
+from embedder.model.shards import load_embeddings
+
+TRAINING_FILE = "gen2embed.json"
+Role = Literal["query", "target"]
+ImageInput = str | Path | Image.Image | None
+
+
+class EmbedderError(UserError, ValueError):
+    """Inputs or files the embedder cannot use; the message says which."""
+
+
+@dataclass(frozen=True)
+class TrainedWith:
+    """What an adapter was trained with, recorded beside it (`gen2embed.json`): the prompt
+    template and its strings, and the image-token form."""
+
+    template: str
+    strings: EmbedConfig
+    wrapped_image_token: bool
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "template": self.template,
+                "strings": {
+                    k: getattr(self.strings, k)
+                    for k in ("system", "query_suffix_image", "query_suffix_text", "generic_system")
+                },
+                "wrapped_image_token": self.wrapped_image_token,
+            },
+            indent=2,
+            sort_keys=True,
+        )
+
+    @classmethod
+    def read(cls, adapter: Path) -> TrainedWith | None:
+        path = adapter / TRAINING_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return cls(data["template"], EmbedConfig(**data["strings"]), data["wrapped_image_token"])
+
+
+def with_instruction(text: str, instruction: str | None) -> str:
+    """MMEB's layout: the task instruction first, then the example's own text on a new line
+    (`Represent the given image for classification`, `Find me an everyday image that matches
+    the given caption: a dog.` are instructions with no text or with it inline)."""
+    if not instruction:
+        return text
+    return f"{instruction}\n{text}" if text else instruction
+
+
+class Embedder:
+    """A loaded backbone (+ merged adapter) and how to prompt it.
+
+    `encode` returns float32 unit vectors, shape (N, D), in input order."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        *,
+        template: str = "hierarchical",
+        strings: EmbedConfig | None = None,
+        wrapped_image_token: bool = False,
+        settings: EmbedConfig | None = None,
+    ) -> None:
+        self.backbone = backbone
+        self.template = template
+        self.strings = strings or EmbedConfig()
+        self.image_token = backbone.image_token(wrapped_image_token)
+        # The evaluation's image rules by default (METHOD.md section 2: aspect <= 2:1, long
+        # side <= 992, short side >= 336, a 992 x 992 pixel cap).
+        defaults = EvaluateConfig()
+        self.settings = settings or EmbedConfig(
+            template=template,
+            image_mode=defaults.image_mode,
+            image_side=defaults.image_side,
+            max_pixels=defaults.max_pixels,
+            num_workers=0,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        base: str | Path,
+        adapter: str | Path | None = None,
+        *,
+        template: str | None = None,
+        settings: EmbedConfig | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        revision: str | None = None,
+    ) -> Embedder:
+        """Load `base` (a hub id or a local model folder) and, when given, merge the adapter
+        folder `adapter` into it. The template is the adapter's (its `gen2embed.json`) unless
+        `template` says otherwise; a base alone uses `hierarchical`, the paper's zero-shot
+        prompt. Raises AdapterError (missing or unexpected adapter keys), EmbedderError."""
+        backbone = load_backbone(base, device=device, dtype=dtype, revision=revision)
+        trained = None
+        if adapter is not None:
+            from embedder.training.adapters import load_adapter
+
+            folder = Path(adapter)
+            backbone = load_adapter(backbone, folder)
+            trained = TrainedWith.read(folder)
+        chosen = template or (trained.template if trained else "hierarchical")
+        if trained is not None and template is not None and template != trained.template:
+            raise EmbedderError(
+                f"template={template!r} but the adapter {adapter} was trained with "
+                f"{trained.template!r}: drop template= to use the adapter's"
+            )
+        return cls(
+            backbone,
+            template=chosen,
+            strings=trained.strings if trained else None,
+            wrapped_image_token=trained.wrapped_image_token if trained else False,
+            settings=settings.model_copy(update={"template": chosen}) if settings else None,
+        )
+
+    def items(
+        self,
+        texts: Sequence[str] | None,
+        images: Sequence[ImageInput] | None,
+        *,
+        role: Role,
+        instruction: str | None,
+        images_root: Path,
+        scratch: Path,
+    ) -> list[EmbedItem]:
+        """The rendered items the engine embeds; PIL images are written (decoded, lossless)
+        into `scratch`, paths are taken relative to `images_root`."""
+        if texts is None and images is None:
+            raise EmbedderError("encode needs texts, images, or both")
+        n = len(texts) if texts is not None else len(images or [])
+        if texts is not None and images is not None and len(texts) != len(images):
+            raise EmbedderError(f"{len(texts)} texts but {len(images)} images: pair them 1:1")
+        out = []
+        for i in range(n):
+            text = texts[i] if texts is not None else ""
+            image = images[i] if images is not None else None
+            rel = self._image_path(image, images_root, scratch)
+            if not text and not rel and not instruction:
+                raise EmbedderError(f"input {i} has neither text nor image")
+            out.append(
+                make_item(
+                    with_instruction(text, instruction),
+                    rel,
+                    template=self.template,
+                    role=role,
+                    image_token=self.image_token,
+                    strings=self.strings,
+                    literal=self.backbone.as_text,
+                )
+            )
+        return out
+
+    @staticmethod
+    def _image_path(image: ImageInput, images_root: Path, scratch: Path) -> str:
+        if image is None or image == "":
+            return ""
+        if isinstance(image, Image.Image):
+            rgb = decode_image(image.copy())
+            digest = hashlib.blake2b(rgb.tobytes(), digest_size=12).hexdigest()
+            name = f"{digest}-{rgb.size[0]}x{rgb.size[1]}.png"
+            if not (scratch / name).is_file():
+                rgb.save(scratch / name)  # PNG: lossless, so the path gives these pixels back
+            return str((scratch / name).relative_to(images_root))
+        path = Path(image).expanduser().resolve()
+        if not path.is_file():
+            raise EmbedderError(f"image {image} not found")
+        return str(path.relative_to(images_root))
+
+    def encode(
+        self,
+        texts: Sequence[str] | None = None,
+        images: Sequence[ImageInput] | None = None,
+        *,
+        role: Role = "query",
+        instruction: str | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """float32 unit vectors, shape (N, D), row i for input i.
+
+        `texts` and `images` (paths or PIL images; None or "" for none) are paired 1:1 when
+        both are given. `role`: `query` inputs get the template's query suffix, `target`
+        inputs none (MMEB: candidates are targets). `instruction` is prefixed to each text as
+        MMEB writes it (`with_instruction`). An empty input gives shape (0, D)."""
+        if not texts and not images and (texts is not None or images is not None):
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        with tempfile.TemporaryDirectory(prefix="gen2embed-encode-") as tmp:
+            root = Path("/")
+            scratch = Path(tmp) / "images"
+            scratch.mkdir()
+            items = self.items(
+                texts,
+                images,
+                role=role,
+                instruction=instruction,
+                images_root=root,
+                scratch=scratch,
+            )
+            out = Path(tmp) / "vectors"
+            encode(self.backbone, items, root, out, self.settings, progress=progress)
+            keys, matrix = load_embeddings(out)
+        row = {k: i for i, k in enumerate(keys)}
+        return np.ascontiguousarray(matrix[[row[it.key] for it in items]], dtype=np.float32)
+
+    @property
+    def dimension(self) -> int:
+        """D, the length of every vector (the language model's hidden size)."""
+        config = self.backbone.model.config
+        text = getattr(config, "text_config", None) or config
+        return int(text.hidden_size)
