@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -208,8 +208,8 @@ class Embedder:
 
     def encode(
         self,
-        texts: Sequence[str] | None = None,
-        images: Sequence[ImageInput] | None = None,
+        texts: Iterable[str] | None = None,
+        images: Iterable[ImageInput] | None = None,
         *,
         role: Role = "query",
         instruction: str | None = None,
@@ -221,6 +221,9 @@ class Embedder:
         both are given. `role`: `query` inputs get the template's query suffix, `target`
         inputs none (MMEB: candidates are targets). `instruction` is prefixed to each text as
         MMEB writes it (`with_instruction`). An empty input gives shape (0, D)."""
+        # Any iterable (a generator, a pandas Series, a numpy array of strings): taken once.
+        texts = None if texts is None else [str(t) for t in texts]
+        images = None if images is None else list(images)
         if not texts and not images and (texts is not None or images is not None):
             return np.zeros((0, self.dimension), dtype=np.float32)
         with tempfile.TemporaryDirectory(prefix="gen2embed-encode-") as tmp:

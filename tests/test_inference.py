@@ -136,6 +136,10 @@ def test_a_pil_image_and_its_file_give_one_vector(generator: Generator, world_di
 def test_empty_and_bad_inputs(generator: Generator, tmp_path: Path) -> None:
     model = Embedder.load(generator.model_dir, settings=SETTINGS)
     assert model.encode([]).shape == (0, model.dimension)
+    as_list = model.encode(["a red circle", "a blue star"])
+    from_generator = model.encode(t for t in ("a red circle", "a blue star"))
+    np.testing.assert_array_equal(from_generator, as_list)
+    np.testing.assert_allclose(np.linalg.norm(as_list, axis=1), 1.0, atol=1e-6)
     with pytest.raises(EmbedderError, match="2 texts but 1 images"):
         model.encode(["a", "b"], [None])
     with pytest.raises(EmbedderError, match="not found"):
