@@ -139,6 +139,11 @@ class Embedder:
             folder = Path(adapter)
             backbone = load_adapter(backbone, folder)
             trained = TrainedWith.read(folder)
+        if adapter is not None and trained is None and template is None:
+            raise EmbedderError(
+                f"adapter {adapter} records no template (no {TRAINING_FILE}: trained before "
+                "it was written): pass the template it was trained with (template=, or --template)"
+            )
         chosen = template or (trained.template if trained else "hierarchical")
         if trained is not None and template is not None and template != trained.template:
             raise EmbedderError(
@@ -177,18 +182,21 @@ class Embedder:
             rel = self._image_path(image, images_root, scratch)
             if not text and not rel and not instruction:
                 raise EmbedderError(f"input {i} has neither text nor image")
-            out.append(
-                make_item(
-                    with_instruction(text, instruction),
-                    rel,
-                    template=self.template,
-                    role=role,
-                    image_token=self.image_token,
-                    strings=self.strings,
-                    literal=self.backbone.as_text,
-                )
-            )
+            out.append(self.item(with_instruction(text, instruction), rel, role))
         return out
+
+    def item(self, text: str, image: str, role: Role) -> EmbedItem:
+        """One input rendered as this embedder prompts it; `image` a path relative to the
+        images root the engine is given ("" for none)."""
+        return make_item(
+            text,
+            image,
+            template=self.template,
+            role=role,
+            image_token=self.image_token,
+            strings=self.strings,
+            literal=self.backbone.as_text,
+        )
 
     @staticmethod
     def _image_path(image: ImageInput, images_root: Path, scratch: Path) -> str:
@@ -238,9 +246,15 @@ class Embedder:
                 images_root=root,
                 scratch=scratch,
             )
-            out = Path(tmp) / "vectors"
-            encode(self.backbone, items, root, out, self.settings, progress=progress)
-            keys, matrix = load_embeddings(out)
+            return self.embed_items(items, root, Path(tmp) / "vectors", progress=progress)
+
+    def embed_items(
+        self, items: Sequence[EmbedItem], images_root: Path, folder: Path, *, progress: bool
+    ) -> np.ndarray:
+        """(len(items), D) float32 vectors of rendered items, through the engine's resumable
+        shards in `folder` (a rerun on the same folder skips finished shards)."""
+        encode(self.backbone, items, images_root, folder, self.settings, progress=progress)
+        keys, matrix = load_embeddings(folder)
         row = {k: i for i, k in enumerate(keys)}
         return np.ascontiguousarray(matrix[[row[it.key] for it in items]], dtype=np.float32)
 

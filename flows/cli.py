@@ -89,6 +89,35 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--workdir", help="workspace (default: $GEN2EMBED_HOME or ./data)")
     compare.add_argument("--debug", action="store_true", help="show tracebacks of every error")
 
+    enc = sub.add_parser(
+        "encode", help="embed a JSONL or Parquet file of texts and images into a Parquet file"
+    )
+    enc.add_argument(
+        "model",
+        help="an adapter folder (with --base, or the base it names), a base model (hub id or "
+        "folder: zero-shot), or a registered models:/NAME/VERSION or models:/NAME@ALIAS",
+    )
+    enc.add_argument(
+        "--input", required=True, type=Path, help="JSONL or Parquet: text, image, instruction, id"
+    )
+    enc.add_argument(
+        "--output", required=True, type=Path, help="Parquet file to write (id, embedding)"
+    )
+    enc.add_argument("--images", type=Path, help="images root the `image` paths are relative to")
+    enc.add_argument("--base", help="base model of an adapter folder (default: the one it names)")
+    enc.add_argument("--role", choices=("query", "target"), default="query")
+    enc.add_argument(
+        "--template",
+        choices=("hierarchical", "plain", "chat"),
+        help="default: the adapter's, else hierarchical",
+    )
+    enc.add_argument("--on-bad-rows", choices=("error", "skip"), default="error")
+    enc.add_argument(
+        "--workdir",
+        help="workspace whose MLflow registry models:/ names (default: $GEN2EMBED_HOME or ./data)",
+    )
+    enc.add_argument("--debug", action="store_true", help="show tracebacks of every error")
+
     deploy = sub.add_parser(
         "deploy",
         help="register the deployments on your own Prefect server (PREFECT_API_URL) and pool",
@@ -235,6 +264,63 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encode(args: argparse.Namespace) -> int:
+    """Load the model MODEL names, then embed the input file (embedder.encode_file)."""
+    import json
+    import tempfile
+
+    from embedder.encode_file import EncodeInputError, encode_file
+    from embedder.inference import Embedder
+    from flows.environment import configure
+
+    if not args.input.is_file():
+        raise EncodeInputError(f"--input {args.input} does not exist")
+    if args.output.suffix != ".parquet":
+        raise EncodeInputError(f"--output {args.output}: the output is a .parquet file")
+    workdir = configure(args.workdir)
+    with tempfile.TemporaryDirectory(prefix="gen2embed-model-") as tmp:
+        base, revision, adapter, template = args.base, None, None, args.template
+        if args.model.startswith("models:/"):
+            from tasks.registry import resolve_model_uri
+            from tasks.tracking import Tracker
+
+            if args.base:
+                raise EncodeInputError(
+                    f"--base and {args.model} both name a base: a registered version records "
+                    "its own; drop --base"
+                )
+            tracker = Tracker.for_workdir(workdir, os.environ.get("MLFLOW_TRACKING_URI"))
+            base, revision, adapter, tagged = resolve_model_uri(args.model, tracker, Path(tmp))
+            # The version's tag is the record for adapters saved before gen2embed.json.
+            if not (adapter / "gen2embed.json").is_file():
+                template = template or tagged
+        elif (Path(args.model) / "adapter_config.json").is_file():
+            adapter = Path(args.model)
+            if base is None:
+                config = json.loads((adapter / "adapter_config.json").read_text())
+                base = config.get("base_model_name_or_path")
+                if not base:
+                    raise EncodeInputError(f"{adapter} names no base model: pass --base")
+        else:
+            if args.base:
+                raise EncodeInputError(
+                    f"--base is for adapter folders; {args.model} is a base model itself"
+                )
+            base = args.model
+        model = Embedder.load(base, adapter, template=template, revision=revision)
+        counts = encode_file(
+            model,
+            args.input,
+            args.output,
+            images_root=args.images,
+            role=args.role,
+            on_bad_rows=args.on_bad_rows,
+        )
+    skipped = f", {counts['skipped']} bad rows skipped" if counts["skipped"] else ""
+    print(f"wrote {counts['rows']} vectors of {model.dimension} to {args.output}{skipped}")
+    return 0
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     from flows.deployments import register
 
@@ -260,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             "run": cmd_run,
             "stages": cmd_stages,
             "up": cmd_up,
+            "encode": cmd_encode,
             "deploy": cmd_deploy,
             "compare": cmd_compare,
         }[args.command](args)

@@ -15,6 +15,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from embedder.config import PipelineConfig, TableRow
+from embedder.errors import UserError
 from embedder.evaluate import AGGREGATES
 from embedder.outputs import Adapter, EvalReport
 from tasks.tracking import Tracker
@@ -88,3 +89,49 @@ def register_adapter(
     )
     log.info("registered %s version %s (adapter sha256 %s)", name, version.version, sha[:12])
     return name, str(version.version)
+
+
+def resolve_model_uri(
+    uri: str, tracker: Tracker, dst: Path
+) -> tuple[str, str | None, Path, str | None]:
+    """`models:/NAME/VERSION` or `models:/NAME@ALIAS` -> (base model, base revision or None,
+    the adapter folder downloaded into `dst`, the template it was trained with), from the
+    version's tags (`register_adapter`). Raises RegistryError naming what is missing."""
+    import mlflow
+
+    spec = uri.removeprefix("models:/")
+    name, _, version = spec.partition("/")
+    alias = None
+    if "@" in name and not version:
+        name, _, alias = name.partition("@")
+    if not name or not (version or alias):
+        raise RegistryError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    client = tracker.client
+    try:
+        found = (
+            client.get_model_version_by_alias(name, alias)
+            if alias
+            else client.get_model_version(name, version)
+        )
+    except MlflowException as exc:
+        raise RegistryError(
+            f"{uri}: not in the registry at {tracker.tracking_uri} ({exc.message})"
+        ) from None
+    base = found.tags.get("base_model")
+    if not base:
+        raise RegistryError(f"{uri}: version {found.version} records no base_model tag")
+    revision = found.tags.get("base_revision")
+    if base == "tiny":  # the workdir's pretrained generator, recorded by path
+        base, revision = revision or "", None
+    elif revision == "unpinned":
+        revision = None
+    folder = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=found.source, dst_path=str(dst), tracking_uri=tracker.tracking_uri
+        )
+    )
+    return base, revision, folder, found.tags.get("template")
+
+
+class RegistryError(UserError, LookupError):
+    """A registered model that cannot be found or used."""
