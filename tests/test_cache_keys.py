@@ -240,3 +240,14 @@ def test_an_images_root_with_a_symlink_loop_and_dot_files_is_fingerprinted(
     middle = images_digest(root)
     (root / "._x.png").write_bytes(b"macOS litter")  # ingest refuses it: not an input
     assert images_digest(root) == middle
+
+
+def test_new_bytes_under_an_old_mtime_are_seen(tmp_path: Path) -> None:
+    """`cp -p`, `rsync -a`, `tar x`: same size, the old mtime put back on new bytes."""
+    cfg = _jsonl_config(tmp_path)
+    image = tmp_path / "img" / "a.png"
+    before = source_inputs(cfg)
+    st = image.stat()
+    image.write_bytes(b"PNG")  # same length, other bytes
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert source_inputs(cfg) != before

@@ -172,6 +172,7 @@ def test_duplicated_and_single_modality_candidates_score_by_their_vectors() -> N
         "p1": 0.5,
         "p1_strict": 0.5,
         "tie_rate": 0.0,
+        "tie_rate_distinct": 0.0,
         "hit@2": 1.0,
         "queries": 2,
     }
@@ -515,3 +516,17 @@ def test_scores_are_float32_whatever_the_shards_hold(dtype: type) -> None:
     assert scores.dtype == np.float32
     got = query_scores(q, cands, 1)
     assert got["tie"] is False and got["p1_strict"] is True
+
+
+def test_ties_between_copies_of_one_candidate_are_the_data_s_not_a_warning() -> None:
+    """A label listed twice ties with itself whatever the model: counted in tie_rate (and a
+    miss for strict P@1, as the definition says), but the warning's rate leaves it out."""
+    apple, pear, plum = _unit(1, 0, 0), _unit(0, 1, 0), _unit(0, 0, 1)
+    vectors = {"q": _unit(1, 0.1, 0), "apple": apple, "pear": pear, "plum": plum}
+    rows = [{"subset": "Fruit"}] * 3
+    ckeys = [["apple", "pear", "apple"], ["apple", "apple", "plum"], ["apple", "pear", "plum"]]
+    got = subset_scores(rows, ["q"] * 3, ckeys, vectors)["Fruit"]
+    assert got["tie_rate"] == pytest.approx(2 / 3) and got["p1_strict"] == pytest.approx(1 / 3)
+    assert got["tie_rate_distinct"] == 0.0
+    flat = dict.fromkeys(vectors, ONE)  # a collapsed model: ties between different labels
+    assert subset_scores(rows, ["q"] * 3, ckeys, flat)["Fruit"]["tie_rate_distinct"] == 1.0

@@ -344,11 +344,17 @@ def check_sources(config: IngestConfig) -> None:
 
 def _stat_entry(path: Path) -> str:
     st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return _stat_key(st)
+
+
+def _stat_key(st: os.stat_result) -> str:
+    # ctime too: `cp -p`, `rsync -a` and `tar x` put the old mtime back on new bytes of the
+    # same size, but any write moves ctime, which no tool can set back.
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def images_digest(root: Path) -> str:
-    """sha256 over (relative path, size, mtime) of every file under an images root.
+    """sha256 over (relative path, size, mtime, ctime) of every file under an images root.
 
     Images change ingest's output (a replaced image may now fail its check) and everything
     downstream (its pixels), so they enter the fingerprint; by `stat`, not by content: a
@@ -372,9 +378,8 @@ def images_digest(root: Path) -> str:
                 if entry.is_dir():
                     stack.append(Path(entry.path))
                 elif entry.is_file():
-                    st = entry.stat()
                     rel = Path(entry.path).relative_to(root).as_posix()
-                    entries.append((rel, f"{st.st_size}:{st.st_mtime_ns}"))
+                    entries.append((rel, _stat_key(entry.stat())))
     for rel, stat in sorted(entries):
         digest.update(f"{rel}\0{stat}\n".encode("utf-8", "surrogateescape"))
     return f"{len(entries)} files sha256:{digest.hexdigest()}"
@@ -385,7 +390,7 @@ def source_inputs(config: IngestConfig) -> dict[str, str]:
     file whose change changes its output.
 
     - local tables and everything beside them (a `subsets.json` sidecar that relabels a
-      subset's meta-task included, for JSONL files too) by name, size and modification time,
+      subset's meta-task included, for JSONL files too) by name, size, mtime and ctime,
       so new data landing in a source folder changes the fingerprint and the next run
       re-ingests;
     - each images root by the `stat` of every file in it (`images_digest`);
