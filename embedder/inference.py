@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,9 +31,10 @@ import numpy as np
 from PIL import Image
 
 from embedder.config import EmbedConfig, EvaluateConfig
+from embedder.datasets.sources import text_problem
 from embedder.embed import make_item
 from embedder.errors import UserError
-from embedder.image_files import decode_image
+from embedder.image_files import ImagePathError, decode_image, resolve_image_path
 from embedder.model.backbone import Backbone, load_backbone
 from embedder.model.encode import EmbedItem, encode
 from embedder.model.shards import load_embeddings
@@ -75,6 +78,19 @@ class TrainedWith:
             return None
         data = json.loads(path.read_text())
         return cls(data["template"], EmbedConfig(**data["strings"]), data["wrapped_image_token"])
+
+
+def _as_text(value: object, where: int | str) -> str:
+    """A text input as the engine takes it: None (and a pandas NaN) is no text; anything but a
+    string is refused, as is text a tokenizer cannot read (ingest's rules)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if not isinstance(value, str):
+        raise EmbedderError(f"text {where} is {type(value).__name__}, not a string")
+    problem = text_problem(value, f"text {where}")
+    if problem:
+        raise EmbedderError(problem)
+    return value
 
 
 def with_instruction(text: str, instruction: str | None) -> str:
@@ -160,7 +176,7 @@ class Embedder:
 
     def items(
         self,
-        texts: Sequence[str] | None,
+        texts: Sequence[str | None] | None,
         images: Sequence[ImageInput] | None,
         *,
         role: Role,
@@ -177,7 +193,7 @@ class Embedder:
             raise EmbedderError(f"{len(texts)} texts but {len(images)} images: pair them 1:1")
         out = []
         for i in range(n):
-            text = texts[i] if texts is not None else ""
+            text = _as_text(texts[i], i) if texts is not None else ""
             image = images[i] if images is not None else None
             rel = self._image_path(image, images_root, scratch)
             if not text and not rel and not instruction:
@@ -200,19 +216,36 @@ class Embedder:
 
     @staticmethod
     def _image_path(image: ImageInput, images_root: Path, scratch: Path) -> str:
-        if image is None or image == "":
+        if image is None or (isinstance(image, str) and not image):
             return ""
         if isinstance(image, Image.Image):
-            rgb = decode_image(image.copy())
+            try:
+                rgb = decode_image(image.copy())
+            except (ValueError, OSError, AssertionError) as exc:  # a closed file, a bad mode
+                raise EmbedderError(
+                    f"a PIL image that cannot be read ({type(exc).__name__}: {exc}); pass it "
+                    "while its file is open, or its path"
+                ) from None
             digest = hashlib.blake2b(rgb.tobytes(), digest_size=12).hexdigest()
             name = f"{digest}-{rgb.size[0]}x{rgb.size[1]}.png"
             if not (scratch / name).is_file():
                 rgb.save(scratch / name)  # PNG: lossless, so the path gives these pixels back
             return str((scratch / name).relative_to(images_root))
-        path = Path(image).expanduser().resolve()
-        if not path.is_file():
-            raise EmbedderError(f"image {image} not found")
-        return str(path.relative_to(images_root))
+        if not isinstance(image, str | Path):
+            raise EmbedderError(
+                f"an image is a path or a PIL image, not {type(image).__name__}"
+                + (" (use PIL.Image.fromarray)" if hasattr(image, "__array__") else "")
+            )
+        if isinstance(image, str) and "://" in image:
+            raise EmbedderError(f"image {image}: URLs are not fetched; download it first")
+        path = Path(os.path.abspath(Path(image).expanduser()))
+        if path.is_dir():
+            raise EmbedderError(f"image {image} is a folder, not an image file")
+        try:  # the pipeline's lookup: a name spelled in another Unicode normalization is found
+            found = resolve_image_path(Path("/"), path.relative_to("/").as_posix())
+        except ImagePathError as exc:
+            raise EmbedderError(f"image {image} not found ({exc})") from None
+        return str(found.relative_to(images_root))
 
     def encode(
         self,
@@ -229,9 +262,18 @@ class Embedder:
         both are given. `role`: `query` inputs get the template's query suffix, `target`
         inputs none (MMEB: candidates are targets). `instruction` is prefixed to each text as
         MMEB writes it (`with_instruction`). An empty input gives shape (0, D)."""
+        if role not in ("query", "target"):
+            raise EmbedderError(f"role={role!r}: query or target")
+        # One text or one image alone is one input, not a sequence of characters.
+        if isinstance(texts, str):
+            texts = [texts]
+        if isinstance(images, str | Path | Image.Image):
+            images = [images]
         # Any iterable (a generator, a pandas Series, a numpy array of strings): taken once.
-        texts = None if texts is None else [str(t) for t in texts]
+        texts = None if texts is None else list(texts)
         images = None if images is None else list(images)
+        if instruction is not None:
+            _as_text(instruction, "instruction")
         if not texts and not images and (texts is not None or images is not None):
             return np.zeros((0, self.dimension), dtype=np.float32)
         with tempfile.TemporaryDirectory(prefix="gen2embed-encode-") as tmp:

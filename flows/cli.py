@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     stages = sub.add_parser("stages", help="each stage's fingerprint and whether it is cached")
     _config_args(stages)
+    stages.add_argument(
+        "--row", dest="rows", action="append", metavar="NAME", help="only this table row"
+    )
 
     up = sub.add_parser(
         "up", help="start Prefect and MLflow servers on 127.0.0.1 and serve the deployments"
@@ -112,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: the adapter's, else hierarchical",
     )
     enc.add_argument("--on-bad-rows", choices=("error", "skip"), default="error")
+    enc.add_argument(
+        "--image-mode",
+        choices=("eval", "fixed", "native"),
+        default="eval",
+        help="resize rule (default: the paper's evaluation rule; the tiny preset evaluates "
+        "with fixed and --image-side 64)",
+    )
+    enc.add_argument("--image-side", type=int, default=448, help="side for --image-mode fixed")
     enc.add_argument(
         "--workdir",
         help="workspace whose MLflow registry models:/ names (default: $GEN2EMBED_HOME or ./data)",
@@ -225,7 +236,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
     from flows.environment import configure
 
     workdir = configure(args.workdir)
-    config = load_config(args.preset, args.config_file, args.overrides)
+    config = load_config(args.preset, args.config_file, args.overrides).with_rows(args.rows)
     from embedder.artifacts import ArtifactStore
     from flows.pipeline import method
     from tasks.contract import plan
@@ -307,7 +318,16 @@ def cmd_encode(args: argparse.Namespace) -> int:
                     f"--base is for adapter folders; {args.model} is a base model itself"
                 )
             base = args.model
-        model = Embedder.load(base, adapter, template=template, revision=revision)
+        from embedder.config import EmbedConfig, EvaluateConfig
+
+        settings = EmbedConfig(
+            image_mode=args.image_mode,
+            image_side=args.image_side,
+            max_pixels=EvaluateConfig().max_pixels,
+        )
+        model = Embedder.load(
+            base, adapter, template=template, revision=revision, settings=settings
+        )
         counts = encode_file(
             model,
             args.input,

@@ -35,6 +35,12 @@ def test_stages_lists_fingerprints_and_cache_state(tmp_path: Path) -> None:
     assert "to compute" in world and "to compute" in ingest
     other = _cli("stages", "--set", "world.seed=4", workdir=tmp_path)
     assert other.stdout.splitlines()[2].split()[1] != world.split()[1]
+    # `run`'s row selection works here too: only that row's stages are listed.
+    one = _cli("stages", "--row", "saha-hierarchical", workdir=tmp_path)
+    assert one.returncode == 0, one.stderr
+    labels = [ln.split()[0] for ln in one.stdout.splitlines()[2:]]
+    assert "evaluate[saha-hierarchical]" in labels
+    assert not any(ln.endswith("-plain]") for ln in labels)
 
 
 def test_bad_override_exits_2_naming_the_key(tmp_path: Path) -> None:

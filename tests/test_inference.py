@@ -154,3 +154,43 @@ def test_an_adapter_s_template_cannot_be_silently_replaced(
     folder = _adapter(generator, tmp_path / "adapter", "chat")
     with pytest.raises(EmbedderError, match="trained with 'chat'"):
         Embedder.load(generator.model_dir, adapter=folder, template="plain")
+
+
+def test_inputs_a_user_passes_by_mistake_or_by_habit(
+    generator: Generator, world_dir: Path, tmp_path: Path
+) -> None:
+    import unicodedata
+
+    model = Embedder.load(generator.model_dir, settings=SETTINGS)
+    path = sorted((world_dir / "eval_images").rglob("*.png"))[0]
+    image_only = model.encode(images=[path], role="target")
+    # None (or a pandas NaN) is no text, not the word "None".
+    np.testing.assert_allclose(model.encode([None], [path], role="target"), image_only, atol=1e-6)
+    np.testing.assert_allclose(
+        model.encode([float("nan")], [path], role="target"), image_only, atol=1e-6
+    )
+    # One string or one image alone is one input.
+    assert model.encode("a dog").shape == (1, model.dimension)
+    np.testing.assert_allclose(model.encode(images=str(path), role="target"), image_only, atol=1e-6)
+    # A file name spelled in another Unicode normalization is found, as in the pipeline.
+    nfd = tmp_path / unicodedata.normalize("NFD", "caf\u00e9.png")
+    nfd.write_bytes(path.read_bytes())
+    by_nfc = model.encode(images=[tmp_path / "caf\u00e9.png"], role="target")
+    np.testing.assert_allclose(by_nfc, image_only, atol=1e-6)
+    cases = [
+        (dict(texts=[b"bytes"]), "is bytes, not a string"),
+        (dict(texts=["caf\udcb2"]), "unpaired surrogate"),
+        (dict(texts=["\U000f0000"]), "reserves to mark control tokens"),
+        (dict(texts=["a"], instruction="x\ud800"), "unpaired surrogate"),
+        (dict(texts=["a"], role="doc"), "query or target"),
+        (dict(images=[np.zeros((4, 4, 3), np.uint8)]), "Image.fromarray"),
+        (dict(images=["https://example.com/a.png"]), "URLs are not fetched"),
+        (dict(images=[tmp_path]), "is a folder"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(EmbedderError, match=message.replace(".", r"\.")):
+            model.encode(**kwargs)
+    with Image.open(path) as im:
+        closed = im
+    with pytest.raises(EmbedderError, match="PIL image that cannot be read"):
+        model.encode(images=[closed])
