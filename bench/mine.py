@@ -62,7 +62,7 @@ def stage(
 def reference(
     queries: np.ndarray, positives: np.ndarray, row_pos: np.ndarray, params: MineConfig
 ) -> list[tuple[int, list[int]]]:
-    """METHOD.md section 3 written plainly, one anchor at a time."""
+    """docs/method.md section 3 written plainly, one anchor at a time."""
     k, m = params.k, params.m
     owners: dict[int, list[int]] = {}
     for q, p in enumerate(row_pos.tolist()):

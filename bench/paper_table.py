@@ -5,7 +5,7 @@ set to it; one workdir per seed, kept, so a rerun only recomputes what changed),
 run's `table.json`, and prints mean +- standard error per row and column next to chance and
 the category-only ceiling (an embedding that knows the main category and nothing else:
 classification 1.0; retrieval and grounding 1/(1 + same-category negatives); VQA has no such
-ceiling). Then it states which orderings of METHOD.md hold on every seed, on average, or not:
+ceiling). Then it states which orderings of docs/method.md hold on every seed, on average, or not:
 
 - hierarchical > plain, zero-shot;
 - SaHa > in-batch, both fine-tuned with the hierarchical template;
@@ -91,7 +91,7 @@ def main() -> None:
             se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
             cells.append(f"{v.mean():8.3f} +-{se:.3f}")
         print(f"{row:{width}s}" + "".join(f"{x:>15s}" for x in cells))
-    print("\nOrderings of METHOD.md (overall P@1, MMEB argmax; per seed, then the mean):")
+    print("\nOrderings of docs/method.md (overall P@1, MMEB argmax; per seed, then the mean):")
     for label, better, worse in ORDERINGS:
         if better not in values or worse not in values:
             continue

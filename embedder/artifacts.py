@@ -193,6 +193,14 @@ def json_text(value: Any, *, indent: int | None = None, sort_keys: bool = False)
     return json.dumps(_strict(value), indent=indent, sort_keys=sort_keys, allow_nan=False)
 
 
+def stat_key(st: os.stat_result) -> str:
+    """What says a file may have changed without reading it: size, mtime, ctime and inode.
+    ctime too because `cp -p`, `rsync -a` and `tar x` put the old mtime back on new bytes of
+    the same size, while any write moves ctime, which no tool can set back; the inode because
+    a file replaced by a rename is another file."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -219,7 +227,7 @@ class Manifest:
     created: float = 0.0
 
     def to_json(self) -> str:
-        return json_text(_canonical(self.__dict__), indent=2, sort_keys=True)
+        return json_text(self.__dict__, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:

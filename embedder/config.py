@@ -237,7 +237,7 @@ LM_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 
 class FinetuneConfig(_Section):
-    """LoRA fine-tuning on mined clusters (METHOD.md section 4). Defaults are the paper's 7B
+    """LoRA fine-tuning on mined clusters (docs/method.md section 4). Defaults are the paper's 7B
     recipe; presets carry the 2B and tiny ones."""
 
     template: Literal["hierarchical", "plain", "chat"] = Field(
@@ -280,7 +280,7 @@ class FinetuneConfig(_Section):
 
 
 class EvaluateConfig(_Section):
-    """MMEB-style evaluation (METHOD.md section 5), with the base model (zero-shot) or a
+    """MMEB-style evaluation (docs/method.md section 5), with the base model (zero-shot) or a
     fine-tuned adapter: Precision@1 per subset as MMEB's reference toolkit computes it (argmax,
     a tie with the correct candidate counts as correct), strict P@1 and the tie rate beside."""
 
@@ -330,7 +330,7 @@ class TableRow(_Section):
 
 
 def _paper_rows() -> list[TableRow]:
-    """The paper's ablation (METHOD.md sections 2 and 4)."""
+    """The paper's ablation (docs/method.md sections 2 and 4)."""
     return [
         TableRow(name="zeroshot-plain", template="plain", negatives="none"),
         TableRow(name="zeroshot-chat", template="chat", negatives="none"),
@@ -364,7 +364,7 @@ class RetrieveConfig(_Section):
         None,
         ge=1,
         description="Candidates per query, R. Default: 2*k*m from the mine section "
-        "(METHOD.md section 3); a value set here wins.",
+        "(docs/method.md section 3); a value set here wins.",
     )
     index: Literal["exact", "ivf", "hnsw"] = Field(
         "exact", description="exact (IndexFlatIP), or approximate for pools of millions."
@@ -384,7 +384,7 @@ MINE_RECIPES: dict[str, tuple[int, int]] = {"paper": (15, 3), "code": (7, 5)}
 
 
 class MineConfig(_Section):
-    """Hard negative mining into clusters (METHOD.md section 3)."""
+    """Hard negative mining into clusters (docs/method.md section 3)."""
 
     strategy: Literal["saha", "topk", "topk_margin", "in_batch"] = "saha"
     recipe: Literal["paper", "code", "custom"] = Field(
@@ -559,7 +559,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "embed": {"batch_size": 64, "num_workers": 8, "image_side": 448},
         "mine": {"compare_strategies": False},
     },
-    # The paper's recipe (METHOD.md section 4) on the 7B backbone; the 2B one shares it.
+    # The paper's recipe (docs/method.md section 4) on the 7B backbone; the 2B one shares it.
     "qwen2vl-7b": {
         "model": {"backbone": "Qwen/Qwen2-VL-7B-Instruct"},
         "ingest": {"source": "mmeb"},

@@ -22,8 +22,8 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.datasets.images import check_image
-from embedder.datasets.sources import _parse_jsonl_line, text_problem
+from embedder.datasets.images import ImageChecker
+from embedder.datasets.sources import parse_jsonl_line, text_problem
 from embedder.errors import UserError
 from embedder.inference import Embedder, with_instruction
 
@@ -52,7 +52,7 @@ def read_rows(path: Path) -> tuple[list[Row], list[str]]:
         with path.open("rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
                 if raw.strip():
-                    obj, problem = _parse_jsonl_line(raw, lineno == 1)
+                    obj, problem = parse_jsonl_line(raw, lineno == 1)
                     records.append((f"line {lineno}", obj, problem))
     elif path.suffix == ".parquet":
         table = pq.read_table(path, columns=[c for c in COLUMNS if c in pq.read_schema(path).names])
@@ -116,14 +116,10 @@ def encode_file(
         root = images_root.resolve()
         if not root.is_dir():
             raise EncodeInputError(f"images root {images_root} is not a folder")
-        kept = []
-        for r in rows:
-            problem = check_image(root, r.image) if r.image else None
-            if problem:
-                bad.append(f"{r.where}: image: {problem}")
-            else:
-                kept.append(r)
-        rows = kept
+        with ImageChecker(root) as checker:  # ingest's checks, in threads, each path once
+            problems = checker.check_many(r.image for r in rows)
+        bad += [f"{r.where}: image: {problems[r.image]}" for r in rows if problems.get(r.image)]
+        rows = [r for r in rows if not problems.get(r.image)]
     else:
         root = Path("/")
     if bad and on_bad_rows == "error":

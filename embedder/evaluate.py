@@ -1,5 +1,5 @@
 """Stage `evaluate`: MMEB-style scores of one model (zero-shot, or with a fine-tuned
-adapter) and one prompt template (METHOD.md section 5).
+adapter) and one prompt template (docs/method.md section 5).
 
 Every distinct query and candidate is embedded once (classification subsets share their
 label candidates across all queries), into shards that resume; each query is scored against
@@ -7,7 +7,7 @@ its own candidate list. Reported per subset (`query_scores` defines each precise
 - P@1 (`p1`), the headline: as MMEB's reference toolkit (VLM2Vec's eval) and the authors
   compute it, numpy argmax over the cosine scores, first maximum wins, so an exact tie with
   the correct candidate (index 0) counts as correct. Our numbers then compare with published
-  tables (METHOD.md section 5);
+  tables (docs/method.md section 5);
 - strict P@1 (`p1_strict`): the correct candidate must beat every other by more than
   `TIE_EPS`. An untrained model maps everything to nearly one vector; with the correct
   candidate first, the argmax convention calls that a perfect score, strict P@1 calls it 0;
@@ -83,7 +83,7 @@ def cosine_scores(query: np.ndarray, candidates: np.ndarray) -> np.ndarray:
 
 
 def query_scores(query: np.ndarray, candidates: np.ndarray, k: int) -> dict[str, bool]:
-    """One query against its own candidates, the correct one at index 0 (METHOD.md section 5).
+    """One query against its own candidates, the correct one at index 0 (docs/method.md section 5).
 
     `query` (d,), `candidates` (n, d) with n >= 1, both L2-normalised. Returns:
     - `p1`: MMEB's reference convention (VLM2Vec's eval, the published tables): `np.argmax`
@@ -95,7 +95,11 @@ def query_scores(query: np.ndarray, candidates: np.ndarray, k: int) -> dict[str,
     - `hit` (Hit@k, strict as `p1_strict`): fewer than k other candidates score at least the
       correct one's score minus `TIE_EPS`.
     A single candidate is a hit on all three and no tie."""
-    scores = cosine_scores(query, candidates)
+    return _judge(cosine_scores(query, candidates), k)
+
+
+def _judge(scores: np.ndarray, k: int) -> dict[str, bool]:
+    """`query_scores` from the (n,) scores, correct candidate first."""
     others = scores[1:]
     if len(others) == 0:
         return {"p1": True, "p1_strict": True, "tie": False, "hit": True}
@@ -132,8 +136,8 @@ def subset_scores(
     hits: dict[str, list[dict[str, bool]]] = defaultdict(list)
     for row, qk, cks in zip(rows, qkeys, ckeys, strict=True):
         cand = np.stack([vectors[c] for c in cks])
-        got = query_scores(vectors[qk], cand, k)
         scores = cosine_scores(vectors[qk], cand)
+        got = _judge(scores, k)
         top = np.flatnonzero(scores >= scores.max() - TIE_EPS)
         # A tie between candidates of different content is the model's; one between copies
         # of one item (a label listed twice) is the data's, which ingest counts.
@@ -154,7 +158,7 @@ def subset_scores(
 
 def aggregate(scores: dict[str, float], meta: dict[str, tuple[str, str]]) -> dict[str, Any]:
     """Means of one per-subset score (`p1`, `p1_strict` or `tie_rate`) per meta-task, IND, OOD
-    and overall over MMEB subsets, as MMEB reports them (METHOD.md section 5); `outside_mmeb`
+    and overall over MMEB subsets, as MMEB reports them (docs/method.md section 5); `outside_mmeb`
     lists the others (averaged by their declared labels only when no MMEB subset is present).
     """
     mmeb = [s for s in scores if normalise(s) in MMEB_SUBSETS]
@@ -317,6 +321,9 @@ def vectors_identity(
     on a GPU), the attention kernel, the image rules, and the images the paths point at (the
     root and the `stat` of every file in it: another root holding other pictures under the
     same names must not lend its vectors: the digest ingest recorded, else a fresh walk)."""
+    root = data.eval_images
+    if root is None:
+        raise EvalDataError("the ingest output holds no eval table (set ingest.eval_dir)")
     if generator is not None:
         backbone, revision = f"tiny:{generator.fingerprint}", None
     else:  # the content or resolved commit: a replaced weights file is another model
@@ -328,10 +335,7 @@ def vectors_identity(
         "dtype": str(backbone_loaded.dtype),
         "device": backbone_loaded.device.type,
         "attn": getattr(backbone_loaded.model.config, "_attn_implementation", model.attn),
-        "images": [
-            str(data.eval_images),
-            data.eval_images_digest or images_digest(Path(str(data.eval_images))),
-        ],
+        "images": [str(root), data.eval_images_digest or images_digest(root)],
         "adapter": None if adapter is None else adapter.fingerprint,
         "image": [settings.image_mode, settings.image_side, settings.max_pixels],
         "out_dtype": settings.out_dtype,

@@ -3,9 +3,9 @@
 The paper's zero-shot claim rests on a generator that has learned to answer "in one word". To
 check it in miniature, the tiny Qwen2-VL is first made a real (if small) generator: next-token
 prediction, loss on the assistant turn only, on the world's captions, VQA answers, one-word
-answers and bare texts, in the chat format with the system message varied (MINIATURE.md's mix).
+answers and bare texts, in the chat format with the system message varied (docs/miniature.md's mix).
 Uninstructed answers open with content-free filler ("The image shows ..."), one-word
-instructions get the bare word. The exact query suffixes of METHOD.md never appear, and by
+instructions get the bare word. The exact query suffixes of docs/method.md never appear, and by
 default neither does the exact hierarchical system prompt (paraphrases do): zero-shot stays
 zero-shot.
 """
@@ -63,7 +63,7 @@ ONE_WORD_SYSTEMS = (
     "Reply with one word: the main thing in the picture or the text.",
 )
 ONE_WORD_SUFFIX = " Answer in one word."
-# Mix from MINIATURE.md (the one that worked in the prototypes).
+# Mix from docs/miniature.md (the one that worked in the prototypes).
 MIX = (
     ("caption", 0.22),
     ("bare_image", 0.10),
@@ -193,7 +193,7 @@ class ExampleStream:
         system = rng.choice(self.one_word_systems)
         if rng.random() < 0.5:
             return Example(system, IMAGE, s.cat.name, self._image(s))
-        # Bare labels too, so a one-word label maps to itself (MINIATURE.md: too few of these
+        # Bare labels too, so a one-word label maps to itself (docs/miniature.md: too few of these
         # made one seed's generator collapse every label onto one word).
         text = s.cat.name if rng.random() < 0.3 else world.caption(s, rng.randrange(3))
         return Example(system, text, s.cat.name, None)
@@ -366,7 +366,7 @@ def pretrain_generator(cfg: PretrainConfig, world_cfg: WorldConfig, out: Path) -
     if not ready:
         warnings.append(
             f"the tiny generator is not ready (held-out category {accuracy['category']:.2f}, "
-            f"position {accuracy['position']:.2f}; MINIATURE.md asks >= 0.8 for both): the "
+            f"position {accuracy['position']:.2f}; docs/miniature.md asks >= 0.8 for both): the "
             "zero-shot and mining numbers rest on an undertrained generator"
         )
     return Generator(

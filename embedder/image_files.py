@@ -204,7 +204,12 @@ def read_image(root: Path, rel: str) -> Image.Image:
     """The RGB image (mode "RGB", uint8, original size after EXIF orientation) at the table path
     `rel` under `root`: `resolve_image_path`, then `decode_image`. Raises `ImagePathError`
     when no single file matches, and Pillow's errors on a bad file."""
-    with Image.open(_in_memory(resolve_image_path(root, rel))) as im:
+    return read_image_file(resolve_image_path(root, rel))
+
+
+def read_image_file(path: Path) -> Image.Image:
+    """`decode_image` of the file at `path`, found already (`resolve_image_path`)."""
+    with Image.open(_in_memory(path)) as im:
         return decode_image(im)
 
 

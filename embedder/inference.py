@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from embedder.artifacts import json_text
 from embedder.config import EmbedConfig, EvaluateConfig
 from embedder.datasets.sources import text_problem
 from embedder.embed import make_item
@@ -58,7 +59,7 @@ class TrainedWith:
     wrapped_image_token: bool
 
     def to_json(self) -> str:
-        return json.dumps(
+        return json_text(
             {
                 "template": self.template,
                 "strings": {
@@ -120,7 +121,7 @@ class Embedder:
         self.template = template
         self.strings = strings or EmbedConfig()
         self.image_token = backbone.image_token(wrapped_image_token)
-        # The evaluation's image rules by default (METHOD.md section 2: aspect <= 2:1, long
+        # The evaluation's image rules by default (docs/method.md section 2: aspect <= 2:1, long
         # side <= 992, short side >= 336, a 992 x 992 pixel cap).
         defaults = EvaluateConfig()
         self.settings = settings or EmbedConfig(

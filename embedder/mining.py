@@ -1,6 +1,6 @@
 """Self-aware hard negative mining (SaHa) and the baselines that show what it buys.
 
-SaHa follows METHOD.md section 3 step by step, per training subset:
+SaHa follows docs/method.md section 3 step by step, per training subset:
 
 1. identity is content: distinct queries and distinct positives (the `retrieve` stage);
 2. the owner map: each distinct positive -> the distinct queries whose positive it is; each
@@ -98,7 +98,7 @@ class Cluster:
 
     def rows(self, pool: SubsetPool) -> list[int]:
         """The cluster's training rows: the visited anchor row, then each owner's row (the
-        last with its content, METHOD.md section 3 steps 2 and 6)."""
+        last with its content, docs/method.md section 3 steps 2 and 6)."""
         return [self.anchor_row, *pool.query_row[self.members].tolist()]
 
 

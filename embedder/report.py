@@ -1,7 +1,7 @@
 """The comparison table of a run: one row per table row of the config (the paper's ablation
 by default), columns the meta-tasks, IND, OOD and overall of P@1 as MMEB's reference toolkit
 computes it (the headline, comparable with published tables), then strict P@1 and the tie rate
-overall; chance beside it. The conventions (embedder.evaluate, METHOD.md section 5) are
+overall; chance beside it. The conventions (embedder.evaluate, docs/method.md section 5) are
 written under the table, so the printed table says what each column is.
 
 Writes `report.md` (the table, then per-subset scores in an appendix), `table.json` (the same

@@ -5,7 +5,7 @@ a CPU in minutes. It is written exactly like an MMEB dump (one folder per subset
 `original-*.parquet` / `test-*.parquet`, images under separate roots) and goes through the
 same readers as real data.
 
-Design (MINIATURE.md): the main object is a *category with a fixed look* (an apple is always
+Design (docs/miniature.md): the main object is a *category with a fixed look* (an apple is always
 a red circle), large and with a distinct silhouette, so a one-word summary is a category
 name. Details (size, position, small dots) vary and are mentioned by captions and answers,
 which open with the content-free "The image shows ...". Eval lists hold negatives of the same

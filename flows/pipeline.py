@@ -37,7 +37,7 @@ __all__ = ["PipelineError", "method", "pipeline", "pipeline_config"]
 
 
 def method(cfg: PipelineConfig) -> list[RowResult]:
-    """From generator to embedder (METHOD.md), stage by stage, then one evaluation per table
+    """From generator to embedder (docs/method.md), stage by stage, then one evaluation per table
     row; rows share every stage whose inputs they share (through the cache)."""
     world = stages.world(cfg) if cfg.ingest.source == "world" else None
     data = stages.ingest(cfg, world)

@@ -1,4 +1,4 @@
-"""Where LoRA goes (METHOD.md section 4: the language model's attention and MLP projections, by
+"""Where LoRA goes (docs/method.md section 4: the language model's attention and MLP projections, by
 module path, for every backbone family), and byte-reproducible adapter files."""
 
 from __future__ import annotations

@@ -282,7 +282,7 @@ def test_every_subset_with_the_same_r_still_mines(tmp_path: Path) -> None:
 
 
 def test_a_cluster_is_headed_by_the_row_being_visited(tmp_path: Path) -> None:
-    """METHOD.md 3.6: a3 and a3b share their query; the anchor visited is a3 (its first row),
+    """docs/method.md 3.6: a3 and a3b share their query; the anchor visited is a3 (its first row),
     while as an owner the query stands for its last row, a3b."""
     emb, _ = _star_files(tmp_path)
     for name in ("retrieve", "mine"):

@@ -1,4 +1,4 @@
-"""Rendered prompts equal METHOD.md's strings character for character."""
+"""Rendered prompts equal docs/method.md's strings character for character."""
 
 import pytest
 

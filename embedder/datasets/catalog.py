@@ -1,4 +1,4 @@
-"""Meta-task and IND/OOD of the 36 MMEB subsets (METHOD.md section 5), and of other data.
+"""Meta-task and IND/OOD of the 36 MMEB subsets (docs/method.md section 5), and of other data.
 
 MMEB-train and MMEB-eval spell some names differently (ImageNet_1K vs ImageNet-1K), so names
 are matched after lower-casing and dropping everything but letters and digits. Data that is

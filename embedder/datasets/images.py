@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from embedder.image_files import ImagePathError, read_image, resolve_image_path
+from embedder.image_files import ImagePathError, read_image_file, resolve_image_path
 
 # Results are remembered for recently seen paths: eval candidate lists repeat images heavily.
 _MEMO_SIZE = 200_000
@@ -59,7 +59,7 @@ def check_image(root: Path, rel: str) -> str | None:
     if not full.is_file():
         return f"image {rel!r} not found under {root} (not a file)"
     try:
-        read_image(root, rel)  # a full decode: truncated files pass open() but fail here
+        read_image_file(full)  # a full decode: truncated files pass open() but fail here
     except Exception as exc:
         # Pillow's plugins raise many types on malformed files (OSError, SyntaxError,
         # ValueError, DecompressionBombError, but also struct.error, IndexError, EOFError...);

@@ -25,6 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedder.artifacts import stat_key
 from embedder.config import IngestConfig
 from embedder.datasets import sources
 from embedder.datasets.catalog import SIDECAR, SubsetInfo, read_sidecar, subset_info
@@ -342,19 +343,8 @@ def check_sources(config: IngestConfig) -> None:
             raise sources.SourceError(f"images root {root} does not exist")
 
 
-def _stat_entry(path: Path) -> str:
-    st = path.stat()
-    return _stat_key(st)
-
-
-def _stat_key(st: os.stat_result) -> str:
-    # ctime too: `cp -p`, `rsync -a` and `tar x` put the old mtime back on new bytes of the
-    # same size, but any write moves ctime, which no tool can set back.
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-
-
 def images_digest(root: Path) -> str:
-    """sha256 over (relative path, size, mtime, ctime) of every file under an images root.
+    """sha256 over the relative path and `stat_key` of every file under an images root.
 
     Images change ingest's output (a replaced image may now fail its check) and everything
     downstream (its pixels), so they enter the fingerprint; by `stat`, not by content: a
@@ -379,7 +369,7 @@ def images_digest(root: Path) -> str:
                     stack.append(Path(entry.path))
                 elif entry.is_file():
                     rel = Path(entry.path).relative_to(root).as_posix()
-                    entries.append((rel, _stat_key(entry.stat())))
+                    entries.append((rel, stat_key(entry.stat())))
     for rel, stat in sorted(entries):
         digest.update(f"{rel}\0{stat}\n".encode("utf-8", "surrogateescape"))
     return f"{len(entries)} files sha256:{digest.hexdigest()}"
@@ -390,7 +380,7 @@ def source_inputs(config: IngestConfig) -> dict[str, str]:
     file whose change changes its output.
 
     - local tables and everything beside them (a `subsets.json` sidecar that relabels a
-      subset's meta-task included, for JSONL files too) by name, size, mtime and ctime,
+      subset's meta-task included, for JSONL files too) by name and `stat_key`,
       so new data landing in a source folder changes the fingerprint and the next run
       re-ingests;
     - each images root by the `stat` of every file in it (`images_digest`);
@@ -409,12 +399,12 @@ def source_inputs(config: IngestConfig) -> dict[str, str]:
             sidecar = Path(f).parent / SIDECAR
             if sidecar.is_file():
                 files.append(sidecar)
-    out = {str(f.resolve()): _stat_entry(f) for f in files}
+    out = {str(f.resolve()): stat_key(f.stat()) for f in files}
     if config.source == "hub":
         for repo in (config.hub_train, config.hub_eval):
             if Path(repo).is_dir():  # a local copy laid out like the hub repository
                 for f in sorted(p for p in Path(repo).rglob("*") if p.is_file()):
-                    out[str(f.resolve())] = _stat_entry(f)
+                    out[str(f.resolve())] = stat_key(f.stat())
             else:
                 from huggingface_hub import HfApi
 

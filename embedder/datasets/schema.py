@@ -101,7 +101,7 @@ POOL_QUERIES_SCHEMA = pa.schema(
         pa.field("subset", pa.string(), nullable=False),
         pa.field("query", pa.int32(), nullable=False),
         pa.field("qry_key", pa.string(), nullable=False),
-        # The row this query maps back to: the last row with its content (METHOD.md 3.2).
+        # The row this query maps back to: the last row with its content (docs/method.md 3.2).
         pa.field("row", pa.int64(), nullable=False),
     ],
     metadata={"table": "pool_queries"},
@@ -174,7 +174,7 @@ _RECORD = "\x1e"  # separates list items
 def row_id(subset: str, *parts: str | list[str]) -> str:
     """Content hash of a row: the same content in the same subset always gets the same id.
 
-    Exact duplicate rows share an id (MMEB's identity is content; see METHOD.md section 3).
+    Exact duplicate rows share an id (MMEB's identity is content; see docs/method.md section 3).
     """
     flat = [_RECORD.join(p) if isinstance(p, list) else p for p in parts]
     # surrogatepass: a row holding a lone surrogate is rejected, but still gets an id to name it.

@@ -216,7 +216,7 @@ def discover_jsonl(
     return [s for s in found if s.subset in set(subsets)]
 
 
-def _parse_jsonl_line(raw: bytes, first: bool) -> tuple[dict[str, Any] | None, str | None]:
+def parse_jsonl_line(raw: bytes, first: bool) -> tuple[dict[str, Any] | None, str | None]:
     """One JSONL line -> (object, None) or (None, why it is not a usable row).
 
     Lines are decoded one at a time, so one line of invalid UTF-8 is a bad row, not a failed
@@ -247,7 +247,7 @@ def read_jsonl(source: SubsetSource, required: Sequence[str], batch_rows: int) -
         for lineno, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue
-            obj, problem = _parse_jsonl_line(raw, lineno == 1)
+            obj, problem = parse_jsonl_line(raw, lineno == 1)
             if obj is None:
                 obj, errors[n] = {}, problem
             elif not checked:

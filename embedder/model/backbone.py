@@ -68,7 +68,7 @@ class FamilyAdapter:
     image_token = "<|image_pad|>"
     wrapped_image_token = "<|vision_start|><|image_pad|><|vision_end|>"
     # Module paths in the loaded model (`named_modules()` names, no trailing dot). LoRA goes
-    # under `language_model` only (METHOD.md section 4), resolved by path because name
+    # under `language_model` only (docs/method.md section 4), resolved by path because name
     # suffixes alone also hit the vision tower on some families (Qwen2.5-VL's vision MLP has
     # gate/up/down_proj). transformers 5 lays out Qwen2-VL, Qwen2.5-VL and Qwen3-VL alike;
     # a family with another layout overrides these.

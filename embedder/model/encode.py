@@ -1,5 +1,5 @@
 """Batched embedding with a generative backbone: the last layer's hidden state at the final
-token, L2-normalised (METHOD.md section 2).
+token, L2-normalised (docs/method.md section 2).
 
 What makes it fast and safe:
 - identical inputs (same rendered prompt and image) are embedded once;

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from embedder.artifacts import resolve_workdir
+from embedder.artifacts import resolve_workdir, sha256_file, stat_key
 from embedder.errors import UserError
 
 log = logging.getLogger("gen2embed.identity")
@@ -72,16 +72,6 @@ def model_files(folder: Path) -> list[Path]:
     )
 
 
-def _stat_key(path: Path) -> str:
-    st = path.stat()
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
-
-
-def sha256_of(path: Path) -> str:
-    with path.open("rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 class DigestCache:
     """sha256 digests of files, remembered by path and `stat` in one JSON file.
 
@@ -114,10 +104,10 @@ class DigestCache:
             known = self._load()
             out, changed = {}, False
             for path in files:
-                name, key = str(path.resolve()), _stat_key(path)
+                name, key = str(path.resolve()), stat_key(path.stat())
                 entry = known.get(name)
                 if entry is None or entry.get("stat") != key:
-                    entry = {"stat": key, "sha256": sha256_of(path)}
+                    entry = {"stat": key, "sha256": sha256_file(path)}
                     self.hashed_bytes += path.stat().st_size
                     known[name] = entry
                     changed = True

@@ -1,4 +1,4 @@
-"""Image resolution rules of METHOD.md section 2, applied before the backbone's processor."""
+"""Image resolution rules of docs/method.md section 2, applied before the backbone's processor."""
 
 from __future__ import annotations
 

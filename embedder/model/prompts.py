@@ -1,6 +1,6 @@
 """Prompt templates that turn an MMEB text (+ image) into the string the backbone reads.
 
-`hierarchical` is the paper's zero-shot embedding prompt (METHOD.md section 2): a system
+`hierarchical` is the paper's zero-shot embedding prompt (docs/method.md section 2): a system
 instruction asking for a one-word summary, the example's own text as the user turn, one more
 line for queries, and the generation prompt, so the final token is where the model would
 start its one-word answer. `plain` is the raw text (VLM2Vec V1 style); `chat` is the chat
@@ -51,7 +51,7 @@ def render(
     `image_token` replaces MMEB's `<|image_1|>` placeholder (Qwen2-VL: `<|image_pad|>`, which
     the processor expands to the image's patch tokens). An image without a placeholder in the
     text gets the token prepended, so the image is never silently dropped. The strings come
-    from `strings` (the embed section), else METHOD.md's exact text.
+    from `strings` (the embed section), else docs/method.md's exact text.
 
     `literal` (the backbone's `Backbone.as_text`) is applied to the example's own text, the
     data, and never to the template: a special-token string in the data (a question about

@@ -1,7 +1,7 @@
 """LoRA / DoRA adapters on a backbone: attach new ones for training, save them as
 byte-reproducible files, load saved ones strictly.
 
-Where LoRA goes: METHOD.md section 4 puts it on the language model's attention and MLP
+Where LoRA goes: docs/method.md section 4 puts it on the language model's attention and MLP
 projections. `finetune.target_modules` are module-name suffixes, but peft matches bare suffixes
 anywhere in the model, and on Qwen2.5-VL `gate_proj`/`up_proj`/`down_proj` also name the
 vision tower's MLP (96 modules on the 32-block tower). So the suffixes are resolved here to
@@ -114,7 +114,7 @@ def attach(backbone: Backbone, cfg: FinetuneConfig) -> PeftModel:
     hold the LoRA layers; the returned PeftModel saves and lists the trainable weights).
 
     LoRA goes on the Linear layers under the family's language model whose last name is in
-    `cfg.target_modules` (METHOD.md section 4), nowhere else. Raises AdapterError when a suffix
+    `cfg.target_modules` (docs/method.md section 4), nowhere else. Raises AdapterError when a suffix
     matches nothing there."""
     component = backbone.adapter.language_model
     wanted = resolve_targets(backbone.model, component, cfg.target_modules)

@@ -1,4 +1,4 @@
-"""The contrastive loss of METHOD.md section 4 and GradCache, which makes its batch size
+"""The contrastive loss of docs/method.md section 4 and GradCache, which makes its batch size
 independent of memory.
 
 InfoNCE runs query-to-target only: each query's row of logits covers every target of the
@@ -68,7 +68,7 @@ def info_nce(
 
     `queries[i]`'s positive is `targets[i]` (both (n, d), L2-normalised, this rank's pairs);
     every other target of the global batch is a negative except a positive of the same query
-    content, which is masked (identity is content, as in METHOD.md section 3 step 1). With
+    content, which is masked (identity is content, as in docs/method.md section 3 step 1). With
     `target_ids` / `query_ids` ((n,) int64 content ids, e.g. from `item_key` of the rendered
     item; None: every row's content is its own), target j is masked from row i
     (j != i) when some row k has row i's query content and target j's content: so

@@ -1,4 +1,4 @@
-"""Stage `finetune`: LoRA contrastive training on mined clusters (METHOD.md section 4).
+"""Stage `finetune`: LoRA contrastive training on mined clusters (docs/method.md section 4).
 
 A batch is a set of whole clusters (SaHa's, or a baseline's from the `mine` stage): every
 pair's hard negatives are its cluster mates' positives, at no extra forward pass. The loss is
@@ -40,7 +40,7 @@ from embedder.embed import make_item, open_backbone
 from embedder.errors import UserError
 from embedder.inference import TRAINING_FILE, TrainedWith
 from embedder.model.backbone import Backbone
-from embedder.model.encode import EmbedItem, embed_inputs, item_key, process_items
+from embedder.model.encode import EmbedItem, embed_inputs, process_items
 from embedder.outputs import Adapter, Clusters, Generator, Tables
 from embedder.progress import Progress
 from embedder.training import adapters
@@ -222,8 +222,7 @@ def _loss(
 def content_ids(items: list[EmbedItem], device: torch.device) -> torch.Tensor:
     """(len(items),) int64: each rendered item's content identity (the first 60 bits of its
     `item_key`, so it fits a signed int64 and travels through all_gather)."""
-    keys = [item_key(item.text, item.image) for item in items]
-    return torch.tensor([int(k[:15], 16) for k in keys], device=device)
+    return torch.tensor([int(item.key[:15], 16) for item in items], device=device)
 
 
 def _barrier(size: int) -> None:
@@ -410,7 +409,7 @@ def finetune_adapter(
                 "pairs_per_step": result.pairs_per_step,
                 "pairs_per_s_median": float(np.median(h.pairs_per_s)),
                 "resumed_from_step": result.resumed_from,
-                # Where LoRA went (METHOD.md section 4: the language model only).
+                # Where LoRA went (docs/method.md section 4: the language model only).
                 **{f"lora_modules.{part}": n for part, n in lora_modules.items()},
             },
             "info": {
