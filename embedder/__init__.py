@@ -1,5 +1,5 @@
 """gen2embed's ML library: plain functions over files.
 
-Nothing in this package imports prefect or mlflow (see DESIGN.md): every stage can be
+Nothing in this package imports prefect or mlflow (see docs/design.md): every stage can be
 called, tested and profiled as an ordinary function.
 """

@@ -1,4 +1,4 @@
-"""The caching and resume contract for stage outputs (DESIGN.md, "Caching and resuming").
+"""The caching and resume contract for stage outputs (docs/design.md, "Caching and resuming").
 
 A stage's output lives in `<workdir>/artifacts/<stage>/<fingerprint>/`. The fingerprint hashes
 the stage name, its config section, the fingerprints of its inputs and the stage's code
