@@ -313,20 +313,52 @@ class EvaluateConfig(_Section):
         description="Items embedded twice in different batches before the run; each "
         "must find itself first (0: skip the check).",
     )
+    adapter: str | None = Field(
+        None,
+        description="A released adapter evaluated with the base (set per table row: "
+        "table.rows[].adapter).",
+    )
+    adapter_revision: str | None = Field(
+        None, description="Its hub revision (set per table row: table.rows[].adapter_revision)."
+    )
 
 
 NEGATIVES = ("none", "in_batch", "saha", "topk", "topk_margin")
 
 
 class TableRow(_Section):
-    """One row of the comparison table: a template, and how the model was fine-tuned."""
+    """One row of the comparison table: a template, and how the model was fine-tuned, or
+    the released adapter it evaluates (docs/method.md, "The authors' released adapters")."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     template: Literal["hierarchical", "plain", "chat"]
     negatives: Literal["none", "in_batch", "saha", "topk", "topk_margin"] = Field(
-        description="none: zero-shot (no fine-tuning); otherwise the mining strategy whose "
-        "clusters make the training batches (in_batch: random clusters)."
+        description="none: zero-shot (no fine-tuning), or the released `adapter`; otherwise "
+        "the mining strategy whose clusters make the training batches (in_batch: random "
+        "clusters)."
     )
+    adapter: str | None = Field(
+        None,
+        min_length=1,
+        description="A peft adapter trained elsewhere (a folder, or a hub id such as the "
+        "paper authors' Y-J-Ju/SaHa-Qwen2-VL-2B-Instruct), evaluated with the base as it is: "
+        "only with negatives: none (nothing is mined or fine-tuned for the row).",
+    )
+    adapter_revision: str | None = Field(
+        None, min_length=1, description="The hub revision of `adapter` (None: its main branch)."
+    )
+
+    @model_validator(mode="after")
+    def _adapter_is_evaluated_as_is(self) -> TableRow:
+        if self.adapter is not None and self.negatives != "none":
+            raise ValueError(
+                f"row {self.name}: adapter and negatives={self.negatives} are both set: a "
+                "released adapter is evaluated as it is, not fine-tuned again; set "
+                "negatives: none, or drop adapter"
+            )
+        if self.adapter_revision is not None and self.adapter is None:
+            raise ValueError(f"row {self.name}: adapter_revision is set but adapter is not")
+        return self
 
 
 def _paper_rows() -> list[TableRow]:
@@ -434,6 +466,14 @@ class RegistryConfig(_Section):
         pattern=r"^[A-Za-z0-9_.{}-]+$",
         description="Registered model name; {preset} and {row} are filled in.",
     )
+    champion_metric: Literal[
+        "p1.overall", "p1.ind", "p1.ood", "p1.classification", "p1.vqa", "p1.retrieval",
+        "p1.grounding",
+    ] = Field(
+        "p1.overall",
+        description="The score a new version must match or beat (on the same evaluation "
+        "inputs) to take the `champion` alias; P@1 as MMEB computes it.",
+    )  # fmt: skip
 
 
 class ScaleConfig(_Section):
@@ -526,9 +566,16 @@ class PipelineConfig(_Section):
         return self.model_copy(update={"table": TableConfig(rows=rows)})
 
     def for_row(self, row: TableRow) -> PipelineConfig:
-        """This config as the row runs it: the row's template and negatives filled in."""
+        """This config as the row runs it: the row's template, negatives and released
+        adapter filled in."""
         updates = {
-            "evaluate": self.evaluate.model_copy(update={"template": row.template}),
+            "evaluate": self.evaluate.model_copy(
+                update={
+                    "template": row.template,
+                    "adapter": row.adapter,
+                    "adapter_revision": row.adapter_revision,
+                }
+            ),
             "finetune": self.finetune.model_copy(update={"template": row.template}),
             "mine": self.mine.model_copy(
                 update={"strategy": row.negatives if row.negatives != "none" else "saha"}
@@ -629,6 +676,8 @@ ROW_OWNED = {
     ("mine", "strategy"): "negatives",
     ("finetune", "template"): "template",
     ("evaluate", "template"): "template",
+    ("evaluate", "adapter"): "adapter",
+    ("evaluate", "adapter_revision"): "adapter_revision",
 }
 
 

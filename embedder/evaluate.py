@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from embedder.artifacts import json_text
+from embedder.artifacts import json_text, sha256_file
 from embedder.config import EmbedConfig, EvaluateConfig, ModelConfig
 from embedder.datasets.catalog import MMEB_SUBSETS, normalise
 from embedder.datasets.ingest import images_digest
@@ -56,7 +56,7 @@ from embedder.model.encode import (
     encode,
     whole_plan,
 )
-from embedder.model.identity import model_identity, workdir_cache
+from embedder.model.identity import ModelIdentity, adapter_identity, model_identity, workdir_cache
 from embedder.model.images import load_image
 from embedder.model.shards import load_embeddings
 from embedder.outputs import Adapter, EvalReport, Generator, Tables
@@ -307,6 +307,36 @@ def next_tokens(
 IDENTITY_FILE = "vectors.json"
 
 
+def evaluation_settings(embed: EmbedConfig, cfg: EvaluateConfig) -> EmbedConfig:
+    """The engine settings the evaluation embeds with: the embed section's prompt strings and
+    batching, the evaluation's template and image rules. A registered model records them, so
+    it gives the evaluation's vectors (tasks.pyfunc_model)."""
+    return embed.model_copy(
+        update={
+            "template": cfg.template,
+            "image_mode": cfg.image_mode,
+            "image_side": cfg.image_side,
+            "max_pixels": cfg.max_pixels,
+        }
+    )
+
+
+def evaluation_inputs(data: Tables, cfg: EvaluateConfig) -> str:
+    """What two scores must share to be compared (the registry's champion rule): the eval
+    table's bytes, the images under its root (ingest's digest), the per-subset query cap and
+    the image rules. Not the model, template or prompt strings: those are what is compared.
+    A 20-hex-digit sha256."""
+    if data.eval_images is None:
+        raise EvalDataError("the ingest output holds no eval table (set ingest.eval_dir)")
+    parts = {
+        "table": sha256_file(data.eval),
+        "images": data.eval_images_digest or images_digest(data.eval_images),
+        "max_queries": cfg.max_queries,
+        "image": [cfg.image_mode, cfg.image_side, cfg.max_pixels],
+    }
+    return hashlib.sha256(json_text(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def vectors_identity(
     model: ModelConfig,
     generator: Generator | None,
@@ -314,10 +344,11 @@ def vectors_identity(
     settings: EmbedConfig,
     backbone_loaded: Backbone,
     data: Tables,
+    released: ModelIdentity | None = None,
 ) -> str:
     """What an embedding depends on besides its item key (which hashes the rendered prompt
     and the image path *relative to its root*): the weights (backbone content or commit,
-    generator, adapter), the dtype and device they ran in (as loaded: `auto` means bfloat16
+    generator, adapter: fine-tuned, or `released` as a table row names it), the dtype and device they ran in (as loaded: `auto` means bfloat16
     on a GPU), the attention kernel, the image rules, and the images the paths point at (the
     root and the `stat` of every file in it: another root holding other pictures under the
     same names must not lend its vectors: the digest ingest recorded, else a fresh walk)."""
@@ -336,11 +367,19 @@ def vectors_identity(
         "device": backbone_loaded.device.type,
         "attn": getattr(backbone_loaded.model.config, "_attn_implementation", model.attn),
         "images": [str(root), data.eval_images_digest or images_digest(root)],
-        "adapter": None if adapter is None else adapter.fingerprint,
+        "adapter": _adapter_name(adapter, released),
         "image": [settings.image_mode, settings.image_side, settings.max_pixels],
         "out_dtype": settings.out_dtype,
     }
     return hashlib.sha256(json_text(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _adapter_name(adapter: Adapter | None, released: ModelIdentity | None) -> str | None:
+    """The adapter evaluated: a finetune output's fingerprint, or a released adapter as
+    `source@digest` (its folder's content or hub commit), or None."""
+    if adapter is not None:
+        return adapter.fingerprint
+    return None if released is None else f"{released.source}@{released.digest}"
 
 
 def _write_identity(folder: Path, identity: str) -> None:
@@ -385,8 +424,11 @@ def evaluate_model(
     adapter: Adapter | None,
     out: Path,
 ) -> EvalReport:
-    """Scores of the backbone (with `adapter` merged in, when given) on the eval table with
-    `cfg.template` prompts; embeddings in `out/embeddings/` (resumable shards)."""
+    """Scores of the backbone (with `adapter` merged in, when given, or the released adapter
+    `cfg.adapter` a table row names) on the eval table with `cfg.template` prompts;
+    embeddings in `out/embeddings/` (resumable shards)."""
+    if adapter is not None and cfg.adapter is not None:
+        raise ValueError("evaluate: a fine-tuned adapter and evaluate.adapter are both given")
     images_root = data.eval_images
     if images_root is None:
         raise EvalDataError("the ingest output holds no eval table (set ingest.eval_dir)")
@@ -405,20 +447,23 @@ def evaluate_model(
     chance: dict[str, list[float]] = defaultdict(list)
     for r in table:
         chance[r["subset"]].append(1 / len(r["tgt_text"]))
+    released = None
+    if cfg.adapter is not None:  # the commit the stage's fingerprint holds, for a hub id
+        released = adapter_identity(cfg.adapter, cfg.adapter_revision, workdir_cache())
     backbone = open_backbone(model, generator)
-    if adapter is not None:
-        from embedder.training.adapters import load_adapter
+    if adapter is not None or released is not None:
+        from embedder.training.adapters import adapter_folder, load_adapter
 
-        backbone = load_adapter(backbone, adapter.adapter)
+        folder = (
+            adapter.adapter
+            if adapter is not None
+            else adapter_folder(
+                cfg.adapter, released.revision, setting="table.rows[].adapter_revision"
+            )
+        )
+        backbone = load_adapter(backbone, folder)
     token = backbone.image_token(model.wrapped_image_token)
-    settings = embed.model_copy(
-        update={
-            "template": cfg.template,
-            "image_mode": cfg.image_mode,
-            "image_side": cfg.image_side,
-            "max_pixels": cfg.max_pixels,
-        }
-    )
+    settings = evaluation_settings(embed, cfg)
     items, qkeys, ckeys = [], [], []
     for r in table:
         q = make_item(
@@ -458,7 +503,7 @@ def evaluate_model(
                 backbone, distinct, images_root, settings, out / "sanity", cfg.sanity_items
             )
     output = EvalReport(folder=out, template=cfg.template)
-    identity = vectors_identity(model, generator, adapter, settings, backbone, data)
+    identity = vectors_identity(model, generator, adapter, settings, backbone, data, released)
     reused = reusable_vectors(out, identity, {it.key for it in items})
     folder = out / "embeddings"
     todo = [it for it in items if it.key not in reused]
@@ -493,7 +538,7 @@ def evaluate_model(
     sample = list({it.key: it for it in items if it.key in wanted}.values())
     report = {
         "template": cfg.template,
-        "adapter": None if adapter is None else adapter.fingerprint,
+        "adapter": _adapter_name(adapter, released),
         "conventions": {
             "p1": "P@1 as MMEB's reference toolkit computes it: numpy argmax over cosine "
             "scores, first maximum wins (a tie with the correct candidate counts as correct)",
@@ -534,7 +579,11 @@ def evaluate_model(
         update={
             "rows": {"queries": len(table), "unique_items": stats.unique},
             "metrics": metrics,
-            "info": {"summary": [summary], "warnings": warnings},
+            "info": {
+                "summary": [summary],
+                "warnings": warnings,
+                "eval_inputs": evaluation_inputs(data, cfg),
+            },
         }
     )
 

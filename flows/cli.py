@@ -118,11 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument(
         "--image-mode",
         choices=("eval", "fixed", "native"),
-        default="eval",
-        help="resize rule (default: the paper's evaluation rule; the tiny preset evaluates "
-        "with fixed and --image-side 64)",
+        help="resize rule (default: a registered version's own, which its evaluation used; "
+        "otherwise the paper's evaluation rule, eval; the tiny preset evaluates with fixed "
+        "and --image-side 64)",
     )
-    enc.add_argument("--image-side", type=int, default=448, help="side for --image-mode fixed")
+    enc.add_argument(
+        "--image-side", type=int, help="side for --image-mode fixed (implies it; default 448)"
+    )
     enc.add_argument(
         "--workdir",
         help="workspace whose MLflow registry models:/ names (default: $GEN2EMBED_HOME or ./data)",
@@ -280,6 +282,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
+    from embedder.config import EmbedConfig, EvaluateConfig
     from embedder.encode_file import EncodeInputError, encode_file
     from embedder.inference import Embedder
     from flows.environment import configure
@@ -289,10 +292,21 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.output.suffix != ".parquet":
         raise EncodeInputError(f"--output {args.output}: the output is a .parquet file")
     workdir = configure(args.workdir)
+    settings = None
+    if args.image_mode is not None or args.image_side is not None:
+        if args.image_side is not None and args.image_mode not in (None, "fixed"):
+            raise EncodeInputError(
+                f"--image-side is the side of --image-mode fixed, not of {args.image_mode}"
+            )
+        settings = EmbedConfig(
+            image_mode=args.image_mode or "fixed",
+            image_side=args.image_side or EmbedConfig().image_side,
+            max_pixels=EvaluateConfig().max_pixels,
+        )
     with tempfile.TemporaryDirectory(prefix="gen2embed-model-") as tmp:
-        base, revision, adapter, template = args.base, None, None, args.template
+        base, adapter, template = args.base, None, args.template
         if args.model.startswith("models:/"):
-            from tasks.registry import resolve_model_uri
+            from tasks.registry import load_registered
             from tasks.tracking import Tracker
 
             if args.base:
@@ -301,33 +315,24 @@ def cmd_encode(args: argparse.Namespace) -> int:
                     "its own; drop --base"
                 )
             tracker = Tracker.for_workdir(workdir, os.environ.get("MLFLOW_TRACKING_URI"))
-            base, revision, adapter, tagged = resolve_model_uri(args.model, tracker, Path(tmp))
-            # The version's tag is the record for adapters saved before gen2embed.json.
-            if not (adapter / "gen2embed.json").is_file():
-                template = template or tagged
-        elif (Path(args.model) / "adapter_config.json").is_file():
-            adapter = Path(args.model)
-            if base is None:
-                config = json.loads((adapter / "adapter_config.json").read_text())
-                base = config.get("base_model_name_or_path")
-                if not base:
-                    raise EncodeInputError(f"{adapter} names no base model: pass --base")
+            model = load_registered(
+                args.model, tracker, Path(tmp), template=template, settings=settings
+            )
         else:
-            if args.base:
+            if (Path(args.model) / "adapter_config.json").is_file():
+                adapter = Path(args.model)
+                if base is None:
+                    config = json.loads((adapter / "adapter_config.json").read_text())
+                    base = config.get("base_model_name_or_path")
+                    if not base:
+                        raise EncodeInputError(f"{adapter} names no base model: pass --base")
+            elif args.base:
                 raise EncodeInputError(
                     f"--base is for adapter folders; {args.model} is a base model itself"
                 )
-            base = args.model
-        from embedder.config import EmbedConfig, EvaluateConfig
-
-        settings = EmbedConfig(
-            image_mode=args.image_mode,
-            image_side=args.image_side,
-            max_pixels=EvaluateConfig().max_pixels,
-        )
-        model = Embedder.load(
-            base, adapter, template=template, revision=revision, settings=settings
-        )
+            else:
+                base = args.model
+            model = Embedder.load(base, adapter, template=template, settings=settings)
         counts = encode_file(
             model,
             args.input,

@@ -748,12 +748,20 @@ class PipelineRun:
         for result in results:
             if result.adapter is None:
                 continue
-            name, version = register_adapter(
+            done = register_adapter(
                 self.tracker, self.cfg, result.row, result.adapter, result.evaluation,
-                self.parent_id,
+                self.parent_id, lock=self.store.workdir / "cache" / "registry.lock",
             )  # fmt: skip
-            tag = f"gen2embed.registered.{result.row.name}"
-            self.tracker.set_tags(self.parent_id, {tag: f"{name}/{version}"})
+            row = result.row.name
+            self.tracker.set_tags(
+                self.parent_id,
+                {
+                    f"gen2embed.registered.{row}": f"{done.name}/{done.version}",
+                    f"gen2embed.champion.{row}": ("champion: " if done.champion else "")
+                    + done.reason,
+                },
+            )
+            log.info("%s: %s (%s)", row, done.uri, done.reason)
 
     def mode(self, call: StageCall[Any]) -> Mode:
         name = call.stage.name

@@ -180,7 +180,7 @@ def test_the_command_line_takes_an_adapter_folder_or_a_base(
     assert main(["encode", str(adapter), *bad_out, "--workdir", work]) == 2
 
 
-@pytest.mark.parametrize("how", ["version", "alias"])
+@pytest.mark.parametrize("how", ["version", "alias", "bare version registered before"])
 def test_a_registered_version_encodes_like_its_adapter(
     generator: Generator,
     world_dir: Path,
@@ -188,8 +188,10 @@ def test_a_registered_version_encodes_like_its_adapter(
     how: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Registered as the pipeline registers it (tasks.registry.register_adapter, the adapter
-    logged on a run, the base in the version's tags), then `models:/NAME/1` or `@ALIAS`."""
+    """Registered as the pipeline registers it (tasks.registry.register_adapter: an MLflow
+    Model holding the adapter, the tiny base and the evaluation's image rules), or as it was
+    registered before (a bare adapter folder, the base in the version's tags); then
+    `models:/NAME/1` or `@champion`."""
     from embedder.config import TableRow, load_config
     from embedder.outputs import Adapter, EvalReport
     from flows.cli import main
@@ -209,16 +211,27 @@ def test_a_registered_version_encodes_like_its_adapter(
     run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
     tracker.log_folder(run_id, folder)
     row = TableRow(name="chat-row", template="chat", negatives="in_batch")
-    adapter = Adapter(folder=tmp_path / "ft", base=str(generator.model_dir), template="chat")
-    evaluation = EvalReport(folder=tmp_path, metrics={"p1.overall": 0.5})
-    name, version = register_adapter(tracker, load_config("tiny"), row, adapter, evaluation, run_id)
-    if how == "alias":
-        tracker.client.set_registered_model_alias(name, "champion", version)
-    uri = f"models:/{name}/{version}" if how == "version" else f"models:/{name}@champion"
+    if how.startswith("bare"):  # what register_adapter wrote before versions were Models
+        name, version = "gen2embed-tiny-chat-row", "1"
+        tracker.client.create_registered_model(name)
+        uri = tracker.client.get_run(run_id).info.artifact_uri
+        tags = {"base_model": "tiny", "base_revision": str(generator.model_dir)}
+        tracker.client.create_model_version(name, f"{uri}/adapter", run_id=run_id, tags=tags)
+        expected = Embedder.load(generator.model_dir, folder)  # the evaluation's eval rule
+    else:
+        adapter = Adapter(folder=tmp_path / "ft", base=str(generator.model_dir), template="chat")
+        evaluation = EvalReport(folder=tmp_path, metrics={"p1.overall": 0.5})
+        done = register_adapter(
+            tracker, load_config("tiny"), row, adapter, evaluation, run_id, lock=tmp_path / "l"
+        )
+        name, version = done.name, done.version
+        assert done.champion, "the first version takes the alias"
+        # The version embeds with the image rules the tiny preset evaluates with.
+        expected = Embedder.load(generator.model_dir, folder, settings=SETTINGS)
+    uri = f"models:/{name}/{version}" if how != "alias" else f"models:/{name}@champion"
     out = tmp_path / "out.parquet"
     args = ["--input", str(source), "--output", str(out), "--images", str(images)]
     assert main(["encode", uri, *args, "--workdir", str(work)]) == 0
-    loaded = Embedder.load(generator.model_dir, folder)
     got = np.stack(pq.read_table(out)["embedding"].to_numpy(zero_copy_only=False))
-    np.testing.assert_allclose(got, _expected(loaded, rows, images), atol=1e-6)
+    np.testing.assert_allclose(got, _expected(expected, rows, images), atol=1e-6)
     assert main(["encode", f"models:/{name}/99", *args, "--workdir", str(work)]) == 2
