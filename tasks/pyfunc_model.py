@@ -16,7 +16,8 @@ the dtype, and the image rules and prompt strings the pipeline's evaluation embe
 `predict` gives the vectors the evaluation gave (docs/design.md, "Using the embedder").
 
 Input: a DataFrame, one row per input, columns (all optional, at least one per row)
-`text` (string), `image` (binary: an image file's bytes; base64 in JSON requests),
+`text` (string), `image` (binary: an image file's bytes; base64 in JSON requests, "" for
+none: MLflow decodes every cell of a binary column),
 `image_path` (string: a file readable where the model runs), `instruction` (string, MMEB's
 task instruction, put before the text). Param `role`: `query` (default) or `target`.
 Output: float32 unit vectors, shape (N, D), row i for input i.
@@ -57,7 +58,13 @@ class ServedInputError(UserError, ValueError):
 
 
 def _missing(value: object) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    """No value: None, NaN, or empty bytes (MLflow base64-decodes every cell of a binary
+    column, so a JSON request writes "" where a row has no image)."""
+    return (
+        value is None
+        or (isinstance(value, float) and math.isnan(value))
+        or (isinstance(value, bytes | bytearray) and not value)
+    )
 
 
 def frame_inputs(frame: pd.DataFrame) -> tuple[list[str], list[Image.Image | str | None]]:
@@ -200,7 +207,7 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame(
         {
             "text": ["a red square", None],
-            "image": [None, png.getvalue()],
+            "image": [b"", png.getvalue()],  # b"": no image (a JSON request writes "")
             "instruction": ["Find an image that matches the given caption", None],
         }
     )
