@@ -268,12 +268,14 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from flows.compare import compare_table, find_runs
+    from flows.compare import champions, compare_table, find_runs
     from flows.environment import configure
     from tasks.tracking import Tracker
 
     workdir = configure(args.workdir)
-    print(compare_table(find_runs(Tracker.for_workdir(workdir), args.runs)))
+    tracker = Tracker.for_workdir(workdir)
+    runs = find_runs(tracker, args.runs)
+    print(compare_table(runs, champions(tracker, runs)))
     return 0
 
 

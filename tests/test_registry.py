@@ -335,3 +335,24 @@ def test_mlflow_models_serve_answers_with_the_api_s_vectors(
         log.close()
     _, alive = psutil.wait_procs(children, timeout=15)
     assert not alive, f"orphan processes: {alive}"
+
+
+def test_compare_shows_which_version_holds_champion(
+    registered: tuple[Tracker, Registration, Path], tmp_path: Path
+) -> None:
+    from flows.compare import champions, compare_table
+
+    tracker, first, _ = registered
+    client = tracker.client
+    holder = str(client.get_model_version_by_alias(first.name, CHAMPION).version)
+    other = "1" if holder != "1" else "2"
+    runs = []
+    for version in (holder, other):
+        run = client.create_run(tracker.experiment_id, run_name=f"run-v{version}")
+        client.set_tag(run.info.run_id, "gen2embed.registered.saha-row", f"{first.name}/{version}")
+        runs.append(client.get_run(run.info.run_id))
+    table = compare_table(runs, champions(tracker, runs))
+    line = next(ln for ln in table.splitlines() if ln.startswith("registered saha-row"))
+    assert line.split()[2:] == [f"v{holder}", "champion", f"v{other}"]
+    reason = client.get_model_version(first.name, holder).tags[REASON_TAG]
+    assert f"champion of {first.name}: version {holder} ({reason})" in table

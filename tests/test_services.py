@@ -189,7 +189,10 @@ def test_up_serves_the_deployments_and_a_run_started_through_the_api_is_recorded
     assert vtags["base_model"] == "tiny" and len(vtags["adapter_sha256"]) == 64
     overall = metrics["saha-hierarchical/p1.overall"]
     assert float(vtags["p1.overall"]) == pytest.approx(overall, abs=1e-4)
-    assert version["source"].endswith("/adapter")
+    # An MLflow Model (tasks.pyfunc_model), the first version of its name: the champion.
+    assert version["source"].endswith(f"/registered/{vtags['evaluate_fingerprint']}")
+    assert vtags["gen2embed.format"] == "gen2embed-pyfunc-1"
+    assert version["aliases"] == ["champion"] and vtags["gen2embed.champion"] == "promoted"
 
     # `gen2embed run` in another terminal uses the same servers: no server of its own, and
     # every stage of the row is a cache hit.
@@ -213,6 +216,7 @@ def test_up_serves_the_deployments_and_a_run_started_through_the_api_is_recorded
     )  # fmt: skip
     assert compared.returncode == 0, compared.stderr
     assert "saha-hierarchical/p1.overall" in compared.stdout
+    assert f"champion of {name}: version 1" in compared.stdout
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
