@@ -18,6 +18,7 @@ from tasks.registry import CHAMPION, REASON_TAG
 from tasks.tracking import PARENT_TAG, Tracker
 
 REGISTERED = "gen2embed.registered."  # + row: "NAME/VERSION" (tasks.contract)
+NOT_REGISTERED = "not registered"  # its value when registration failed (the reason follows)
 
 
 class CompareError(UserError, ValueError):
@@ -67,7 +68,7 @@ def champions(tracker: Tracker, runs: list[Run]) -> dict[str, tuple[str, str]]:
         tag.split("/")[0]
         for r in runs
         for key, tag in r.data.tags.items()
-        if key.startswith(REGISTERED)
+        if key.startswith(REGISTERED) and not tag.startswith(NOT_REGISTERED)
     }
     out = {}
     for name in sorted(names):
@@ -108,7 +109,7 @@ def compare_table(runs: list[Run], champion: dict[str, tuple[str, str]] | None =
 
     def registered(run: Run, row: str) -> str:
         tag = run.data.tags.get(REGISTERED + row)
-        if not tag:
+        if not tag or tag.startswith(NOT_REGISTERED):
             return "-"
         name, _, version = tag.rpartition("/")
         held = champion.get(name, ("", ""))[0] == version

@@ -59,7 +59,7 @@ from embedder.errors import UserError
 from embedder.outputs import StageOutput
 from embedder.progress import listening
 from embedder.report import RowResult
-from tasks.registry import register_adapter
+from tasks.registry import RegistryError, register_adapter
 from tasks.tracking import Tracker, source_tags
 
 log = logging.getLogger("gen2embed.stage")
@@ -748,11 +748,19 @@ class PipelineRun:
         for result in results:
             if result.adapter is None:
                 continue
-            done = register_adapter(
-                self.tracker, self.cfg, result.row, result.adapter, result.evaluation,
-                self.parent_id, lock=self.store.workdir / "cache" / "registry.lock",
-            )  # fmt: skip
             row = result.row.name
+            try:
+                done = register_adapter(
+                    self.tracker, self.cfg, result.row, result.adapter, result.evaluation,
+                    self.parent_id, lock=self.store.workdir / "cache" / "registry.lock",
+                )  # fmt: skip
+            except RegistryError as exc:  # the run's results stand; the version is not made
+                self.warnings.append(f"registry {row}: not registered: {exc}")
+                log.warning("%s: not registered: %s", row, exc)
+                self.tracker.set_tags(
+                    self.parent_id, {f"gen2embed.registered.{row}": f"not registered: {exc}"[:5000]}
+                )
+                continue
             self.tracker.set_tags(
                 self.parent_id,
                 {
