@@ -356,3 +356,18 @@ def test_compare_shows_which_version_holds_champion(
     assert line.split()[2:] == [f"v{holder}", "champion", f"v{other}"]
     reason = client.get_model_version(first.name, holder).tags[REASON_TAG]
     assert f"champion of {first.name}: version {holder} ({reason})" in table
+
+
+def test_an_adapter_whose_tiny_base_is_gone_says_why_it_is_not_registered(
+    registered: tuple[Tracker, Registration, Path], tmp_path: Path
+) -> None:
+    from tasks.registry import RegistryError
+
+    tracker, _, folder = registered
+    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id
+    gone = Adapter(folder=folder.parent, base=str(tmp_path / "moved" / "model"))
+    report = EvalReport(folder=tmp_path, fingerprint="ev9", metrics={"p1.overall": 0.9})
+    with pytest.raises(RegistryError, match="tiny generator the adapter was trained on"):
+        register_adapter(
+            tracker, load_config("tiny"), ROW, gone, report, run_id, lock=tmp_path / "l"
+        )
