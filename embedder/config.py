@@ -328,7 +328,7 @@ NEGATIVES = ("none", "in_batch", "saha", "topk", "topk_margin")
 
 class TableRow(_Section):
     """One row of the comparison table: a template, and how the model was fine-tuned, or
-    the released adapter it evaluates (docs/method.md, "The authors' released adapters")."""
+    the released adapter it evaluates (docs/method.md section 7)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     template: Literal["hierarchical", "plain", "chat"]

@@ -348,10 +348,11 @@ def vectors_identity(
 ) -> str:
     """What an embedding depends on besides its item key (which hashes the rendered prompt
     and the image path *relative to its root*): the weights (backbone content or commit,
-    generator, adapter: fine-tuned, or `released` as a table row names it), the dtype and device they ran in (as loaded: `auto` means bfloat16
-    on a GPU), the attention kernel, the image rules, and the images the paths point at (the
-    root and the `stat` of every file in it: another root holding other pictures under the
-    same names must not lend its vectors: the digest ingest recorded, else a fresh walk)."""
+    generator, adapter: fine-tuned, or `released` as a table row names it), the dtype and
+    device they ran in (as loaded: `auto` means bfloat16 on a GPU), the attention kernel, the
+    image rules, and the images the paths point at (the root and the `stat` of every file in
+    it: another root holding other pictures under the same names must not lend its vectors:
+    the digest ingest recorded, else a fresh walk)."""
     root = data.eval_images
     if root is None:
         raise EvalDataError("the ingest output holds no eval table (set ingest.eval_dir)")

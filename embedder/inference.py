@@ -12,7 +12,14 @@ identical inputs embedded once, batches sorted by length, images decoded by the 
 and renders prompts as they do (`embedder.embed.make_item`), so an item gives the vector the
 pipeline's evaluation gives it. An adapter is loaded strictly (missing or unexpected keys are
 an error) with the template it was trained with, read from `gen2embed.json` beside it
-(written by the finetune stage).
+(written by the finetune stage). An adapter trained elsewhere (a folder or a hub id, such as
+the paper authors' released ones) has no such record: pass its template.
+
+    model = Embedder.load(
+        "Qwen/Qwen2-VL-2B-Instruct",
+        adapter="Y-J-Ju/SaHa-Qwen2-VL-2B-Instruct",
+        template="hierarchical",
+    )
 """
 
 from __future__ import annotations
@@ -143,17 +150,27 @@ class Embedder:
         device: str = "auto",
         dtype: str = "auto",
         revision: str | None = None,
+        adapter_revision: str | None = None,
     ) -> Embedder:
         """Load `base` (a hub id or a local model folder) and, when given, merge the adapter
-        folder `adapter` into it. The template is the adapter's (its `gen2embed.json`) unless
-        `template` says otherwise; a base alone uses `hierarchical`, the paper's zero-shot
-        prompt. Raises AdapterError (missing or unexpected adapter keys), EmbedderError."""
+        `adapter` into it: a peft folder, or a hub repo id (downloaded at `adapter_revision`,
+        None: its main branch), ours or another trainer's (`embedder.training.adapters`).
+        The template is the adapter's (its `gen2embed.json`) unless `template` says
+        otherwise; a base alone uses `hierarchical`, the paper's zero-shot prompt. Raises
+        AdapterError (missing or unexpected adapter keys, a refused pickle), EmbedderError."""
+        folder = None
+        if adapter is not None:  # before the base: a wrong adapter fails in seconds
+            from embedder.training.adapters import adapter_folder, weights_file
+
+            folder = adapter_folder(adapter, adapter_revision)
+            weights_file(folder)
+        elif adapter_revision is not None:
+            raise EmbedderError("adapter_revision is set but adapter is not")
         backbone = load_backbone(base, device=device, dtype=dtype, revision=revision)
         trained = None
-        if adapter is not None:
+        if folder is not None:
             from embedder.training.adapters import load_adapter
 
-            folder = Path(adapter)
             backbone = load_adapter(backbone, folder)
             trained = TrainedWith.read(folder)
         if adapter is not None and trained is None and template is None:

@@ -52,6 +52,17 @@ class RowResult:
     adapter: Adapter | None
 
 
+def _tuned(result: RowResult) -> str:
+    """The table's `fine-tuned` cell: no, our adapter (by fingerprint), or the released
+    adapter the row names (evaluated as it is)."""
+    if result.adapter is not None:
+        return "adapter " + result.adapter.fingerprint[:10]
+    if result.row.adapter is not None:
+        revision = f"@{result.row.adapter_revision}" if result.row.adapter_revision else ""
+        return f"released: {result.row.adapter}{revision}"
+    return "no"
+
+
 def _chance(report: dict[str, Any]) -> dict[str, float]:
     """Expected P@1 of a random embedding (1 / candidates, either convention: random vectors
     do not tie), averaged like the scores."""
@@ -168,9 +179,7 @@ def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
     md += ["```", *lines, "```", ""]
     md += ["| row | template | negatives | fine-tuned |", "|---|---|---|---|"]
     md += [
-        f"| {r.row.name} | {r.row.template} | {r.row.negatives} | "
-        f"{'no' if r.adapter is None else 'adapter ' + r.adapter.fingerprint[:10]} |"
-        for r in results
+        f"| {r.row.name} | {r.row.template} | {r.row.negatives} | {_tuned(r)} |" for r in results
     ]
     outside = reports[0]["aggregate"].get("outside_mmeb", [])
     if outside:
@@ -209,6 +218,7 @@ def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
             r.row.name: {
                 "template": r.row.template,
                 "negatives": r.row.negatives,
+                "adapter": r.row.adapter,
                 # `aggregate`, `subsets`: P@1 (MMEB argmax), the headline; the others beside.
                 "aggregate": {k: v for k, v in rep["aggregate"].items() if isinstance(v, float)},
                 "aggregate_strict": rep["aggregate_strict"],

@@ -38,12 +38,19 @@ __all__ = ["PipelineError", "method", "pipeline", "pipeline_config"]
 
 def method(cfg: PipelineConfig) -> list[RowResult]:
     """From generator to embedder (docs/method.md), stage by stage, then one evaluation per table
-    row; rows share every stage whose inputs they share (through the cache)."""
+    row; rows share every stage whose inputs they share (through the cache).
+
+    A row with `negatives: none` is evaluated with the base alone (zero-shot) or with the
+    released adapter it names (`adapter:`, evaluate's `evaluate.adapter`); it mines and
+    fine-tunes nothing, and its RowResult holds no adapter (nothing of ours to register). The
+    training pairs are embedded and retrieved only when a row mines them."""
     world = stages.world(cfg) if cfg.ingest.source == "world" else None
     data = stages.ingest(cfg, world)
     generator = stages.pretrain(cfg) if cfg.model.backbone == "tiny" else None
-    emb = stages.embed(cfg, data, generator)
-    cands = stages.retrieve(cfg, emb)
+    emb = cands = None
+    if any(row.negatives != "none" for row in cfg.table.rows):
+        emb = stages.embed(cfg, data, generator)
+        cands = stages.retrieve(cfg, emb)
     results = []
     for row in cfg.table.rows:
         with table_row(row.name):

@@ -9,14 +9,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from embedder.config import ModelConfig
+from embedder.config import EvaluateConfig, ModelConfig
 from embedder.datasets.ingest import ingest as ingest_tables
 from embedder.datasets.ingest import source_inputs
 from embedder.embed import embed_pairs
 from embedder.evaluate import AGGREGATES, evaluate_model
 from embedder.generator import pretrain_generator
 from embedder.mining import mine_clusters
-from embedder.model.identity import model_identity, workdir_cache
+from embedder.model.identity import adapter_identity, model_identity, workdir_cache
 from embedder.outputs import Clusters, EvalReport, Tables
 from embedder.retrieval import retrieve_candidates
 from embedder.training.finetune import finetune_adapter
@@ -57,6 +57,18 @@ def model_inputs(model: ModelConfig, **_: Any) -> dict[str, str]:
     return model_identity(model.backbone, model.revision, workdir_cache()).as_inputs()
 
 
+def evaluate_inputs(model: ModelConfig, cfg: EvaluateConfig, **_: Any) -> dict[str, str]:
+    """`model_inputs`, and the identity of the released adapter a table row names
+    (`evaluate.adapter`, filled in from `table.rows[].adapter`) the same way: a folder's
+    content (`adapter:content`), a hub repo's resolved commit (`adapter:commit`). A
+    fine-tuned adapter enters as the finetune stage's fingerprint instead."""
+    inputs = model_inputs(model)
+    if cfg.adapter is not None:
+        found = adapter_identity(cfg.adapter, cfg.adapter_revision, workdir_cache())
+        inputs.update(found.as_inputs("adapter"))
+    return inputs
+
+
 world = Stage("world", build_world)
 ingest = Stage("ingest", ingest_tables, inputs=source_inputs, datasets=ingested_tables)
 pretrain = Stage("pretrain", pretrain_generator)
@@ -70,7 +82,7 @@ evaluate = Stage(
     resumable=True,
     headline=scores,
     fan_out=True,
-    inputs=model_inputs,
+    inputs=evaluate_inputs,
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(

@@ -74,11 +74,29 @@ class FamilyAdapter:
     # a family with another layout overrides these.
     language_model = "model.language_model"
     vision = "model.visual"
+    # Module paths of older transformers (4.x before 4.52: `visual.*`, `model.layers.*`,
+    # `model.embed_tokens`, `model.norm`), as adapters trained then name their weights (the
+    # paper authors' among them), each (regex, replacement) mapped to today's. The rules
+    # transformers itself applies to old checkpoints of these classes; today's names match
+    # none of them, so mapping is safe on any key.
+    legacy_paths: tuple[tuple[str, str], ...] = (
+        (r"^visual\.", "model.visual."),
+        (r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
+    )
 
     @property
     def components(self) -> dict[str, str]:
         """Component name -> module path, for the manifest's LoRA counts per component."""
         return {"language_model": self.language_model, "vision": self.vision}
+
+    def current_name(self, name: str) -> str:
+        """A module path (or a parameter name under one) as an older transformers named it,
+        as the loaded model names it (`legacy_paths`; the first rule that matches)."""
+        for pattern, replacement in self.legacy_paths:
+            renamed, n = re.subn(pattern, replacement, name, count=1)
+            if n:
+                return renamed
+        return name
 
     def model_class(self, model_type: str) -> type[PreTrainedModel]:
         import transformers
@@ -113,6 +131,8 @@ class Qwen25VLAdapter(FamilyAdapter):
 
 class Qwen3VLAdapter(FamilyAdapter):
     model_types = ("qwen3_vl",)
+    # Added to transformers in today's layout: no older names to map.
+    legacy_paths = ()
 
 
 ADAPTERS: dict[str, FamilyAdapter] = {
@@ -177,6 +197,28 @@ class UnsafeWeightsError(UserError, OSError):
     pass
 
 
+class NotAModelError(UserError, ValueError):
+    """A peft adapter given where a model is expected."""
+
+
+def _not_an_adapter(source: str, model: PreTrainedModel | None = None) -> None:
+    """Refuse an adapter given as the model: transformers would load the base it names and
+    apply it its own way (no key check, no key mapping for older trainers' files). A local
+    folder is told by its adapter_config.json and no model weights; a hub repo, once
+    transformers loaded it, by the adapter it attached."""
+    folder = Path(source).expanduser()
+    local = (folder / "adapter_config.json").is_file() and not any(
+        folder.glob("model*.safetensors")
+    )
+    attached = model is not None and getattr(model, "_hf_peft_config_loaded", False)
+    if local or attached:
+        raise NotAModelError(
+            f"{source} is a peft adapter, not a model: load the base it was trained on with "
+            f"it as the adapter (Embedder.load(base, adapter={source!r}); gen2embed encode "
+            f"{source} --base BASE)"
+        )
+
+
 def load_backbone(
     name_or_path: str | Path,
     *,
@@ -188,6 +230,7 @@ def load_backbone(
 ) -> Backbone:
     """A hub id (needs network) or a local folder holding config, weights and processor."""
     source = str(name_or_path)
+    _not_an_adapter(source)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if revision:
         kwargs["revision"] = revision
@@ -217,6 +260,7 @@ def load_backbone(
             "can run code); convert them, e.g. load and save_pretrained(safe_serialization="
             "True) in a sandbox"
         ) from None
+    _not_an_adapter(source, model)
     model.to(dev).eval()
     processor = adapter.load_processor(source, **kwargs)
     return Backbone(model, processor, adapter, dev, torch_dtype, source)

@@ -15,7 +15,9 @@ in place and the path stays the same), and a hub id without a pinned revision me
   offline, of the local hub cache, as transformers would load it). A revision that is already
   a full commit hash is used as is, with no network.
 
-The tiny generator is neither: the pretrain stage's fingerprint stands for it.
+The tiny generator is neither: the pretrain stage's fingerprint stands for it. An adapter a
+table row names (`table.rows[].adapter`: a released adapter, evaluated as is) is identified
+the same way, as a folder's content or a hub repo's commit (`adapter_identity`).
 """
 
 from __future__ import annotations
@@ -54,11 +56,12 @@ class ModelIdentity:
     digest: str
     revision: str | None
 
-    def as_inputs(self) -> dict[str, str]:
-        """The fingerprint inputs this identity contributes (recorded in the manifest)."""
+    def as_inputs(self, kind: str = "model") -> dict[str, str]:
+        """The fingerprint inputs this identity contributes (recorded in the manifest):
+        `<kind>:content` or `<kind>:commit`."""
         if self.revision is None:
-            return {"model:content": self.digest}
-        return {"model:commit": self.digest}
+            return {f"{kind}:content": self.digest}
+        return {f"{kind}:commit": self.digest}
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -135,12 +138,23 @@ def folder_digest(folder: Path, cache: DigestCache) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
+def could_be_hub_id(source: str) -> bool:
+    """Whether `source` (not an existing folder) can name a hub repo: `name` or `owner/name`,
+    not a path (absolute, `.`/`~`-relative, or deeper than one slash)."""
+    return bool(source) and not (
+        Path(source).expanduser().is_absolute()
+        or source.startswith((".", "~"))
+        or source.count("/") > 1
+    )
+
+
 @lru_cache(maxsize=64)
-def resolve_hub_commit(repo: str, revision: str | None) -> str:
+def resolve_hub_commit(repo: str, revision: str | None, setting: str = "model.revision") -> str:
     """The commit `revision` (None: the default branch) of hub model `repo` points at now.
 
     Asks the hub; offline (HF_HUB_OFFLINE, or the hub unreachable) reads the local hub cache
-    as transformers would load from it. Raises ModelIdentityError when neither knows."""
+    as transformers would load from it. Raises ModelIdentityError when neither knows; its
+    message suggests pinning `setting` (the configuration key of the revision)."""
     if revision is not None and COMMIT.match(revision):
         return revision
     from huggingface_hub import HfApi, snapshot_download
@@ -159,7 +173,7 @@ def resolve_hub_commit(repo: str, revision: str | None) -> str:
         raise ModelIdentityError(
             f"cannot tell which commit of {repo} revision {revision or 'main'} to use: the hub "
             f"is unreachable and the local hub cache does not hold it ({exc}). Connect, or set "
-            "model.revision to a 40-character commit hash"
+            f"{setting} to a 40-character commit hash"
         ) from None
     return Path(snapshot).name
 
@@ -169,16 +183,31 @@ def model_identity(backbone: str, revision: str | None, cache: DigestCache) -> M
 
     Raises ModelIdentityError (see resolve_hub_commit and folder_digest). A local folder
     with `revision` set is an error: a folder has no revisions, the setting would do nothing."""
-    folder = Path(backbone).expanduser()
+    return _identity(backbone, revision, cache, "model.backbone", "model.revision")
+
+
+def adapter_identity(adapter: str, revision: str | None, cache: DigestCache) -> ModelIdentity:
+    """The identity of a released adapter a table row names (`table.rows[].adapter`, a local
+    peft folder or a hub id): its files' content, or the commit its revision resolves to.
+    Raises ModelIdentityError as `model_identity` does."""
+    return _identity(
+        adapter, revision, cache, "table.rows[].adapter", "table.rows[].adapter_revision"
+    )
+
+
+def _identity(
+    source: str, revision: str | None, cache: DigestCache, source_key: str, revision_key: str
+) -> ModelIdentity:
+    folder = Path(source).expanduser()
     if folder.is_dir():
         if revision is not None:
             raise ModelIdentityError(
-                f"model.revision={revision!r} is set but model.backbone {backbone} is a local "
-                "folder, which has no revisions: drop model.revision"
+                f"{revision_key}={revision!r} is set but {source_key} {source} is a local "
+                f"folder, which has no revisions: drop {revision_key}"
             )
-        return ModelIdentity(backbone, folder_digest(folder.resolve(), cache), None)
-    if folder.is_absolute() or backbone.startswith((".", "~")) or backbone.count("/") > 1:
+        return ModelIdentity(source, folder_digest(folder.resolve(), cache), None)
+    if not could_be_hub_id(source):
         # Hub ids are `name` or `owner/name`: this was meant as a folder.
-        raise ModelIdentityError(f"model.backbone {backbone}: no such folder")
-    commit = resolve_hub_commit(backbone, revision)
-    return ModelIdentity(backbone, commit, commit)
+        raise ModelIdentityError(f"{source_key} {source}: no such folder")
+    commit = resolve_hub_commit(source, revision, revision_key)
+    return ModelIdentity(source, commit, commit)

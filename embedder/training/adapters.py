@@ -10,11 +10,20 @@ the Linear layers under the family's language-model path (`FamilyAdapter.languag
 A LoRA that silently does not apply is a known trap (under transformers v5 peft only warns
 about missing adapter keys): loading here compares the file's keys with the ones the model
 expects and refuses any difference, naming the keys.
+
+Adapters trained elsewhere load too (docs/method.md section 7): the
+paper authors' trainer (VLM2Vec's) saves a peft folder of transformers 4.x, possibly with
+pickled `adapter_model.bin` weights. Pickles are read only by torch's weights-only loader
+(tensors and containers, never code); the module paths of that transformers are mapped to
+today's by the backbone family (`FamilyAdapter.current_name`) before the strict key check.
+An adapter is a folder or a hub repo id (`adapter_folder`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import pickle
 import re
 import shutil
 from collections import Counter
@@ -31,9 +40,25 @@ from embedder.artifacts import json_text
 from embedder.config import FinetuneConfig
 from embedder.errors import UserError
 from embedder.model.backbone import Backbone, FamilyAdapter
+from embedder.model.identity import ModelIdentityError, could_be_hub_id, resolve_hub_commit
+
+log = logging.getLogger("gen2embed.adapters")
 
 WEIGHTS = "adapter_model.safetensors"
+# Pickled weights, as peft writes them with safe_serialization=False (the paper authors'
+# trainer ran with --save_safetensors False). Read only when WEIGHTS is absent, and only by
+# torch's weights-only unpickler.
+PICKLED_WEIGHTS = "adapter_model.bin"
 CONFIG = "adapter_config.json"
+# What a hub repo's download fetches: the adapter and our training record, plus config.json to
+# tell a full model (published merged) from an adapter. Never training_args.bin (a pickle).
+HUB_FILES = (CONFIG, WEIGHTS, PICKLED_WEIGHTS, "gen2embed.json", "config.json")
+# peft's prefix of every saved key (the PeftModel's `base_model.model`).
+PEFT_PREFIX = "base_model.model."
+# Wrappers a trainer may leave in front of peft's keys: VLM2Vec's MMEBModel (which the
+# authors' trainer reuses) holds the peft model as `encoder`. Its trainer strips the prefix
+# before saving; a state dict taken from the wrapper itself would keep it.
+WRAPPER_PREFIXES = ("encoder.",)
 
 
 class AdapterError(UserError, ValueError):
@@ -169,16 +194,180 @@ def _names(keys: Any, limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def adapter_folder(
+    source: str | Path, revision: str | None = None, *, setting: str = "adapter_revision"
+) -> Path:
+    """The local folder of adapter `source`: an existing folder as it is, else (a string) a hub
+    repo id (`owner/name`) whose adapter files (`HUB_FILES`, nothing else) are downloaded from the
+    commit `revision` resolves to (None: the default branch; offline, the local hub cache).
+
+    Raises AdapterError when `source` is neither, or cannot be downloaded; ModelIdentityError
+    (its message names `setting`) when the revision cannot be resolved."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if revision is not None:
+            raise AdapterError(
+                f"adapter {source} is a local folder, which has no revisions: drop {setting}"
+            )
+        return path
+    repo = str(source)
+    if isinstance(source, Path) or not could_be_hub_id(repo):  # a Path means a folder
+        raise AdapterError(f"adapter {source}: no such folder")
+    try:
+        commit = resolve_hub_commit(repo, revision, setting)
+    except ModelIdentityError as exc:
+        raise ModelIdentityError(
+            f"adapter {repo}: no such folder, and as a hub id: {exc}"
+        ) from None
+    from huggingface_hub import snapshot_download
+
+    def complete(folder: str) -> bool:
+        snapshot = Path(folder)
+        weights = (snapshot / WEIGHTS).is_file() or (snapshot / PICKLED_WEIGHTS).is_file()
+        return (snapshot / CONFIG).is_file() and weights
+
+    try:  # the commit's files already in the hub cache: no network
+        folder = snapshot_download(
+            repo, revision=commit, allow_patterns=list(HUB_FILES), local_files_only=True
+        )
+        if complete(folder):
+            return Path(folder)
+    except Exception as exc:  # not cached (or partly): download
+        log.info("adapter %s@%s not in the hub cache (%s); downloading", repo, commit, exc)
+    try:
+        folder = snapshot_download(repo, revision=commit, allow_patterns=list(HUB_FILES))
+    except Exception as exc:  # no network, no such repo, gated, ...: the hub's own words
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise AdapterError(
+            f"adapter {repo} (commit {commit[:12]}): no such folder, and the hub repo cannot be "
+            f"downloaded ({type(exc).__name__}: {first})"
+        ) from None
+    return Path(folder)
+
+
+def weights_file(folder: Path) -> Path:
+    """The weights file of the adapter folder `folder`: `adapter_model.safetensors`, or only
+    when there is none, `adapter_model.bin`. Both present: the safetensors file wins, as in
+    peft and transformers, and the pickle is never opened.
+
+    Raises AdapterError when the folder holds no adapter config or no weights, naming a
+    full model (config.json, no adapter config) as such."""
+    if not (folder / CONFIG).is_file():
+        if (folder / "config.json").is_file():
+            raise AdapterError(
+                f"{folder} holds a full model (config.json, no {CONFIG}), not an adapter: "
+                "load it as the base model (Embedder.load(it), model.backbone) with no adapter"
+            )
+        raise AdapterError(f"{folder}: no {CONFIG} (not a peft adapter folder)")
+    safe, pickled = folder / WEIGHTS, folder / PICKLED_WEIGHTS
+    if safe.is_file():
+        if pickled.is_file():
+            log.info("%s: reading %s; %s beside it is ignored", folder, WEIGHTS, PICKLED_WEIGHTS)
+        return safe
+    if pickled.is_file():
+        return pickled
+    raise AdapterError(f"{folder}: no adapter weights ({WEIGHTS}, or {PICKLED_WEIGHTS})")
+
+
+def read_adapter_weights(
+    folder: Path, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """The tensors of the adapter in `folder` (`weights_file`), keys as saved. A pickle is
+    read by torch's weights-only unpickler only: one that needs anything but tensors and
+    plain containers is refused, never run. Raises AdapterError naming the file."""
+    path = weights_file(folder)
+    if path.name == PICKLED_WEIGHTS:
+        return _weights_only(path, device)
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:  # a truncated or foreign file: safetensors' own words
+        raise AdapterError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _weights_only(path: Path, device: torch.device | str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message: a paragraph on the weights_only default, then the refused global.
+        why = [
+            line.strip()
+            for line in str(exc).splitlines()
+            if line.strip()
+            and not line.startswith(("Weights only load failed", "Check the documentation"))
+        ]
+        raise AdapterError(
+            f"{path}: refused: it is not a weights-only torch file ({' '.join(why[:2]) or exc}). "
+            "Unpickling anything beyond tensors can run code, so only weights-only pickles are "
+            "read; convert the file to safetensors where you trust it"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise AdapterError(f"{path}: not a readable torch weights file ({exc})") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise AdapterError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
+    return state
+
+
+def current_keys(state: dict[str, torch.Tensor], family: FamilyAdapter) -> dict[str, torch.Tensor]:
+    """`state` with its keys as the loaded model names them: a trainer's wrapper prefix
+    (`WRAPPER_PREFIXES`) dropped, the module path after peft's prefix mapped by the family
+    from older transformers' layout (`FamilyAdapter.current_name`; today's names unchanged).
+    Raises AdapterError when two keys map to one."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = next((key[len(p) :] for p in WRAPPER_PREFIXES if key.startswith(p)), key)
+        if name.startswith(PEFT_PREFIX):
+            name = PEFT_PREFIX + family.current_name(name[len(PEFT_PREFIX) :])
+        if name in out:
+            raise AdapterError(f"adapter keys collide once mapped to today's names: {name}")
+        out[name] = value
+    return out
+
+
+def read_config(folder: Path, family: FamilyAdapter) -> LoraConfig:
+    """The folder's LoRA config for loading (inference mode), its `target_modules` meaning
+    what they meant when it was trained.
+
+    Ours is an anchored regex of today's module path (`target_pattern`), used as is. Others
+    list module-name suffixes (peft matches those anywhere, as the trainer did: on Qwen2.5-VL a
+    bare `down_proj` also hits the vision tower, and the weights for it are in the file), also
+    used as is, so the key check compares the file with what its trainer built; a full module
+    path in such a list is mapped like the keys (`FamilyAdapter.current_name`)."""
+    weights_file(folder)  # a config and weights, or the error that says what is there
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"{folder / CONFIG}: not a LoRA config peft reads ({exc})") from None
+    targets = config.target_modules
+    if isinstance(targets, list | set | frozenset | tuple):
+        config.target_modules = sorted(family.current_name(t) if "." in t else t for t in targets)
+    config.inference_mode = True
+    return config
+
+
 def load_adapter(backbone: Backbone, folder: Path) -> Backbone:
     """The backbone with the adapter in `folder` applied and merged into its weights (plain
-    inference speed, the embedding code unchanged). Missing or unexpected keys are an error."""
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise AdapterError(f"{folder}: no {WEIGHTS} (adapters are saved as safetensors)")
-    config = LoraConfig.from_pretrained(str(folder))
-    config.inference_mode = True
-    peft_model = get_peft_model(backbone.model, config)
-    state = load_file(str(weights), device=str(backbone.device))
+    inference speed, the embedding code unchanged).
+
+    The folder is ours (safetensors, today's module names) or another trainer's (the paper
+    authors': `adapter_model.bin`, transformers 4.x names), see `read_adapter_weights` and
+    `current_keys`. Missing or unexpected keys (after mapping) are an error naming them, as
+    are shapes that do not fit."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise AdapterError(f"adapter {folder}: no such folder")
+    family = backbone.adapter
+    config = read_config(folder, family)
+    state = current_keys(read_adapter_weights(folder, backbone.device), family)
+    try:
+        peft_model = get_peft_model(backbone.model, config)
+    except ValueError as exc:
+        if "not found in the base model" not in str(exc) and "Target module" not in str(exc):
+            raise
+        raise AdapterError(
+            f"adapter {folder} does not fit {backbone.source}: {exc}".splitlines()[0]
+        ) from None
     expected = set(get_peft_model_state_dict(peft_model))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -191,9 +380,18 @@ def load_adapter(backbone: Backbone, folder: Path) -> Backbone:
             f"adapter {folder} does not fit {backbone.source}: {'; '.join(parts)} "
             "(a wrong base model, or a damaged adapter file)"
         )
-    result = set_peft_model_state_dict(peft_model, state)
+    try:
+        result = set_peft_model_state_dict(peft_model, state)
+    except RuntimeError as exc:  # torch's size-mismatch report
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise AdapterError(
+            f"adapter {folder} does not fit {backbone.source}: tensor shapes differ ({detail}) "
+            "(a wrong base model)"
+        ) from None
     if result.unexpected_keys:
         raise AdapterError(f"adapter {folder}: keys not applied: {_names(result.unexpected_keys)}")
+    counts = lora_module_counts(peft_model, family)
+    log.info("adapter %s: LoRA modules per component %s", folder, counts)
     merged = peft_model.merge_and_unload()
     merged.eval()
     return Backbone(
