@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enc.add_argument(
         "model",
-        help="an adapter folder (with --base, or the base it names), a base model (hub id or "
-        "folder: zero-shot), or a registered models:/NAME/VERSION or models:/NAME@ALIAS",
+        help="an adapter folder (its base is the one it names, or --base), an adapter hub id "
+        "(with --base), a base model (hub id or folder: zero-shot), or a registered "
+        "models:/NAME/VERSION or models:/NAME@ALIAS",
     )
     enc.add_argument(
         "--input", required=True, type=Path, help="JSONL or Parquet: text, image, instruction, id"
@@ -107,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", required=True, type=Path, help="Parquet file to write (id, embedding)"
     )
     enc.add_argument("--images", type=Path, help="images root the `image` paths are relative to")
-    enc.add_argument("--base", help="base model of an adapter folder (default: the one it names)")
+    enc.add_argument(
+        "--base",
+        help="base model; MODEL is then an adapter (a folder, or a hub id such as the paper "
+        "authors' Y-J-Ju/SaHa-Qwen2-VL-2B-Instruct). Default: the base an adapter folder names",
+    )
+    enc.add_argument("--adapter-revision", help="hub revision of an adapter given by id")
     enc.add_argument("--role", choices=("query", "target"), default="query")
     enc.add_argument(
         "--template",
@@ -321,20 +327,28 @@ def cmd_encode(args: argparse.Namespace) -> int:
                 args.model, tracker, Path(tmp), template=template, settings=settings
             )
         else:
-            if (Path(args.model) / "adapter_config.json").is_file():
-                adapter = Path(args.model)
-                if base is None:
-                    config = json.loads((adapter / "adapter_config.json").read_text())
-                    base = config.get("base_model_name_or_path")
-                    if not base:
-                        raise EncodeInputError(f"{adapter} names no base model: pass --base")
-            elif args.base:
-                raise EncodeInputError(
-                    f"--base is for adapter folders; {args.model} is a base model itself"
-                )
+            if args.base:  # MODEL is an adapter: a folder, or a hub id (the authors' ones)
+                adapter = args.model
+            elif (Path(args.model) / "adapter_config.json").is_file():
+                adapter = args.model
+                config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+                base = config.get("base_model_name_or_path")
+                if not base:
+                    raise EncodeInputError(f"{adapter} names no base model: pass --base")
             else:
                 base = args.model
-            model = Embedder.load(base, adapter, template=template, settings=settings)
+            if args.adapter_revision and adapter is None:
+                raise EncodeInputError(
+                    f"--adapter-revision is for adapters; {args.model} is a base model (an "
+                    "adapter hub id needs --base)"
+                )
+            model = Embedder.load(
+                base,
+                adapter,
+                template=template,
+                settings=settings,
+                adapter_revision=args.adapter_revision,
+            )
         counts = encode_file(
             model,
             args.input,

@@ -493,3 +493,35 @@ def test_a_row_with_an_adapter_evaluates_it_and_its_fingerprint_holds_its_conten
     summary = json.loads(report.report.read_text())
     assert summary["adapter"].startswith(f"{adapter}@")
     assert summary["aggregate"] == json.loads(reference.report.read_text())["aggregate"]
+
+
+def test_gen2embed_encode_takes_an_adapter_hub_id_with_base(
+    generator: Generator,
+    offline_hub: tuple[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    import pyarrow.parquet as pq
+
+    from flows.cli import main
+
+    repo, commit = offline_hub
+    monkeypatch.setenv("GEN2EMBED_HOME", str(tmp_path / "w"))
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("a red circle", "a star")))
+    out = tmp_path / "out.parquet"
+    args = ["--input", str(source), "--output", str(out), "--image-mode", "fixed"]
+    args += ["--image-side", "64", "--template", "hierarchical", "--workdir", str(tmp_path / "w")]
+    base = ["--base", str(generator.model_dir)]
+    assert main(["encode", repo, *base, "--adapter-revision", commit, *args]) == 0
+    got = np.stack(pq.read_table(out)["embedding"].to_numpy(zero_copy_only=False))
+    model = Embedder.load(
+        generator.model_dir, adapter=repo, template="hierarchical", settings=SETTINGS
+    )
+    np.testing.assert_allclose(got, model.encode(["a red circle", "a star"]), atol=1e-6)
+    # An adapter revision for a base model is a mistake, one line, exit 2.
+    out.unlink()
+    assert main(["encode", str(generator.model_dir), "--adapter-revision", commit, *args]) == 2
+    assert not out.exists()

@@ -359,6 +359,9 @@ def load_adapter(backbone: Backbone, folder: Path) -> Backbone:
         raise AdapterError(f"adapter {folder}: no such folder")
     family = backbone.adapter
     config = read_config(folder, family)
+    # The base it goes on now (the key check below is what proves the fit); peft otherwise
+    # warns that the name "was renamed" whenever the base sits at another path than in training.
+    config.base_model_name_or_path = backbone.source
     state = current_keys(read_adapter_weights(folder, backbone.device), family)
     try:
         peft_model = get_peft_model(backbone.model, config)
