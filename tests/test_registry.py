@@ -371,3 +371,40 @@ def test_an_adapter_whose_tiny_base_is_gone_says_why_it_is_not_registered(
         register_adapter(
             tracker, load_config("tiny"), ROW, gone, report, run_id, lock=tmp_path / "l"
         )
+
+
+def test_a_rerun_of_a_bare_version_registers_a_loadable_one_and_supersedes_it(
+    generator: Generator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version registered before versions were MLflow Models (the adapter folder as its
+    source, no gen2embed.format tag), found again by the same adapter and evaluation."""
+    from tasks.registry import FORMAT_TAG, adapter_sha256, model_name
+    from tests.test_inference import _adapter
+
+    folder = _adapter(generator, tmp_path / "ft" / "adapter", "hierarchical")
+    tracker = Tracker.for_workdir(tmp_path / "work")
+    client = tracker.client
+    run_id = client.create_run(tracker.experiment_id).info.run_id
+    tracker.log_folder(run_id, folder)
+    cfg = load_config("tiny")
+    name = model_name(cfg, ROW)
+    client.create_registered_model(name)
+    old_tags = {
+        "adapter_sha256": adapter_sha256(folder),
+        "evaluate_fingerprint": "ev1",
+        "base_model": "tiny",
+        "base_revision": str(generator.model_dir),
+    }
+    source = f"{client.get_run(run_id).info.artifact_uri}/adapter"
+    client.create_model_version(name, source, run_id=run_id, tags=old_tags)
+    adapter = Adapter(folder=folder.parent, base=str(generator.model_dir), template="hierarchical")
+    report = EvalReport(folder=tmp_path, fingerprint="ev1", metrics={"p1.overall": 0.5})
+    done = register_adapter(tracker, cfg, ROW, adapter, report, run_id, lock=tmp_path / "l")
+    assert done.version == "2" and done.champion
+    assert client.get_model_version(name, "1").tags["gen2embed.superseded_by"] == "2"
+    assert FORMAT_TAG in client.get_model_version(name, "2").tags
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracker.tracking_uri)
+    assert mlflow.pyfunc.load_model(done.uri).predict(pd.DataFrame({"text": ["x"]})).shape[0] == 1
+    # Once loadable, the same adapter and evaluation find version 2.
+    again = register_adapter(tracker, cfg, ROW, adapter, report, run_id, lock=tmp_path / "l")
+    assert again.version == "2"

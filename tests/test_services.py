@@ -192,7 +192,11 @@ def test_up_serves_the_deployments_and_a_run_started_through_the_api_is_recorded
     # An MLflow Model (tasks.pyfunc_model), the first version of its name: the champion.
     assert version["source"].endswith(f"/registered/{vtags['evaluate_fingerprint']}")
     assert vtags["gen2embed.format"] == "gen2embed-pyfunc-1"
-    assert version["aliases"] == ["champion"] and vtags["gen2embed.champion"] == "promoted"
+    assert vtags["gen2embed.champion"] == "promoted"
+    champion = _rest(
+        f"{served.mlflow}/api/2.0/mlflow/registered-models/alias?name={name}&alias=champion"
+    )["model_version"]
+    assert champion["version"] == version["version"] == "1"
 
     # `gen2embed run` in another terminal uses the same servers: no server of its own, and
     # every stage of the row is a cache hit.
