@@ -550,6 +550,18 @@ class PipelineConfig(_Section):
             object.__setattr__(self.retrieve, "top_r", 2 * self.mine.k * self.mine.m)
         return self
 
+    def changed_from(self, base: PipelineConfig) -> dict[str, Any]:
+        """The settings (`section.key`, JSON values) where this config differs from `base`,
+        e.g. the preset it started from; the table's rows are left out (runs name them)."""
+        mine, theirs = self.model_dump(mode="json"), base.model_dump(mode="json")
+        return {
+            f"{section}.{key}": value
+            for section, fields in mine.items()
+            if section != "table" and isinstance(fields, dict)
+            for key, value in fields.items()
+            if theirs.get(section, {}).get(key) != value
+        }
+
     def with_rows(self, names: list[str] | None) -> PipelineConfig:
         """Only the named table rows (None: all), in the config's order."""
         if not names:

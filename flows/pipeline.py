@@ -26,6 +26,7 @@ from embedder.config import (
     parse_override,
 )
 from embedder.report import RowResult, write_report
+from flows.summary import log_to_prefect, run_summary
 from tasks import stages
 from tasks.contract import PipelineError, PipelineRun, table_row
 from tasks.stages import STAGE_NAMES
@@ -180,4 +181,14 @@ def pipeline(
             write_report(results, folder, f"gen2embed: {preset}")
             run.publish_report(folder)
             run.register_adapters(results)
+    # The run's Logs tab in Prefect shows what `gen2embed run` prints: folders, losses and
+    # scores, the table, warnings (a run started from the UI has no terminal).
+    log_to_prefect(
+        run_summary(
+            dict(run.paths),
+            run.store.workdir,
+            tracking_uri=run.tracker.tracking_uri,
+            experiment_id=run.tracker.experiment_id,
+        )
+    )
     return run.paths

@@ -23,11 +23,15 @@ Inside `plan(...)` the same calls only fingerprint, so `gen2embed stages` and th
 
 from __future__ import annotations
 
+import base64
 import contextvars
 import errno
 import inspect
 import json
 import logging
+import mimetypes
+import re
+import signal
 import time
 import types
 import typing
@@ -48,17 +52,18 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.context import TaskRunContext, get_run_context
-from prefect.runtime import flow_run
-from prefect.states import Completed, State
+from prefect.exceptions import TerminationSignal
+from prefect.runtime import deployment, flow_run
+from prefect.states import Cancelled, Completed, State
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ValidationError
 
 from embedder.artifacts import ArtifactStore, Manifest, code_version, fingerprint
-from embedder.config import PipelineConfig
+from embedder.config import PipelineConfig, load_config
 from embedder.errors import UserError
 from embedder.outputs import StageOutput
 from embedder.progress import listening
-from embedder.report import RowResult
+from embedder.report import COLUMNS, SHORT, RowResult
 from tasks.registry import RegistryError, register_adapter
 from tasks.tracking import Tracker, source_tags
 
@@ -256,6 +261,8 @@ class RunSettings(BaseModel):
     from_stage: str | None = None
     # Shard tasks on a cluster wrote into the partial folder already (tasks.scale): keep it.
     fanned_out: bool = False
+    # The stage as the UIs name it: `embed`, `finetune[saha-hierarchical]` (stage_label).
+    label: str = ""
 
 
 TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ESTALE, errno.EINTR}
@@ -285,7 +292,33 @@ def _flow_run_id() -> str:
     return str(run.id)
 
 
+def cancel_requested() -> bool:
+    """Whether the SIGTERM being handled is Prefect's runner cancelling the flow run (the
+    Cancel button), as its control channel told this process before signalling; False for
+    any other SIGTERM (a `kill`, a machine shutting down) and where Prefect has no channel."""
+    try:
+        from prefect._internal.control_listener import get_intent
+    except ImportError:  # a Prefect without the channel: every SIGTERM is a termination
+        return False
+    return get_intent() == "cancel"
+
+
 def _execute(call: StageCall[Any], run: RunSettings) -> Any:
+    """The stage task: `_execute_stage`, ended as Cancelled (not Crashed) when its flow run is
+    cancelled from the UI. Prefect delivers the cancel as SIGTERM, raised here as
+    TerminationSignal, and its task engine would call any such signal a crash; the flow
+    re-raises it (PipelineRun.run) so the flow run's own cancellation runs as before."""
+    try:
+        return _execute_stage(call, run)
+    except TerminationSignal:
+        if not cancel_requested():
+            raise
+        label = run.label or call.stage.name
+        log.warning("%s: cancelled with its flow run; finished stages are kept", label)
+        return Cancelled(message=f"{label}: cancelled with its flow run")
+
+
+def _execute_stage(call: StageCall[Any], run: RunSettings) -> Any:
     """The body of every stage task: reuse the published folder, or compute and publish."""
     name, fp = call.stage.name, call.fingerprint
     task_run = TaskRunContext.get()
@@ -300,7 +333,7 @@ def _execute(call: StageCall[Any], run: RunSettings) -> Any:
             if published is not None:
                 output, manifest = published
                 log.info("%s: cached (%s)", name, path)
-                log_cached_run(name, manifest, tracker, run.parent_run_id, path)
+                log_cached_run(name, manifest, tracker, run.parent_run_id, path, run.label or name)
                 return Completed(data=quote(output), name="Cached", message=f"reused {path}")
             if run.mode == "reuse":
                 raise PipelineError(
@@ -313,6 +346,12 @@ def _execute(call: StageCall[Any], run: RunSettings) -> Any:
         return quote(_compute(call, run, store, tracker))
 
 
+def artifact_key(label: str, kind: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for `kind` of the stage
+    `label`: `finetune[saha-hierarchical]`, `mlflow` -> `finetune-saha-hierarchical-mlflow`."""
+    return re.sub(r"[^a-z0-9]+", "-", f"{label}-{kind}".lower()).strip("-")
+
+
 class ProgressArtifact:
     """A stage's long loops as a Prefect progress artifact (the task run's Artifacts tab):
     percent done, rate and ETA; the bar's values (training loss, lr) go to the stage's MLflow
@@ -320,6 +359,7 @@ class ProgressArtifact:
     fails the stage."""
 
     def __init__(self, stage: str, tracker: Tracker, run_id: str) -> None:
+        """`stage`: the stage's label (`evaluate[saha-hierarchical]`), which names the card."""
         self.stage, self.tracker, self.run_id = stage, tracker, run_id
         self.artifact_id: UUID | None = None
         self.failed: set[str] = set()
@@ -333,11 +373,17 @@ class ProgressArtifact:
                 log.warning("%s: live metrics not logged (%s)", self.stage, exc)
         if "prefect" in self.failed or not flow_run.get_id():
             return
+        # The engine names its loop ("embed: 1,200/4,000 items, ..."); the card names the
+        # stage, so an evaluation's embedding reads as the evaluation's.
+        _, _, how_far = line.partition(": ")
+        description = f"{self.stage}: {how_far or line}"
         try:
             if self.artifact_id is None:
-                self.artifact_id = create_progress_artifact(percent, description=line)
+                self.artifact_id = create_progress_artifact(
+                    percent, key=artifact_key(self.stage, "progress"), description=description
+                )
             else:
-                update_progress_artifact(self.artifact_id, percent, description=line)
+                update_progress_artifact(self.artifact_id, percent, description=description)
         except Exception as exc:
             self.failed.add("prefect")
             log.warning("%s: progress not shown in Prefect (%s)", self.stage, exc)
@@ -376,7 +422,7 @@ def _compute(
         partial = store.open_partial(stage.name, fp, fresh=fresh)
         log.info("%s: computing into %s", stage.name, partial)
         try:
-            with listening(ProgressArtifact(stage.name, tracker, rid)):
+            with listening(ProgressArtifact(run.label or stage.name, tracker, rid)):
                 output = stage.function(**call.arguments(partial))
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
@@ -396,13 +442,15 @@ def _compute(
         )
         published = store.path(stage.name, fp)
         track_published(tracker, rid, manifest, output.model_copy(update={"folder": published}))
-        _publish_summary(manifest, published, tracker, rid, cached=False)
+        _publish_summary(manifest, published, tracker, rid, run.label or stage.name, cached=False)
     return stage.restore(store, manifest)
 
 
-def summary_markdown(manifest: Manifest, path: Path, *, cached: bool, run_url: str | None) -> str:
+def summary_markdown(
+    manifest: Manifest, path: Path, *, cached: bool, run_url: str | None, label: str = ""
+) -> str:
     lines = [
-        f"# Stage `{manifest.stage}` {'(cached)' if cached else ''}",
+        f"# Stage `{label or manifest.stage}` {'(cached)' if cached else ''}",
         "",
         f"- fingerprint: `{manifest.fingerprint}`",
         f"- folder: `{path}`",
@@ -420,21 +468,33 @@ def summary_markdown(manifest: Manifest, path: Path, *, cached: bool, run_url: s
 
 
 def _publish_summary(
-    manifest: Manifest, path: Path, tracker: Tracker, run_id: str, *, cached: bool
+    manifest: Manifest, path: Path, tracker: Tracker, run_id: str, label: str, *, cached: bool
 ) -> None:
+    """The stage's summary card and the link to its MLflow run, each keyed and described by
+    the stage's label (`finetune[saha-hierarchical]`)."""
     url = tracker.run_url(run_id)
-    key = f"{manifest.stage}-summary".lower().replace("_", "-")
+    how = "reused from the cache" if cached else "computed"
     create_markdown_artifact(
-        markdown=summary_markdown(manifest, path, cached=cached, run_url=url),
-        key=key,
-        description=f"{manifest.stage} stage, fingerprint {manifest.fingerprint}",
+        markdown=summary_markdown(manifest, path, cached=cached, run_url=url, label=label),
+        key=artifact_key(label, "summary"),
+        description=f"Stage {label}: {how}, fingerprint {manifest.fingerprint}",
     )
     if url:
-        create_link_artifact(link=url, link_text=f"MLflow run of {manifest.stage}")
+        create_link_artifact(
+            link=url,
+            link_text=f"MLflow run of {label}",
+            key=artifact_key(label, "mlflow"),
+            description=f"Stage {label}: its MLflow run (metrics, params, files)",
+        )
 
 
 def log_cached_run(
-    stage: str, manifest: Manifest, tracker: Tracker, parent_run_id: str | None, path: Path
+    stage: str,
+    manifest: Manifest,
+    tracker: Tracker,
+    parent_run_id: str | None,
+    path: Path,
+    label: str,
 ) -> None:
     """A cache hit still gets a (short) run, tagged `cached`, pointing at the run that made it."""
     with tracker.run(
@@ -451,7 +511,7 @@ def log_cached_run(
         tracker.log_metrics(run_id, manifest.metrics)
         tracker.log_metrics(run_id, {f"rows.{k}": v for k, v in manifest.rows.items()})
         tracker.set_tags(run_id, _warning_tags(manifest))
-        _publish_summary(manifest, path, tracker, run_id, cached=True)
+        _publish_summary(manifest, path, tracker, run_id, label, cached=True)
 
 
 def _warning_tags(manifest: Manifest) -> dict[str, str]:
@@ -609,6 +669,51 @@ class _StopAfter(Exception):
     """Raised after the --until stage; ends the run early and cleanly."""
 
 
+def embed_pictures(markdown: str, folder: Path) -> str:
+    """`markdown` with each picture it links by a relative path (`![loss](loss.png)`) inlined
+    as a data URI: the Prefect UI resolves no relative path, and renders `data:image/` in
+    markdown artifacts (both its UIs). A picture not in `folder` is left as it is."""
+
+    def inline(match: re.Match[str]) -> str:
+        alt, target = match.group(1), match.group(2)
+        path = folder / target
+        if "://" in target or not path.is_file():
+            return match.group(0)
+        kind = mimetypes.guess_type(path.name)[0] or "image/png"
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f"![{alt}](data:{kind};base64,{data})"
+
+    return re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", inline, markdown)
+
+
+def score_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `scores` artifact's rows from report table.json: the row's name, then the table's
+    columns in its order (embedder.report.COLUMNS), strict P@1 and the tie rate overall, each
+    rounded to the table's 3 decimals."""
+    out = []
+    for name, row in table["rows"].items():
+        cells: dict[str, Any] = {"row": name}
+        for column in COLUMNS:
+            if column in row["aggregate"]:
+                cells[SHORT[column]] = round(row["aggregate"][column], 3)
+        cells["strict"] = round(row["aggregate_strict"]["overall"], 3)
+        cells["ties"] = round(row["aggregate_tie_rate"]["overall"], 3)
+        out.append(cells)
+    return out
+
+
+def _run_note(name: str, preset: str, changed: dict[str, Any], prefect_url: str | None) -> str:
+    """The MLflow run's description (markdown): where it came from and what it changed."""
+    lines = [f"gen2embed pipeline run **{name}**, preset `{preset}`."]
+    if prefect_url:
+        lines.append(f"Prefect flow run: [{name}]({prefect_url})")
+    if changed:
+        lines.append("Settings changed from the preset: " + ", ".join(
+            f"`{k}={json.dumps(v)}`" for k, v in changed.items()
+        ))  # fmt: skip
+    return "\n\n".join(lines)
+
+
 class PipelineRun:
     """One run of the pipeline: the MLflow parent run, the choice of what to recompute
     (--from / --force / --until) and the published folder of every stage that ran."""
@@ -649,18 +754,41 @@ class PipelineRun:
             log.warning("marked %d MLflow run(s) of dead processes as KILLED", len(swept))
             crash_flow_runs({f for f in swept.values() if f})
         self.started = time.perf_counter()
+        # A run of a deployment (the UI's Run button, a schedule) carries its Prefect flow
+        # run's name into MLflow (`ui-finetune20` in both); a direct call keeps the preset
+        # and rows (Prefect would draw a random name; `gen2embed run` names its flow run so
+        # too). Beside it: the settings that differ from the preset, and a link back.
+        name = self.name
+        if flow_run.get_id() and deployment.get_id():
+            name = flow_run.get_name() or name
+        changed = self.cfg.changed_from(load_config(self.preset))
+        prefect_url = flow_run.get_flow_run_ui_url() if flow_run.get_id() else None
         tags = {
             "prefect.flow_run_id": str(flow_run.get_id() or ""),
+            "prefect.flow_run_name": name,
             "gen2embed.preset": self.preset,
+            "gen2embed.pipeline": "true",
             **source_tags(),
         }
+        if changed:
+            tags["gen2embed.settings"] = ", ".join(
+                f"{k}={json.dumps(v)}" for k, v in changed.items()
+            )[:5000]
+        if prefect_url:
+            tags["prefect.flow_run_url"] = prefect_url
+        tags["mlflow.note.content"] = _run_note(name, self.preset, changed, prefect_url)
         params = self.cfg.model_dump(mode="json")
-        self.parent_id = self._exit.enter_context(
-            self.tracker.run(self.name, tags=tags, params=params)
-        )
+        self.parent_id = self._exit.enter_context(self.tracker.run(name, tags=tags, params=params))
+        self.name = name
         url = self.tracker.run_url(self.parent_id)
         if url and flow_run.get_id():
-            create_link_artifact(link=url, link_text=f"MLflow run {self.name}", key="mlflow-run")
+            create_link_artifact(
+                link=url,
+                link_text=f"MLflow run {name}",
+                key="mlflow-run",
+                description="The pipeline's MLflow run: the table, metrics per row, each "
+                "stage's run nested under it",
+            )
         self._exit.enter_context(running(self.run))
         token = _ROW_SCOPE.set(self.row_scope)
         self._exit.callback(_ROW_SCOPE.reset, token)
@@ -709,17 +837,20 @@ class PipelineRun:
         for path in sorted(folder.iterdir()):
             self.tracker.log_file(self.parent_id, path, "report")
         self.tracker.set_tags(self.parent_id, {"gen2embed.report": str(folder)})
-        markdown = (folder / "report.md").read_text()
-        create_markdown_artifact(markdown=markdown, key="table", description="comparison table")
+        markdown = embed_pictures((folder / "report.md").read_text(), folder)
+        create_markdown_artifact(
+            markdown=markdown,
+            key="table",
+            description="The comparison table: P@1 per row (MMEB's convention), per subset, "
+            "bar charts and loss curves",
+        )
         table = json.loads((folder / "table.json").read_text())
         create_table_artifact(
-            table=[
-                {"row": name, **{k: round(v, 4) for k, v in row["aggregate"].items()}}
-                for name, row in table["rows"].items()
-            ],
+            table=score_rows(table),
             key="scores",
-            description="P@1 per table row, MMEB argmax convention (strict P@1 in table.json; "
-            "MLflow: <row>/p1.* and <row>/p1_strict.* on the parent)",
+            description="P@1 per table row as MMEB scores it (argmax; a tie with the correct "
+            "candidate counts), columns as in the table; strict P@1 and the tie rate beside. "
+            "MLflow: ROW/p1.* and ROW/p1_strict.* on the pipeline run",
         )
         self.paths["report"] = str(folder)
 
@@ -792,6 +923,7 @@ class PipelineRun:
             parent_run_id=self.row_ids.get(row or "", self.parent_id),
             mode=mode,
             from_stage=self.from_stage,
+            label=label,
         )
         # Arguments are quoted (Prefect matches results by identity, and an interned string
         # such as a stage name would draw false edges); the run graph's edges are exactly the
@@ -800,10 +932,11 @@ class PipelineRun:
         if self._fans_out(call, mode):
             self._fan_out(call, mode, label)
             settings = settings.model_copy(update={"fanned_out": True})
-        task = call.stage.task
-        if row is not None:  # the Prefect UI shows which row a task run belongs to
-            task = task.with_options(task_run_name=label)
+        # One naming rule for every task run: the stage label (`embed`, `mine[saha-...]`).
+        task = call.stage.task.with_options(task_run_name=label)
         state = task(quote(call), quote(settings), wait_for=upstream, return_state=True)
+        if state.is_cancelled():  # the Cancel button: the flow ends the way Prefect cancels
+            raise TerminationSignal(signal.SIGTERM)
         self.states[call.fingerprint] = state
         output: OutputT = state.result().unquote()  # raises the stage's own error if it failed
         if mode == "recompute":

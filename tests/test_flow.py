@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
@@ -291,21 +292,50 @@ def test_full_tiny_pipeline_produces_the_six_row_table(tmp_path: Path) -> None:
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["scores"]))
         )
         this_run = ArtifactFilterFlowRunId(any_=[parent.data.tags["prefect.flow_run_id"]])
-        progress = [
-            a
-            for a in prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=this_run))
-            if a.type == "progress"
-        ]
-    # Long loops show in the Prefect UI: pretraining, the fine-tunes, embeddings; all done.
+        cards = prefect.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=this_run))
+        task_runs = prefect.read_task_runs()
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+        from prefect.client.schemas.sorting import LogSort
+
+        logs = prefect.read_logs(  # the newest first: the summary ends the run
+            LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[parent.data.tags["prefect.flow_run_id"]])
+            ),
+            limit=20,
+            sort=LogSort.TIMESTAMP_DESC,
+        )
+    # The flow's logs carry the summary the CLI prints: the table with every row, the losses.
+    (summary_log,) = [m.message for m in logs if "The table (P@1" in m.message]
+    assert (
+        all(row in summary_log for row in ROWS) and "finetune (saha, hierarchical): " in summary_log
+    )
+    progress = [a for a in cards if a.type == "progress"]
+    # Long loops show in the Prefect UI, each card named by the stage it belongs to (an
+    # evaluation's embedding is the evaluation's): pretraining, fine-tunes, embeddings.
     described = {str(a.description).split(":")[0] for a in progress}
-    assert {"pretrain", "finetune", "embed"} <= described
+    assert {"pretrain", "embed", *(f"finetune[{r}]" for r in TUNED)} <= described
+    assert {f"evaluate[{r}]" for r in ROWS} <= described
     assert all(a.data == 100.0 for a in progress)
+    # Every card has a key and a description; the MLflow links name their stage and row.
+    assert all(a.key and a.description for a in cards), [
+        (a.type, a.key, a.description) for a in cards if not (a.key and a.description)
+    ]
+    # (the MLflow links need a tracking server: tests/test_services.py checks them)
+    keys = {a.key for a in cards}
+    assert {"embed-summary", "evaluate-saha-hierarchical-summary", "table", "scores"} <= keys
+    # One naming rule for every task run: the stage label.
+    flow_run_id = parent.data.tags["prefect.flow_run_id"]
+    names = {t.name for t in task_runs if str(t.flow_run_id) == flow_run_id}
+    assert {"world", "ingest", "embed", "retrieve", "mine[saha-hierarchical]"} <= names
     assert tables and "saha-hierarchical" in str(tables[0].data)
+    # Every picture of the table card renders in the Prefect UI: inlined, no relative link.
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]{0,40})", str(tables[0].data))
+    assert len(pictures) == 8 and all(p.startswith("data:image/png;base64,") for p in pictures)
     rows_shown = [r["row"] for r in json.loads(scores[0].data)]
     assert rows_shown == ROWS
     # Three pretraining steps make an unready generator: said at the end and tagged (8.15).
     assert "not ready" in parent.data.tags["gen2embed.warnings"]
-    from flows.cli import run_summary
+    from flows.summary import run_summary
 
     summary = run_summary(dict(paths), tmp_path)
     assert "pretrain: the tiny generator is not ready" in summary
