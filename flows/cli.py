@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import os
 import signal
 import sys
@@ -29,8 +31,33 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks of every error")
 
 
+def stage_names() -> tuple[str, ...]:
+    """The pipeline's stage names in run order, as tasks/stages.py defines them (one
+    `name = Stage("name", ...)` line each), read from its source: importing it imports torch,
+    transformers, Prefect and MLflow (seconds), and help and argument errors answer at once.
+    A test checks this equals `tasks.stages.STAGE_NAMES`; the import is the fallback."""
+    spec = importlib.util.find_spec("tasks.stages")
+    names: list[str] = []
+    if spec is not None and spec.origin is not None and spec.origin.endswith(".py"):
+        for node in ast.parse(Path(spec.origin).read_text()).body:
+            value = node.value if isinstance(node, ast.Assign) else None
+            if (
+                isinstance(value, ast.Call)
+                and isinstance(value.func, ast.Name)
+                and value.func.id == "Stage"
+                and value.args
+                and isinstance(value.args[0], ast.Constant)
+            ):
+                names.append(value.args[0].value)
+    if names:
+        return tuple(names)
+    from tasks.stages import STAGE_NAMES
+
+    return STAGE_NAMES
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from tasks.stages import STAGE_NAMES as STAGES  # imports Prefect: configure() first
+    names = stage_names()
 
     parser = argparse.ArgumentParser(prog="gen2embed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,18 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--from",
         dest="from_stage",
-        choices=STAGES,
+        choices=names,
         help="recompute this stage and every stage downstream; reuse the others",
     )
     run.add_argument(
         "--force",
         action="append",
         default=[],
-        choices=STAGES,
+        choices=names,
         help="recompute this stage and everything downstream (repeatable)",
     )
 
-    run.add_argument("--until", choices=STAGES, help="stop after this stage (in every row)")
+    run.add_argument("--until", choices=names, help="stop after this stage (in every row)")
     run.add_argument(
         "--row",
         dest="rows",
@@ -169,6 +196,10 @@ def _terminate_as_interrupt(_signum: int, _frame: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Ctrl-C ends a run however it was started: a background job of a script is born with
+    # SIGINT ignored, and a native library loaded later (polars, under MLflow) passes the
+    # signal on to the handler it found. Installed before those imports.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from flows.environment import configure
 
     workdir = configure(args.workdir)
@@ -176,7 +207,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.preset, args.config_file, args.overrides).with_rows(args.rows)
     from embedder.artifacts import ArtifactStore
     from embedder.datasets.ingest import check_sources
-    from flows.pipeline import method, pipeline
+    from flows.pipeline import method, pipeline, run_name
     from tasks.contract import check_selection, plan
 
     check_sources(cfg.ingest)
@@ -192,7 +223,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         create_prefect_store(Path(os.environ["PREFECT_HOME"]))
     isolate_ephemeral_server(workdir / "logs" / "prefect-server.log")
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    paths = pipeline(
+    # The flow run's name is the MLflow run's (tasks.contract.PipelineRun): the preset and rows.
+    named = pipeline.with_options(flow_run_name=run_name(args.preset, args.rows))
+    paths = named(
         preset=args.preset,
         config_file=args.config_file,
         overrides=args.overrides,
@@ -202,42 +235,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         rows=args.rows,
         workdir=str(workdir),
     )
-    print(run_summary(paths, workdir))
+    from flows.summary import run_summary
+    from tasks.tracking import Tracker
+
+    tracker = Tracker.for_workdir(workdir, os.environ.get("MLFLOW_TRACKING_URI"))
+    print(
+        run_summary(
+            paths, workdir, tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id
+        )
+    )
     return 0
-
-
-def run_summary(paths: dict[str, str], workdir: Path) -> str:
-    """What a run produced and where to look at it."""
-    from embedder.artifacts import MANIFEST, Manifest
-
-    lines = ["", "Published stage folders:"]
-    summaries, warnings = [], []
-    report = paths.pop("report", None)
-    for stage, path in paths.items():
-        manifest = Manifest.from_json((Path(path) / MANIFEST).read_text())
-        rows = ", ".join(f"{k} {v:,}" for k, v in manifest.rows.items() if ":" not in k)
-        lines.append(f"  {stage:32s} {path}" + (f"  ({rows})" if rows else ""))
-        if manifest.info.get("summary"):
-            summaries += ["", *manifest.info["summary"]]
-        warnings += [f"  {stage}: {w}" for w in manifest.info.get("warnings", [])]
-    lines += summaries
-    if report is not None:
-        table = (Path(report) / "report.md").read_text().split("```")[1].strip("\n")
-        lines += [
-            "",
-            "The table (P@1 as MMEB scores it; strict P@1 and ties beside):",
-            table,
-            f"Report: {Path(report) / 'report.md'}",
-        ]
-    if warnings:
-        lines += ["", "WARNINGS (also tagged gen2embed.warnings on the MLflow runs):", *warnings]
-    lines += [
-        "",
-        f"MLflow runs:  sqlite:///{workdir / 'mlflow.db'}   Prefect state: {workdir / 'prefect'}",
-        "Open the UIs: `make up` (or `gen2embed up --workdir ...`), then",
-        "  Prefect http://127.0.0.1:4200   MLflow http://127.0.0.1:5000",
-    ]
-    return "\n".join(lines)
 
 
 def cmd_stages(args: argparse.Namespace) -> int:
@@ -258,6 +265,10 @@ def cmd_stages(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    # Stoppable while it imports MLflow and Prefect, even when born with SIGINT ignored (a
+    # background job of a non-interactive shell); serve() then takes both signals over.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     from flows.environment import configure
     from flows.services import serve
 
@@ -372,17 +383,20 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.environment import configure
-
-    # Prefect reads its settings when first imported, and the parser's stage choices import
-    # it: set up the workdir's environment from --workdir first.
     early = argparse.ArgumentParser(add_help=False)
     early.add_argument("--workdir")
     early.add_argument("--debug", action="store_true")
     known = early.parse_known_args(argv)[0]
+    command = None
     try:
-        configure(known.workdir)
+        # Help and argument errors need neither the workdir nor any heavy import.
         args = build_parser().parse_args(argv)
+        command = args.command
+        from flows.environment import configure
+
+        # Prefect reads its settings when first imported: set up the workdir's environment
+        # before any command imports it.
+        configure(known.workdir)
         return {
             "run": cmd_run,
             "stages": cmd_stages,
@@ -398,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         how, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
-        print(f"gen2embed: {how}; finished stages are kept, rerun to resume", file=sys.stderr)
+        kept = "; finished stages are kept, rerun to resume" if command == "run" else ""
+        print(f"gen2embed: {how}{kept}", file=sys.stderr)
         return code
     except Exception as exc:
         if isinstance(exc, RuntimeError) and EPHEMERAL_TIMEOUT in str(exc):

@@ -9,6 +9,7 @@ they run, `services.json` in the workdir tells `gen2embed run` to use them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -26,7 +27,6 @@ import psutil
 from embedder.artifacts import WORKDIR_ENV
 from embedder.errors import UserError
 from flows.environment import SERVICES_FILE, create_prefect_store
-from tasks.tracking import create_store
 
 HOST = "127.0.0.1"
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -81,39 +81,62 @@ def _stop(procs: list[subprocess.Popen[Any]]) -> None:
     _signal_groups(below, signal.SIGKILL)
 
 
-class PortTakenError(UserError, OSError):
+class AddressError(UserError, OSError):
+    pass
+
+
+class PortTakenError(AddressError):
     pass
 
 
 def _listener(port: int) -> str:
-    """Who listens on a TCP port, from /proc (Linux); a plain phrase elsewhere."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                fields = line.split()
-                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
-                    inodes.add(f"socket:[{fields[9]}]")
-    for proc in Path("/proc").glob("[0-9]*"):
-        with contextlib.suppress(OSError):
-            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-                return f"pid {proc.name} ({cmd[:120]})"
+    """Who listens on a TCP port (psutil); a plain phrase where the system does not say."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):  # macOS without root, for one
+        return "another process"
+    for conn in connections:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+            if conn.pid is None:
+                return "a process of another user"
+            try:
+                cmd = " ".join(psutil.Process(conn.pid).cmdline())
+            except psutil.Error:
+                cmd = "?"
+            return f"pid {conn.pid} ({cmd[:120]})"
     return "another process"
 
 
 def check_ports_free(host: str = HOST, **ports: int) -> None:
     """Fail before starting anything when a port is taken, saying by what: a health check
-    would otherwise find another workdir's server and take it for ours."""
+    would otherwise find another workdir's server and take it for ours.
+
+    A port is taken when a socket listens on it. The check binds as the servers will bind
+    (uvicorn, and Prefect's own check, set SO_REUSEADDR), so it fails exactly when their bind
+    would: a listener on the address or a wildcard one. Without SO_REUSEADDR the connections
+    a just-stopped `up` left in TIME_WAIT (a minute on Linux) would count as taken too.
+    """
     for name, port in ports.items():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        flag = "--" + name.replace("_", "-")
+        try:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )[0]
+        except socket.gaierror as exc:
+            raise AddressError(f"--host {host}: not an address ({exc.strerror})") from None
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((host, port))
-            except OSError:
-                flag = name.replace("_", "-")
-                raise PortTakenError(
-                    f"port {port} on {host} is taken by {_listener(port)}; stop it or pass "
-                    f"--{flag} with a free port"
+                sock.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise PortTakenError(
+                        f"port {port} on {host} is taken by {_listener(port)}; stop it or pass "
+                        f"{flag} with a free port"
+                    ) from None
+                raise AddressError(
+                    f"cannot serve on {host} port {port} ({exc.strerror}); pass another "
+                    f"--host or {flag}"
                 ) from None
 
 
@@ -127,6 +150,46 @@ def serve(
     nightly_cron: str | None = None,
     serve_deployments: bool = True,
 ) -> int:
+    # Ctrl-C and SIGTERM stop all of it, however `up` was started: a background job of a
+    # non-interactive shell (`gen2embed up &` in a script) is born with SIGINT ignored, and
+    # Python then leaves it ignored. The servers get the default again at exec.
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop_requested)
+    try:
+        return _serve(
+            workdir,
+            prefect_port=prefect_port,
+            mlflow_port=mlflow_port,
+            host=host,
+            deployments=deployments,
+            nightly_cron=nightly_cron,
+            serve_deployments=serve_deployments,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_requested(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _serve(
+    workdir: Path,
+    *,
+    prefect_port: int,
+    mlflow_port: int,
+    host: str,
+    deployments: Path | None,
+    nightly_cron: str | None,
+    serve_deployments: bool,
+) -> int:
+    # Before any heavy import (MLflow, Prefect: seconds): a taken port is answered at once.
+    check_ports_free(host, prefect_port=prefect_port, mlflow_port=mlflow_port)
     served: list[str] = []
     to_fill: list[str] = []
     if serve_deployments:
@@ -136,13 +199,19 @@ def serve(
         specs = load_specs(deployments, nightly_cron)
         served = [spec.name for spec in specs]
         to_fill = [f"  {s.name}: {s.to_fill} (fill it in the run form)" for s in specs if s.to_fill]
-    check_ports_free(host, prefect_port=prefect_port, mlflow_port=mlflow_port)
     if host not in LOOPBACK:
         print(
             f"gen2embed up: binding to {host}, not {HOST}: anyone who can reach this machine "
             "can start runs and read results (neither server checks who asks)",
             file=sys.stderr,
         )
+    from tasks.tracking import create_store
+
+    # Again, now that MLflow and Prefect are imported: a native library may have put its own
+    # handler in front (polars, which MLflow imports, does; it passes the signal on to the
+    # handler it found, which swallows it when that was SIG_IGN).
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop_requested)
     create_prefect_store(workdir / "prefect")
     create_store(workdir)
     logs = workdir / "logs"
@@ -207,11 +276,6 @@ def serve(
     services_file = workdir / SERVICES_FILE
     interrupted = False
 
-    def on_signal(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_signal)
-
     def start(name: str) -> None:
         cmd, env, _health = commands[name]
         log = (logs / f"{name}.log").open("ab")
@@ -261,16 +325,22 @@ def serve(
             start("deployments")
             if not wait_healthy(["deployments"]):
                 return 1
+        from tasks.tracking import Tracker, mlflow_ui_url
+
+        # The link opens MLflow's model-training view on the pipeline runs (MLflow 3 opens
+        # its GenAI view otherwise); the experiment exists once a Tracker has looked.
+        experiment = Tracker(mlflow_url).experiment_id
         info = {
             "prefect_api_url": prefect_api,
             "prefect_ui_url": prefect_api.removesuffix("/api"),
             "mlflow_url": mlflow_url,
+            "mlflow_runs_url": mlflow_ui_url(mlflow_url, experiment),
             "pids": [p.pid for p in procs],
             "deployments": served,
         }
         services_file.write_text(json.dumps(info, indent=2))
         print(
-            f"Prefect UI  {info['prefect_ui_url']}\nMLflow UI   {info['mlflow_url']}\n"
+            f"Prefect UI  {info['prefect_ui_url']}\nMLflow UI   {info['mlflow_runs_url']}\n"
             f"workdir     {workdir}\n"
             + (f"serving     {', '.join(served)} (start them from the UI)\n" if served else "")
             + "".join(f"{line}\n" for line in to_fill)
@@ -291,6 +361,10 @@ def serve(
         interrupted = True
         return 0
     finally:
+        # A second Ctrl-C (or a supervisor's SIGTERM after it) must not cut the stop short
+        # and leave servers behind; it takes GRACE_S at most per step.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         services_file.unlink(missing_ok=True)
         # The runner first (its runs end while the servers can still record that), then
         # the servers.

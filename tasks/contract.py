@@ -702,6 +702,15 @@ def score_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def prefect_run_url() -> str | None:
+    """The current flow run's page in the Prefect UI (the route the UI itself links to),
+    when a UI serves this run's API; None in Prefect's ephemeral mode."""
+    from prefect.settings import PREFECT_UI_URL
+
+    ui, run_id = PREFECT_UI_URL.value(), flow_run.get_id()
+    return f"{str(ui).rstrip('/')}/runs/flow-run/{run_id}" if ui and run_id else None
+
+
 def _run_note(name: str, preset: str, changed: dict[str, Any], prefect_url: str | None) -> str:
     """The MLflow run's description (markdown): where it came from and what it changed."""
     lines = [f"gen2embed pipeline run **{name}**, preset `{preset}`."]
@@ -762,7 +771,7 @@ class PipelineRun:
         if flow_run.get_id() and deployment.get_id():
             name = flow_run.get_name() or name
         changed = self.cfg.changed_from(load_config(self.preset))
-        prefect_url = flow_run.get_flow_run_ui_url() if flow_run.get_id() else None
+        prefect_url = prefect_run_url()
         tags = {
             "prefect.flow_run_id": str(flow_run.get_id() or ""),
             "prefect.flow_run_name": name,

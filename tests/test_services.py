@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import pytest
 import yaml
 
 from flows.deployments import DEFAULT_FILE, NIGHTLY
+from tasks.tracking import compare_url, mlflow_ui_url
 from tests.conftest import SMALL_WORLD_OVERRIDES, TINY_MODEL_OVERRIDES
 
 pytestmark = pytest.mark.flow
@@ -60,8 +63,17 @@ def _rest(url: str, body: dict[str, Any] | None = None) -> Any:
     request = urllib.request.Request(
         url, data=data, method=method, headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=30) as resp:
-        return json.loads(resp.read() or b"null")
+    for attempt in range(20):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            # 503: Prefect's SQLite was locked by a writer (the deployments being registered
+            # as `up` starts); the UI retries such calls too.
+            if exc.code != 503 or attempt == 19:
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -157,13 +169,17 @@ def test_up_serves_the_deployments_and_a_run_started_through_the_api_is_recorded
 
     # The demo deployment, started through Prefect's REST API as the UI's button does.
     demo = _rest(f"{served.api}/deployments/name/gen2embed/demo")
-    flow_run = _rest(f"{served.api}/deployments/{demo['id']}/create_flow_run", {})
+    flow_run = _rest(f"{served.api}/deployments/{demo['id']}/create_flow_run", {"name": "api-saha"})
     _wait_for_flow_run(served, flow_run["id"])
 
-    # Its records, found through MLflow's REST API.
+    # Its records, found through MLflow's REST API: the pipeline run carries the flow run's
+    # name, the settings it changed from the preset and a link back to Prefect.
     runs = {r["info"]["run_name"]: r for r in reversed(_mlflow_runs(served))}
-    parent = runs["tiny [saha-hierarchical]"]
+    parent = runs["api-saha"]
     tags = _tags(parent)
+    assert tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{flow_run['id']}")
+    assert "finetune.steps=2" in tags["gen2embed.settings"]
+    assert tags["prefect.flow_run_url"] in tags["mlflow.note.content"]
     metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
     assert parent["info"]["status"] == "FINISHED"
     assert tags["prefect.flow_run_id"] == flow_run["id"]
@@ -175,7 +191,8 @@ def test_up_serves_the_deployments_and_a_run_started_through_the_api_is_recorded
         {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}},
     )
     by_key = {a["key"]: a for a in artifacts if a["key"]}
-    assert f"/runs/{parent['info']['run_id']})" in by_key["mlflow-run"]["data"]
+    link = mlflow_ui_url(served.mlflow, parent["info"]["experiment_id"], parent["info"]["run_id"])
+    assert f"({link})" in by_key["mlflow-run"]["data"]
     assert by_key["scores"]["type"] == "table" and "saha-hierarchical" in by_key["scores"]["data"]
     assert {"world", "ingest", "pretrain", "embed", "retrieve", "mine", "finetune"} <= set(runs)
     # The adapter, registered with what it is for.
@@ -265,6 +282,27 @@ def test_a_run_started_from_the_prefect_ui_form_completes_and_shows_in_mlflow(
         page.goto(f"{served.ui}/runs/flow-run/{flow_run_id}")
         expect(page.get_by_text("Completed").first).to_be_visible()
         page.screenshot(path=shots / "prefect-completed-run.png", full_page=True)
+        # Its artifacts: every card titled and described, none "No description".
+        page.get_by_text("Artifacts", exact=True).first.click()
+        expect(page.get_by_text("scores", exact=True).first).to_be_visible()
+        assert page.get_by_text("No description").count() == 0
+        page.screenshot(path=shots / "prefect-artifacts.png", full_page=True)
+        # The table card: every picture (bar charts, loss curves) loads in the browser.
+        (table,) = _rest(
+            f"{served.api}/artifacts/filter",
+            {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}, "key": {"any_": ["table"]}}},
+        )
+        page.goto(f"{served.ui}/artifacts/artifact/{table['id']}")
+        expect(page.get_by_text("Appendix: per subset").first).to_be_visible()
+        page.wait_for_function(
+            "Array.from(document.images).filter(i => i.src.startsWith('data:image/')).length == 8"
+        )
+        loaded = page.evaluate(
+            "Array.from(document.images).filter(i => i.src.startsWith('data:image/'))"
+            ".map(i => i.complete && i.naturalWidth > 0)"
+        )
+        assert loaded == [True] * 8, loaded
+        page.screenshot(path=shots / "prefect-table.png", full_page=True)
 
         # MLflow: the run that flow run made, with the changed setting, metrics and a plot.
         runs = _mlflow_runs(served)
@@ -278,26 +316,42 @@ def test_a_run_started_from_the_prefect_ui_form_completes_and_shows_in_mlflow(
         whole = _rest(f"{served.mlflow}/api/2.0/mlflow/runs/get?run_id={run_id}")["run"]
         params = {p["key"]: p["value"] for p in whole["data"]["params"]}
         assert params["finetune.steps"] == "3"
+        # The MLflow run carries the flow run's name (the UI drew it) and links back.
+        assert parent["info"]["run_name"] == flow_run["name"]
+        back = _tags(parent)["prefect.flow_run_url"]
+        assert back == f"{served.ui}/runs/flow-run/{flow_run_id}"
         experiment = parent["info"]["experiment_id"]
-        page.goto(f"{served.mlflow}/#/experiments/{experiment}/runs/{run_id}")
-        # MLflow 3 opens in its GenAI view; runs, metrics and plots are in "Model training".
-        page.get_by_text("Model training", exact=True).click()
-        page.goto(f"{served.mlflow}/#/experiments/{experiment}/runs/{run_id}")
+        # The links the project shows open in MLflow's model-training view, in a browser
+        # that never chose a view (MLflow 3 opens its GenAI view by default).
+        link = _rest(
+            f"{served.api}/artifacts/filter",
+            {
+                "artifacts": {
+                    "flow_run_id": {"any_": [flow_run_id]},
+                    "key": {"any_": ["mlflow-run"]},
+                }
+            },
+        )[0]["data"]
+        url = re.search(r"\((http[^)]+)\)", link).group(1)
+        assert url == mlflow_ui_url(served.mlflow, experiment, run_id)
+        page.goto(url)
         expect(page.get_by_text("saha-hierarchical/p1.overall").first).to_be_visible()
         page.screenshot(path=shots / "mlflow-run.png", full_page=True)
-        page.goto(f"{served.mlflow}/#/experiments/{experiment}/runs/{run_id}/artifacts")
+        # The experiment's runs table lists pipeline runs (stage runs nest under them).
+        page.goto(mlflow_ui_url(served.mlflow, experiment))
+        expect(page.get_by_text(flow_run["name"]).first).to_be_visible()
+        expect(page.get_by_text("api-saha").first).to_be_visible()
+        page.screenshot(path=shots / "mlflow-runs.png", full_page=True)
+        page.goto(
+            f"{served.mlflow}/#/experiments/{experiment}/runs/{run_id}/artifacts?workflowType=machine_learning"
+        )
         page.get_by_text("report", exact=True).first.click()
         page.get_by_text("bars-overall.png").first.click()
         expect(page.get_by_role("img", name="report/bars-overall.png")).to_be_visible()
         page.screenshot(path=shots / "mlflow-plot.png", full_page=True)
         # The comparison view of the two demo runs (the API's and the UI's).
-        earlier = next(
-            r["info"]["run_id"]
-            for r in runs
-            if r["info"]["run_name"] == parent["info"]["run_name"] and r is not parent
-        )
-        ids = json.dumps([earlier, run_id])
-        page.goto(f'{served.mlflow}/#/compare-runs?runs={ids}&experiments=["{experiment}"]')
+        earlier = next(r["info"]["run_id"] for r in runs if r["info"]["run_name"] == "api-saha")
+        page.goto(compare_url(served.mlflow, experiment, [earlier, run_id]))
         expect(page.get_by_text("finetune.steps").first).to_be_visible()
         page.screenshot(path=shots / "mlflow-compare.png", full_page=True)
         browser.close()
@@ -312,7 +366,7 @@ def test_cancelling_a_served_run_in_prefect_ends_it_in_seconds_with_its_records_
     overrides = [*DEMO_PARAMETERS["overrides"], "pretrain.steps=100000"]
     long = {**DEMO_PARAMETERS, "overrides": overrides}
     start = f"{served.api}/deployments/{demo['id']}/create_flow_run"
-    flow_run = _rest(start, {"parameters": long})
+    flow_run = _rest(start, {"parameters": long, "name": "cancel-me"})
     log = served.work / "logs" / "deployments.log"
     deadline = time.monotonic() + 240
     while "pretrain step 25/100000" not in log.read_text():
@@ -340,7 +394,15 @@ def test_cancelling_a_served_run_in_prefect_ends_it_in_seconds_with_its_records_
     while "RUNNING" in (statuses := records()).values():
         assert time.monotonic() < deadline, statuses
         time.sleep(0.5)
-    assert statuses["tiny [saha-hierarchical]"] == "KILLED" and statuses["pretrain"] == "KILLED"
+    assert statuses["cancel-me"] == "KILLED" and statuses["pretrain"] == "KILLED"
+    # The interrupted task ends Cancelled, not Crashed, and its log says it was cancelled.
+    (pretrain,) = _rest(
+        f"{served.api}/task_runs/filter",
+        {"flow_runs": {"id": {"any_": [ours]}}, "task_runs": {"name": {"any_": ["pretrain"]}}},
+    )
+    assert pretrain["state"]["type"] == "CANCELLED", pretrain["state"]
+    logs = _rest(f"{served.api}/logs/filter", {"logs": {"task_run_id": {"any_": [pretrain["id"]]}}})
+    assert any("pretrain: cancelled with its flow run" in entry["message"] for entry in logs)
     assert list((served.work / "artifacts" / "pretrain").glob("*.partial")), "kept for resume"
     assert took < 30, f"{took:.1f}s from Cancel to Cancelled"
 
