@@ -14,7 +14,6 @@ and is recomputed, never trusted.
 from __future__ import annotations
 
 import ast
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -28,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from embedder.outputs import StageOutput
 
@@ -152,8 +153,7 @@ def create_once(path: Path, build: Callable[[Path], None]) -> None:
     if path.is_file():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with (path.parent / f"{path.name}.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(path.parent / f"{path.name}.lock"):  # flock: released if we die
         if path.is_file():
             return
         for stale in path.parent.glob(f"{path.name}.tmp-*"):
@@ -253,16 +253,18 @@ class ArtifactStore:
         same fingerprint must not write into the same partial folder at once."""
         path = self.root / stage / f"{fp}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("%s/%s: another process is computing it; waiting", stage, fp)
-                fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        # filelock's flock-based lock: the kernel releases it when its holder dies (SIGKILL
+        # included), so a crashed run never blocks the next one.
+        lock = FileLock(path)
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            log.info("%s/%s: another process is computing it; waiting", stage, fp)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def open_partial(self, stage: str, fp: str, *, fresh: bool = False) -> Path:
         """The folder a stage writes into. Kept across attempts so long stages can resume;

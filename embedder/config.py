@@ -12,18 +12,19 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from embedder.errors import UserError
-from embedder.model.prompts import (
-    GENERIC_SYSTEM,
-    HIERARCHICAL_SYSTEM,
-    QUERY_SUFFIX_IMAGE,
-    QUERY_SUFFIX_TEXT,
-)
+from embedder.model.prompts import DEFAULT_STRINGS, Template
+
+# The mining strategies (embedder.mining), and what a table row may fine-tune on: a strategy's
+# clusters, or nothing (`none`: the row evaluates the base, or a released adapter, as it is).
+Strategy = Literal["saha", "topk", "topk_margin", "in_batch"]
+STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
+Negatives = Literal["none", Strategy]
 
 
 def _given(section: BaseModel) -> list[str]:
@@ -39,7 +40,14 @@ def _given(section: BaseModel) -> list[str]:
 
 
 class ConfigError(UserError, ValueError):
-    """A configuration that cannot be used; the message names the offending key."""
+    """A configuration that cannot be used; the message names the offending key.
+
+    `problems`: each problem's own sentence (a validator's message as it raised it), for
+    callers that show one without the framing."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 class _Section(BaseModel):
@@ -212,7 +220,7 @@ class PretrainConfig(_Section):
 class EmbedConfig(_Section):
     """Zero-shot embedding of the training pairs (and of the eval set by `zeroshot`)."""
 
-    template: Literal["hierarchical", "plain", "chat"] = "hierarchical"
+    template: Template = "hierarchical"
     batch_size: int = Field(32, ge=1)
     shard_size: int = Field(4096, ge=1, description="Items per output shard (resume unit).")
     num_workers: int = Field(2, ge=0, description="DataLoader processes decoding images.")
@@ -227,10 +235,11 @@ class EmbedConfig(_Section):
         None, ge=1, description="Cap on pixels per image in the processor (None: the model's)."
     )
     out_dtype: Literal["float32", "float16"] = "float32"
-    system: str = HIERARCHICAL_SYSTEM
-    query_suffix_image: str = QUERY_SUFFIX_IMAGE
-    query_suffix_text: str = QUERY_SUFFIX_TEXT
-    generic_system: str = GENERIC_SYSTEM
+    # embedder.model.prompts.PromptStrings, as settings (same names, same defaults).
+    system: str = DEFAULT_STRINGS.system
+    query_suffix_image: str = DEFAULT_STRINGS.query_suffix_image
+    query_suffix_text: str = DEFAULT_STRINGS.query_suffix_text
+    generic_system: str = DEFAULT_STRINGS.generic_system
 
 
 LM_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -240,7 +249,7 @@ class FinetuneConfig(_Section):
     """LoRA fine-tuning on mined clusters (docs/method.md section 4). Defaults are the paper's 7B
     recipe; presets carry the 2B and tiny ones."""
 
-    template: Literal["hierarchical", "plain", "chat"] = Field(
+    template: Template = Field(
         "hierarchical", description="Prompt template of the training inputs (set per table row)."
     )
     steps: int = Field(1500, ge=1, description="Optimizer steps.")
@@ -284,7 +293,7 @@ class EvaluateConfig(_Section):
     fine-tuned adapter: Precision@1 per subset as MMEB's reference toolkit computes it (argmax,
     a tie with the correct candidate counts as correct), strict P@1 and the tie rate beside."""
 
-    template: Literal["hierarchical", "plain", "chat"] = Field(
+    template: Template = Field(
         "hierarchical", description="Prompt template of the eval inputs (set per table row)."
     )
     max_queries: int | None = Field(None, ge=1, description="Cap per eval subset (None: all).")
@@ -323,16 +332,13 @@ class EvaluateConfig(_Section):
     )
 
 
-NEGATIVES = ("none", "in_batch", "saha", "topk", "topk_margin")
-
-
 class TableRow(_Section):
     """One row of the comparison table: a template, and how the model was fine-tuned, or
     the released adapter it evaluates (docs/method.md section 7)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    template: Literal["hierarchical", "plain", "chat"]
-    negatives: Literal["none", "in_batch", "saha", "topk", "topk_margin"] = Field(
+    template: Template
+    negatives: Negatives = Field(
         description="none: zero-shot (no fine-tuning), or the released `adapter`; otherwise "
         "the mining strategy whose clusters make the training batches (in_batch: random "
         "clusters)."
@@ -418,7 +424,7 @@ MINE_RECIPES: dict[str, tuple[int, int]] = {"paper": (15, 3), "code": (7, 5)}
 class MineConfig(_Section):
     """Hard negative mining into clusters (docs/method.md section 3)."""
 
-    strategy: Literal["saha", "topk", "topk_margin", "in_batch"] = "saha"
+    strategy: Strategy = "saha"
     recipe: Literal["paper", "code", "custom"] = Field(
         "paper",
         description="Defaults for k and m. paper: k=15, m=3; code: k=7, m=5 (the authors' "
@@ -737,4 +743,8 @@ def load_config(
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        problems = [  # a validator's own sentence, from pydantic's structured error
+            str(e["ctx"]["error"]) if "error" in e.get("ctx", {}) else e["msg"]
+            for e in exc.errors()
+        ]
+        raise ConfigError(_format_validation_error(exc), problems) from None

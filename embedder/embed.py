@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -12,7 +14,7 @@ from embedder.datasets.schema import PAIR_KEYS_SCHEMA, PAIRS_SCHEMA, read_table,
 from embedder.model.backbone import Backbone, load_backbone
 from embedder.model.encode import EmbedItem, current_slice, encode
 from embedder.model.identity import resolve_hub_commit
-from embedder.model.prompts import render
+from embedder.model.prompts import PromptStrings, Role, Template, render
 from embedder.outputs import Embeddings, Generator, Tables
 
 
@@ -39,28 +41,67 @@ def open_backbone(model: ModelConfig, generator: Generator | None) -> Backbone:
     )
 
 
+@dataclass(frozen=True)
+class ItemBuilder:
+    """How one model's inputs are rendered: the template, the backbone's image token, the
+    prompt strings (the embed section, or an adapter's record of them) and `literal`, the
+    backbone's `as_text`, so that special-token strings in the data stay text
+    (embedder.model.prompts.render). The one place a row becomes its items: the embed,
+    finetune and evaluate stages and `embedder.inference.Embedder` all build through it, so
+    an item has one rendering, hence one key, wherever it is embedded."""
+
+    template: Template
+    image_token: str
+    strings: PromptStrings | EmbedConfig
+    literal: Callable[[str], str] | None = None
+
+    def item(self, text: str, image: str, role: Role) -> EmbedItem:
+        """One example as the model reads it; `image` a path relative to the images root
+        ("" for none)."""
+        rendered = render(
+            self.template,
+            text,
+            has_image=bool(image),
+            role=role,
+            image_token=self.image_token,
+            strings=self.strings,
+            literal=self.literal,
+        )
+        return EmbedItem(rendered, image)
+
+    def pair(self, row: Mapping[str, Any]) -> tuple[EmbedItem, EmbedItem]:
+        """A training pair (a pairs-table row: `qry_text`, `qry_image`, `pos_text`,
+        `pos_image`) as its query item and its positive, a target."""
+        return (
+            self.item(row["qry_text"], row["qry_image"], "query"),
+            self.item(row["pos_text"], row["pos_image"], "target"),
+        )
+
+    def eval_row(self, row: Mapping[str, Any]) -> tuple[EmbedItem, list[EmbedItem]]:
+        """An eval-table row (`subset`, `qry_text`, `qry_image`, and the lists `tgt_text`,
+        `tgt_image`) as its query item and its candidates, in order. MMEB: candidates are
+        targets (no query suffix), except in "matching" subsets, where both sides are
+        queries."""
+        role: Role = "query" if "matching" in row["subset"].lower() else "target"
+        query = self.item(row["qry_text"], row["qry_image"], "query")
+        cands = [
+            self.item(t, im, role) for t, im in zip(row["tgt_text"], row["tgt_image"], strict=True)
+        ]
+        return query, cands
+
+
 def make_item(
     text: str,
     image: str,
     *,
-    template: str,
-    role: str,
+    template: Template,
+    role: Role,
     image_token: str,
-    strings: EmbedConfig,
+    strings: PromptStrings | EmbedConfig,
     literal: Callable[[str], str] | None = None,
 ) -> EmbedItem:
-    """One example as the model reads it; `literal` is the backbone's `as_text`, so that
-    special-token strings in the data stay text (embedder.model.prompts.render)."""
-    rendered = render(
-        template,
-        text,
-        has_image=bool(image),
-        role=role,  # type: ignore[arg-type]
-        image_token=image_token,
-        strings=strings,
-        literal=literal,
-    )
-    return EmbedItem(rendered, image)
+    """One example as the model reads it (`ItemBuilder.item`, for a single item)."""
+    return ItemBuilder(template, image_token, strings, literal).item(text, image, role)
 
 
 def embed_pairs(
@@ -77,26 +118,10 @@ def embed_pairs(
         PAIRS_SCHEMA,
         ["id", "subset", "meta_task", "fn_group", "qry_text", "qry_image", "pos_text", "pos_image"],
     ).to_pylist()
+    build = ItemBuilder(cfg.template, token, cfg, backbone.as_text)
     items, qkeys, pkeys = [], [], []
     for row in pairs:
-        q = make_item(
-            row["qry_text"],
-            row["qry_image"],
-            template=cfg.template,
-            role="query",
-            image_token=token,
-            strings=cfg,
-            literal=backbone.as_text,
-        )
-        p = make_item(
-            row["pos_text"],
-            row["pos_image"],
-            template=cfg.template,
-            role="target",
-            image_token=token,
-            strings=cfg,
-            literal=backbone.as_text,
-        )
+        q, p = build.pair(row)
         items += [q, p]
         qkeys.append(q.key)
         pkeys.append(p.key)

@@ -26,6 +26,7 @@ from embedder.datasets.images import ImageChecker
 from embedder.datasets.sources import parse_jsonl_line, text_problem
 from embedder.errors import UserError
 from embedder.inference import Embedder, with_instruction
+from embedder.model.prompts import Role
 
 COLUMNS = ("id", "text", "image", "instruction")
 MAX_NAMED = 20
@@ -97,7 +98,7 @@ def encode_file(
     output: Path,
     *,
     images_root: Path | None,
-    role: Literal["query", "target"] = "query",
+    role: Role = "query",
     on_bad_rows: Literal["error", "skip"] = "error",
     progress: bool = True,
 ) -> dict[str, int]:

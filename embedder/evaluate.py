@@ -46,7 +46,7 @@ from embedder.config import EmbedConfig, EvaluateConfig, ModelConfig
 from embedder.datasets.catalog import MMEB_SUBSETS, normalise
 from embedder.datasets.ingest import images_digest
 from embedder.datasets.schema import EVAL_SCHEMA, read_table
-from embedder.embed import make_item, open_backbone
+from embedder.embed import ItemBuilder, open_backbone
 from embedder.errors import UserError
 from embedder.model.backbone import Backbone
 from embedder.model.encode import (
@@ -465,31 +465,10 @@ def evaluate_model(
         backbone = load_adapter(backbone, folder)
     token = backbone.image_token(model.wrapped_image_token)
     settings = evaluation_settings(embed, cfg)
+    build = ItemBuilder(cfg.template, token, embed, backbone.as_text)
     items, qkeys, ckeys = [], [], []
     for r in table:
-        q = make_item(
-            r["qry_text"],
-            r["qry_image"],
-            template=cfg.template,
-            role="query",
-            image_token=token,
-            strings=embed,
-            literal=backbone.as_text,
-        )
-        # MMEB: candidates get no suffix, except in "matching" subsets.
-        role = "query" if "matching" in r["subset"].lower() else "target"
-        cands = [
-            make_item(
-                t,
-                im,
-                template=cfg.template,
-                role=role,
-                image_token=token,
-                strings=embed,
-                literal=backbone.as_text,
-            )
-            for t, im in zip(r["tgt_text"], r["tgt_image"], strict=True)
-        ]
+        q, cands = build.eval_row(r)
         items += [q, *cands]
         qkeys.append(q.key)
         ckeys.append([c.key for c in cands])

@@ -9,7 +9,7 @@ fine-tuned adapter, and turn texts, images or text+image pairs into unit vectors
 
 It runs on the engine of the `embed` and `evaluate` stages (`embedder.model.encode.encode`:
 identical inputs embedded once, batches sorted by length, images decoded by the one decoder)
-and renders prompts as they do (`embedder.embed.make_item`), so an item gives the vector the
+and renders prompts as they do (`embedder.embed.ItemBuilder`), so an item gives the vector the
 pipeline's evaluation gives it. An adapter is loaded strictly (missing or unexpected keys are
 an error) with the template it was trained with, read from `gen2embed.json` beside it
 (written by the finetune stage). An adapter trained elsewhere (a folder or a hub id, such as
@@ -32,7 +32,6 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -40,15 +39,15 @@ from PIL import Image
 from embedder.artifacts import json_text
 from embedder.config import EmbedConfig, EvaluateConfig
 from embedder.datasets.sources import text_problem
-from embedder.embed import make_item
+from embedder.embed import ItemBuilder
 from embedder.errors import UserError
 from embedder.image_files import ImagePathError, decode_image, resolve_image_path
 from embedder.model.backbone import Backbone, load_backbone
 from embedder.model.encode import EmbedItem, encode
+from embedder.model.prompts import PROMPT_STRINGS, ROLES, Role, Template
 from embedder.model.shards import load_embeddings
 
 TRAINING_FILE = "gen2embed.json"
-Role = Literal["query", "target"]
 ImageInput = str | Path | Image.Image | None
 
 
@@ -61,7 +60,7 @@ class TrainedWith:
     """What an adapter was trained with, recorded beside it (`gen2embed.json`): the prompt
     template and its strings, and the image-token form."""
 
-    template: str
+    template: Template
     strings: EmbedConfig
     wrapped_image_token: bool
 
@@ -69,10 +68,7 @@ class TrainedWith:
         return json_text(
             {
                 "template": self.template,
-                "strings": {
-                    k: getattr(self.strings, k)
-                    for k in ("system", "query_suffix_image", "query_suffix_text", "generic_system")
-                },
+                "strings": {k: getattr(self.strings, k) for k in PROMPT_STRINGS},
                 "wrapped_image_token": self.wrapped_image_token,
             },
             indent=2,
@@ -119,7 +115,7 @@ class Embedder:
         self,
         backbone: Backbone,
         *,
-        template: str = "hierarchical",
+        template: Template = "hierarchical",
         strings: EmbedConfig | None = None,
         wrapped_image_token: bool = False,
         settings: EmbedConfig | None = None,
@@ -145,7 +141,7 @@ class Embedder:
         base: str | Path,
         adapter: str | Path | None = None,
         *,
-        template: str | None = None,
+        template: Template | None = None,
         settings: EmbedConfig | None = None,
         device: str = "auto",
         dtype: str = "auto",
@@ -209,6 +205,7 @@ class Embedder:
         n = len(texts) if texts is not None else len(images or [])
         if texts is not None and images is not None and len(texts) != len(images):
             raise EmbedderError(f"{len(texts)} texts but {len(images)} images: pair them 1:1")
+        build = self.builder
         out = []
         for i in range(n):
             text = _as_text(texts[i], i) if texts is not None else ""
@@ -216,21 +213,19 @@ class Embedder:
             rel = self._image_path(image, images_root, scratch)
             if not text and not rel and not instruction:
                 raise EmbedderError(f"input {i} has neither text nor image")
-            out.append(self.item(with_instruction(text, instruction), rel, role))
+            out.append(build.item(with_instruction(text, instruction), rel, role))
         return out
+
+    @property
+    def builder(self) -> ItemBuilder:
+        """How this embedder renders its inputs: the stages' item builder, with its template,
+        strings and image token."""
+        return ItemBuilder(self.template, self.image_token, self.strings, self.backbone.as_text)
 
     def item(self, text: str, image: str, role: Role) -> EmbedItem:
         """One input rendered as this embedder prompts it; `image` a path relative to the
         images root the engine is given ("" for none)."""
-        return make_item(
-            text,
-            image,
-            template=self.template,
-            role=role,
-            image_token=self.image_token,
-            strings=self.strings,
-            literal=self.backbone.as_text,
-        )
+        return self.builder.item(text, image, role)
 
     @staticmethod
     def _image_path(image: ImageInput, images_root: Path, scratch: Path) -> str:
@@ -280,7 +275,7 @@ class Embedder:
         both are given. `role`: `query` inputs get the template's query suffix, `target`
         inputs none (MMEB: candidates are targets). `instruction` is prefixed to each text as
         MMEB writes it (`with_instruction`). An empty input gives shape (0, D)."""
-        if role not in ("query", "target"):
+        if role not in ROLES:
             raise EmbedderError(f"role={role!r}: query or target")
         # One text or one image alone is one input, not a sequence of characters.
         if isinstance(texts, str):

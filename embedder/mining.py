@@ -32,22 +32,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
 from embedder.artifacts import json_text
-from embedder.config import MineConfig
+from embedder.config import STRATEGIES, MineConfig, Strategy
 from embedder.datasets import schema
 from embedder.model.shards import load_embeddings
 from embedder.outputs import Candidates, Clusters, Embeddings
 
 log = logging.getLogger("gen2embed.mining")
-
-Strategy = Literal["saha", "topk", "topk_margin", "in_batch"]
-STRATEGIES: tuple[str, ...] = ("saha", "topk", "topk_margin", "in_batch")
 
 
 @dataclass

@@ -41,7 +41,7 @@ import json
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -51,8 +51,9 @@ from mteb.types import PromptType
 
 from embedder.config import EmbedConfig
 from embedder.datasets.sources import text_problem
-from embedder.inference import Embedder, EmbedderError, Role
+from embedder.inference import Embedder, EmbedderError
 from embedder.model.encode import EmbedItem
+from embedder.model.prompts import PROMPT_STRINGS, ROLES, Role
 
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata
@@ -66,7 +67,6 @@ _READ = ("text", "image")
 _REFUSED = ("audio", "video")
 # Engine settings that change the vectors (the others, batch size and workers, do not).
 _VECTOR_SETTINGS = ("image_mode", "image_side", "max_pixels", "out_dtype", "padding_side")
-_PROMPT_STRINGS = ("system", "query_suffix_image", "query_suffix_text", "generic_system")
 
 
 def weights_digest(embedder: Embedder) -> str:
@@ -84,7 +84,7 @@ def weights_digest(embedder: Embedder) -> str:
     prompt = {
         "template": embedder.template,
         "image_token": embedder.image_token,
-        "strings": {k: getattr(embedder.strings, k) for k in _PROMPT_STRINGS},
+        "strings": {k: getattr(embedder.strings, k) for k in PROMPT_STRINGS},
         "settings": {k: getattr(embedder.settings, k) for k in _VECTOR_SETTINGS},
     }
     h.update(json.dumps(prompt, sort_keys=True).encode())
@@ -121,7 +121,7 @@ class MtebEmbedder(AbsEncoder):
         training_datasets, ...), validated by mteb. Raises EmbedderError (a role that is not
         query/target, an instruction the embedder cannot read), pydantic's ValidationError (a
         bad ModelMeta field)."""
-        if role_without_prompt_type not in get_args(Role):
+        if role_without_prompt_type not in ROLES:
             raise EmbedderError(
                 f"role_without_prompt_type={role_without_prompt_type!r}: query or target"
             )

@@ -13,6 +13,7 @@ from typing import Any
 
 from embedder.config import PRESETS, load_config
 from embedder.errors import UserError
+from embedder.model.prompts import ROLES, TEMPLATES
 from flows.user_errors import BUSY_MACHINE, EPHEMERAL_TIMEOUT, quiet_user_errors, user_cause
 
 
@@ -27,8 +28,6 @@ def _config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="dotted override, e.g. --set ingest.on_bad_rows=skip (repeatable)",
     )
-    p.add_argument("--workdir", help="workspace (default: $GEN2EMBED_HOME or ./data)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of every error")
 
 
 def stage_names() -> tuple[str, ...]:
@@ -61,8 +60,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="gen2embed", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # Flags every command shares, declared once (argparse parents).
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show tracebacks of every error")
+    workdir = argparse.ArgumentParser(add_help=False, parents=[debug])
+    workdir.add_argument(
+        "--workdir",
+        help="workspace: artifacts, MLflow runs and registry, Prefect state (default: "
+        "$GEN2EMBED_HOME or ./data)",
+    )
 
-    run = sub.add_parser("run", help="run the pipeline (cached stages are reused)")
+    run = sub.add_parser(
+        "run", help="run the pipeline (cached stages are reused)", parents=[workdir]
+    )
     _config_args(run)
     run.add_argument(
         "--from",
@@ -87,17 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only this table row (repeatable); shared stages come from the cache",
     )
 
-    stages = sub.add_parser("stages", help="each stage's fingerprint and whether it is cached")
+    stages = sub.add_parser(
+        "stages", help="each stage's fingerprint and whether it is cached", parents=[workdir]
+    )
     _config_args(stages)
     stages.add_argument(
         "--row", dest="rows", action="append", metavar="NAME", help="only this table row"
     )
 
     up = sub.add_parser(
-        "up", help="start Prefect and MLflow servers on 127.0.0.1 and serve the deployments"
+        "up",
+        help="start Prefect and MLflow servers on 127.0.0.1 and serve the deployments",
+        parents=[workdir],
     )
-    up.add_argument("--workdir", help="workspace (default: $GEN2EMBED_HOME or ./data)")
-    up.add_argument("--debug", action="store_true", help="show tracebacks of every error")
     up.add_argument("--prefect-port", type=int, default=4200)
     up.add_argument("--mlflow-port", type=int, default=5000)
     up.add_argument(
@@ -114,13 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="start the servers only (no UI-started or scheduled runs)",
     )
 
-    compare = sub.add_parser("compare", help="pipeline runs side by side (from MLflow)")
+    compare = sub.add_parser(
+        "compare", help="pipeline runs side by side (from MLflow)", parents=[workdir]
+    )
     compare.add_argument("runs", nargs="+", metavar="RUN", help="MLflow run id (or prefix) or name")
-    compare.add_argument("--workdir", help="workspace (default: $GEN2EMBED_HOME or ./data)")
-    compare.add_argument("--debug", action="store_true", help="show tracebacks of every error")
 
     enc = sub.add_parser(
-        "encode", help="embed a JSONL or Parquet file of texts and images into a Parquet file"
+        "encode",
+        help="embed a JSONL or Parquet file of texts and images into a Parquet file",
+        parents=[workdir],
     )
     enc.add_argument(
         "model",
@@ -141,10 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         "authors' Y-J-Ju/SaHa-Qwen2-VL-2B-Instruct). Default: the base an adapter folder names",
     )
     enc.add_argument("--adapter-revision", help="hub revision of an adapter given by id")
-    enc.add_argument("--role", choices=("query", "target"), default="query")
+    enc.add_argument("--role", choices=ROLES, default="query")
     enc.add_argument(
         "--template",
-        choices=("hierarchical", "plain", "chat"),
+        choices=TEMPLATES,
         help="default: the adapter's, else hierarchical",
     )
     enc.add_argument("--on-bad-rows", choices=("error", "skip"), default="error")
@@ -158,19 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument(
         "--image-side", type=int, help="side for --image-mode fixed (implies it; default 448)"
     )
-    enc.add_argument(
-        "--workdir",
-        help="workspace whose MLflow registry models:/ names (default: $GEN2EMBED_HOME or ./data)",
-    )
-    enc.add_argument("--debug", action="store_true", help="show tracebacks of every error")
 
     deploy = sub.add_parser(
         "deploy",
         help="register the deployments on your own Prefect server (PREFECT_API_URL) and pool",
+        parents=[debug],
     )
     deploy.add_argument("--pool", required=True, help="work pool whose workers run them")
     _deployment_args(deploy)
-    deploy.add_argument("--debug", action="store_true", help="show tracebacks of every error")
     return parser
 
 

@@ -159,7 +159,7 @@ def _check_parameters(path: Path, spec: DeploymentSpec) -> None:
             pipeline_config(**local, source="world")
         except ConfigError:
             raise DeploymentError(f"{path}: deployment {spec.name}: {exc}") from None
-        spec.to_fill = str(exc).splitlines()[-1].split("Value error, ")[-1].strip()
+        spec.to_fill = exc.problems[-1]
 
 
 def runner_deployments(specs: list[DeploymentSpec]) -> list[Any]:

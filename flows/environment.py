@@ -14,9 +14,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+import psutil
+
 from embedder.artifacts import WORKDIR_ENV, create_once, resolve_workdir
 from embedder.errors import UserError
-from embedder.processes import pid_alive
 
 SERVICES_FILE = "services.json"
 
@@ -30,7 +31,7 @@ def running_services(workdir: Path) -> dict[str, str] | None:
         info = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    if all(pid_alive(int(pid)) for pid in info.get("pids", [])):
+    if all(psutil.pid_exists(int(pid)) for pid in info.get("pids", [])):
         return info
     return None
 

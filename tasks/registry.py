@@ -28,7 +28,6 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from embedder.artifacts import sha256_file
 from embedder.config import EmbedConfig, PipelineConfig, TableRow
 from embedder.errors import UserError
 from embedder.evaluate import AGGREGATES, evaluation_settings
@@ -47,14 +46,17 @@ REASON_TAG = "gen2embed.champion_reason"
 
 
 def adapter_sha256(folder: Path) -> str:
-    """One digest over the adapter folder's files: each file's relative name and sha256, in
-    name order (64 hex digits)."""
+    """One digest over the adapter folder's files: for each, in name order, its relative name,
+    a NUL, then its bytes (64 hex digits). Kept byte for byte as versions have always been
+    tagged with it: a rerun finds the versions registered before by this digest."""
     import hashlib
 
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        digest.update(sha256_file(path).encode() + b"\n")
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import psutil
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 from prefect.exceptions import TerminationSignal
 
 from embedder.artifacts import create_once
-from embedder.processes import pid_alive
 
 log = logging.getLogger("gen2embed.tracking")
 EXPERIMENT = "gen2embed"
@@ -191,7 +191,7 @@ class Tracker:
         swept = {}
         for run in runs:
             pid = int(run.data.tags.get("gen2embed.pid", "0") or 0)
-            if pid and pid != os.getpid() and not pid_alive(pid):
+            if pid and pid != os.getpid() and not psutil.pid_exists(pid):
                 self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
                 swept[run.info.run_id] = run.data.tags.get("prefect.flow_run_id", "")
         return swept
@@ -251,16 +251,14 @@ class Tracker:
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         flat = flatten_params(params)
         items = [Param(k, v) for k, v in flat.items()]
-        for i in range(0, len(items), 100):  # MLflow's batch limit
-            self.client.log_batch(run_id, params=items[i : i + 100])
+        self.client.log_batch(run_id, params=items)  # MLflow splits into its batch limits
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
         """Metrics as `metric_value` shows them (12 significant digits, below any precision a
         score carries, above float noise: a mean of P@1s is 0.075, not 0.07500000000000001)."""
         now = get_current_time_millis()
         items = [Metric(k, metric_value(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+        self.client.log_batch(run_id, metrics=items)  # MLflow splits into its batch limits
 
     def log_curves(self, run_id: str, curves: Mapping[str, list[tuple[int, float]]]) -> None:
         """Per-step series as metric histories (MLflow's charts plot them against step); the
@@ -272,8 +270,7 @@ class Tracker:
             items += [
                 Metric(key, metric_value(v), now, int(s)) for s, v in series if int(s) not in have
             ]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+        self.client.log_batch(run_id, metrics=items)  # MLflow splits into its batch limits
 
     def log_datasets(self, run_id: str, tables: list[Any]) -> None:
         """Tables (tasks.contract.DatasetRef) as MLflow dataset inputs: referenced by path,

@@ -408,3 +408,17 @@ def test_a_rerun_of_a_bare_version_registers_a_loadable_one_and_supersedes_it(
     # Once loadable, the same adapter and evaluation find version 2.
     again = register_adapter(tracker, cfg, ROW, adapter, report, run_id, lock=tmp_path / "l")
     assert again.version == "2"
+
+
+def test_the_adapter_digest_is_the_one_versions_have_always_been_tagged_with(
+    tmp_path: Path,
+) -> None:
+    """Pinned: versions registered by earlier code are found again by this digest; a new
+    formula would register every old adapter a second time."""
+    from tasks.registry import adapter_sha256
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "w.bin").write_bytes(b"\x00\x01")
+    expected = "e9f3895801a7c56e195f5df569654d9b4797731d7f91cc37a8b3c0c2f0c5713e"
+    assert adapter_sha256(tmp_path) == expected

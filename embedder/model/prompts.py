@@ -6,15 +6,19 @@ line for queries, and the generation prompt, so the final token is where the mod
 start its one-word answer. `plain` is the raw text (VLM2Vec V1 style); `chat` is the chat
 template with a generic system message and no embedding instruction, the ablation that
 separates the template's effect from the instruction's.
+
+This module is the one home of the templates' vocabulary: their names (`Template`,
+`TEMPLATES`), the roles an item plays (`Role`, `ROLES`) and the strings the templates add
+(`PromptStrings`, whose defaults are docs/method.md's exact text). It imports nothing from
+the project, so the config (whose embed section carries the strings as settings), the
+stages, the command line and the Prefect forms all take them from here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
-
-if TYPE_CHECKING:  # config.py takes its default strings from here
-    from embedder.config import EmbedConfig
+from dataclasses import dataclass, fields
+from typing import Literal, get_args
 
 MMEB_IMAGE_PLACEHOLDER = "<|image_1|>"
 HIERARCHICAL_SYSTEM = (
@@ -25,9 +29,29 @@ QUERY_SUFFIX_IMAGE = "\nRepresent the given text/image in one word."
 QUERY_SUFFIX_TEXT = "\nRepresent the given text in one word."
 GENERIC_SYSTEM = "You are a helpful assistant."
 
-TemplateName = Literal["hierarchical", "plain", "chat"]
-TEMPLATES: tuple[str, ...] = ("hierarchical", "plain", "chat")
+# typing.Literal aliases, so pydantic validates them and Prefect's forms show them as enums;
+# the tuples (argparse choices, messages) are read off the aliases.
+Template = Literal["hierarchical", "plain", "chat"]
+TEMPLATES: tuple[Template, ...] = get_args(Template)
 Role = Literal["query", "target"]
+ROLES: tuple[Role, ...] = get_args(Role)
+
+
+@dataclass(frozen=True)
+class PromptStrings:
+    """The strings the templates put around an example. `render` reads these four attributes
+    from whatever it is given: the embed section (`embedder.config.EmbedConfig`, whose
+    fields of the same names default to these) or an adapter's record of them."""
+
+    system: str = HIERARCHICAL_SYSTEM
+    query_suffix_image: str = QUERY_SUFFIX_IMAGE
+    query_suffix_text: str = QUERY_SUFFIX_TEXT
+    generic_system: str = GENERIC_SYSTEM
+
+
+DEFAULT_STRINGS = PromptStrings()
+# Their names: what an adapter's record and a model's digest copy from the embed section.
+PROMPT_STRINGS: tuple[str, ...] = tuple(f.name for f in fields(PromptStrings))
 
 
 def chat(system: str | None, user: str) -> str:
@@ -43,7 +67,7 @@ def render(
     has_image: bool,
     role: Role,
     image_token: str,
-    strings: EmbedConfig | None = None,
+    strings: PromptStrings | None = None,
     literal: Callable[[str], str] | None = None,
 ) -> str:
     """The full input string for one example.
@@ -51,7 +75,8 @@ def render(
     `image_token` replaces MMEB's `<|image_1|>` placeholder (Qwen2-VL: `<|image_pad|>`, which
     the processor expands to the image's patch tokens). An image without a placeholder in the
     text gets the token prepended, so the image is never silently dropped. The strings come
-    from `strings` (the embed section), else docs/method.md's exact text.
+    from `strings` (any object with `PromptStrings`' attributes: the embed section), else
+    docs/method.md's exact text.
 
     `literal` (the backbone's `Backbone.as_text`) is applied to the example's own text, the
     data, and never to the template: a special-token string in the data (a question about
@@ -70,9 +95,7 @@ def render(
     if template == "plain":
         return text
     if strings is None:
-        from embedder.config import EmbedConfig  # here: config imports this module
-
-        strings = EmbedConfig()
+        strings = DEFAULT_STRINGS
     if template == "chat":
         return chat(strings.generic_system, text)
     if template == "hierarchical":

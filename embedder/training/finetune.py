@@ -36,11 +36,12 @@ from transformers import get_linear_schedule_with_warmup
 from embedder.artifacts import json_text
 from embedder.config import EmbedConfig, FinetuneConfig, ModelConfig
 from embedder.datasets.schema import CLUSTERS_SCHEMA, PAIRS_SCHEMA, read_table
-from embedder.embed import make_item, open_backbone
+from embedder.embed import ItemBuilder, open_backbone
 from embedder.errors import UserError
 from embedder.inference import TRAINING_FILE, TrainedWith
 from embedder.model.backbone import Backbone
 from embedder.model.encode import EmbedItem, embed_inputs, process_items
+from embedder.model.prompts import Template
 from embedder.outputs import Adapter, Clusters, Generator, Tables
 from embedder.progress import Progress
 from embedder.training import adapters
@@ -64,7 +65,7 @@ class TrainPair:
 def training_clusters(
     clusters: Clusters,
     data: Tables,
-    template: str,
+    template: Template,
     image_token: str,
     strings: EmbedConfig,
     literal: Callable[[str], str] | None = None,
@@ -86,31 +87,11 @@ def training_clusters(
             f"{len(lost)} cluster members are not in the pairs table (ids {lost[:5]}): the "
             "mine and ingest outputs do not belong together"
         )
-    out: list[list[TrainPair]] = []
-    for (_,), part in frame.group_by(["cluster"], maintain_order=True):
-        cluster = []
-        for r in part.iter_rows(named=True):
-            q = make_item(
-                r["qry_text"],
-                r["qry_image"],
-                template=template,
-                role="query",
-                image_token=image_token,
-                strings=strings,
-                literal=literal,
-            )
-            t = make_item(
-                r["pos_text"],
-                r["pos_image"],
-                template=template,
-                role="target",
-                image_token=image_token,
-                strings=strings,
-                literal=literal,
-            )
-            cluster.append(TrainPair(q, t))
-        out.append(cluster)
-    return out
+    build = ItemBuilder(template, image_token, strings, literal)
+    return [
+        [TrainPair(*build.pair(r)) for r in part.iter_rows(named=True)]
+        for _, part in frame.group_by(["cluster"], maintain_order=True)
+    ]
 
 
 def step_clusters(n_clusters: int, per_step: int, seed: int, step: int) -> list[int]:
