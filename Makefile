@@ -4,18 +4,41 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench up clean
+# torch first, pinned: the CPU build on disk. An unpinned torch pulls a multi-GB CUDA build.
+TORCH := torch==2.13.0
+# The versions the test suite passed with (`make lock` writes it).
+CONSTRAINTS := constraints.txt
+
+.PHONY: setup lock demo test lint format bench up clean
 
 setup: $(STAMP)
 
-# torch first, pinned: the CPU build on disk. An unpinned torch pulls a multi-GB CUDA build.
-# The stamp makes a second `make setup` with nothing changed a no-op.
-$(STAMP): pyproject.toml
+# Every version from constraints.txt. The stamp makes a second `make setup` with nothing
+# changed a no-op; a new constraints.txt or pyproject.toml reinstalls.
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) $(TORCH)
+	$(BIN)/python -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
 	touch $(STAMP)
+
+# Upgrade the pins: a fresh temporary venv gets torch, then the newest versions pyproject.toml
+# allows, and its `pip freeze` becomes constraints.txt (not gen2embed, pip, setuptools, wheel;
+# local labels such as torch's +cpu dropped, so the pin also matches the build elsewhere).
+# Then `make test`, and commit constraints.txt if it passes.
+lock:
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; py="$$tmp/venv/bin/python"; \
+	$$py -m pip install --quiet --upgrade pip; \
+	$$py -m pip install --quiet $(TORCH); \
+	$$py -m pip install --quiet -e '.[dev]'; \
+	$$py -m pip freeze --exclude-editable > "$$tmp/freeze"; \
+	{ echo "# The versions the test suite passed with: \`make setup\` installs with pip's -c $(CONSTRAINTS)."; \
+	  echo "# Written by \`make lock\` with Python $$($$py -c 'import platform; print(platform.python_version())'), $$(date -u +%F)."; \
+	  echo "# Upgrade: \`make lock\` (the newest versions pyproject.toml allows), \`make test\`, commit."; \
+	  grep -v -i -E '^(gen2embed|pip|setuptools|wheel)==' "$$tmp/freeze" \
+	    | sed -E 's/^([^=]+==[^+]+)\+.*/\1/' | LC_ALL=C sort -f -t= -k1,1; } > "$$tmp/constraints.txt"; \
+	mv "$$tmp/constraints.txt" $(CONSTRAINTS)
 
 demo: setup
 	$(BIN)/gen2embed run --preset tiny
