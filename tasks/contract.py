@@ -361,11 +361,14 @@ class ProgressArtifact:
     def __init__(self, stage: str, tracker: Tracker, run_id: str) -> None:
         """`stage`: the stage's label (`evaluate[saha-hierarchical]`), which names the card."""
         self.stage, self.tracker, self.run_id = stage, tracker, run_id
+        self.logged_step = -1  # each step's values reach MLflow once
         self.artifact_id: UUID | None = None
         self.failed: set[str] = set()
 
     def __call__(self, percent: float, line: str, step: int, values: dict[str, float]) -> None:
-        if values and "mlflow" not in self.failed:
+        # The bar tells on a timer and again when it closes: both can fall on the last step.
+        if values and step > self.logged_step and "mlflow" not in self.failed:
+            self.logged_step = step
             try:
                 self.tracker.log_metrics(self.run_id, values, step=step)
             except Exception as exc:

@@ -107,3 +107,20 @@ def test_the_settings_a_run_changed_from_its_preset() -> None:
         "finetune.steps": 20,
         "evaluate.max_queries": 3,
     }, "the rows are the run's name, not a setting"
+
+
+def test_live_values_reach_mlflow_once_per_step() -> None:
+    """The bar tells on a timer and again when it closes; both can fall on the last step."""
+    from tasks.contract import ProgressArtifact
+
+    logged: list[tuple[int, dict[str, float]]] = []
+
+    class Tracker:
+        def log_metrics(self, run_id: str, values: dict[str, float], step: int = 0) -> None:
+            logged.append((step, values))
+
+    listener = ProgressArtifact("finetune[x]", Tracker(), "run")  # type: ignore[arg-type]
+    for step in (1, 2, 3, 3, 2):
+        listener(50.0, "finetune: ...", step, {"train_loss": float(step)})
+    listener(100.0, "finetune: done", 4, {})  # no values: nothing to log
+    assert [s for s, _ in logged] == [1, 2, 3]
