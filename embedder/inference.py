@@ -42,7 +42,7 @@ from embedder.datasets.sources import text_problem
 from embedder.embed import ItemBuilder
 from embedder.errors import UserError
 from embedder.image_files import ImagePathError, decode_image, resolve_image_path
-from embedder.model.backbone import Backbone, load_backbone
+from embedder.model.backbone import Backbone, load_backbone, text_config
 from embedder.model.encode import EmbedItem, encode
 from embedder.model.prompts import PROMPT_STRINGS, ROLES, Role, Template
 from embedder.model.shards import load_embeddings
@@ -316,6 +316,4 @@ class Embedder:
     @property
     def dimension(self) -> int:
         """D, the length of every vector (the language model's hidden size)."""
-        config = self.backbone.model.config
-        text = getattr(config, "text_config", None) or config
-        return int(text.hidden_size)
+        return int(text_config(self.backbone.model.config).hidden_size)

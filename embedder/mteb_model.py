@@ -52,6 +52,7 @@ from mteb.types import PromptType
 from embedder.config import EmbedConfig
 from embedder.datasets.sources import text_problem
 from embedder.inference import Embedder, EmbedderError
+from embedder.model.backbone import text_config
 from embedder.model.encode import EmbedItem
 from embedder.model.prompts import PROMPT_STRINGS, ROLES, Role
 
@@ -206,9 +207,7 @@ class MtebEmbedder(AbsEncoder):
         `meta_fields`)."""
         model = self.embedder.backbone.model
         params = list(model.parameters())
-        config = model.config
-        text_config = getattr(config, "text_config", None) or config
-        max_tokens = getattr(text_config, "max_position_embeddings", None)
+        max_tokens = getattr(text_config(model.config), "max_position_embeddings", None)
         fields: dict[str, Any] = {
             "loader": None,
             "name": name,

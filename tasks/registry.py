@@ -182,9 +182,10 @@ def _base(cfg: PipelineConfig, adapter: Adapter) -> _Base:
 def _dimension(base: _Base) -> int:
     from transformers import AutoConfig
 
+    from embedder.model.backbone import text_config
+
     config = AutoConfig.from_pretrained(base.path, revision=base.revision)
-    text = getattr(config, "text_config", None) or config
-    return int(text.hidden_size)
+    return int(text_config(config).hidden_size)
 
 
 def _create(

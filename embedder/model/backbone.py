@@ -171,6 +171,12 @@ class Backbone:
         return mark_control_tokens(text, self._added_tokens)
 
 
+def text_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The language model's part of a model config: `text_config` of a vision-language
+    config (Qwen2-VL and the tiny generator nest it), else the config itself."""
+    return getattr(config, "text_config", None) or config
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
