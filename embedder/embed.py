@@ -12,9 +12,10 @@ import pyarrow as pa
 from embedder.config import EmbedConfig, ModelConfig
 from embedder.datasets.schema import PAIR_KEYS_SCHEMA, PAIRS_SCHEMA, read_table, write_table
 from embedder.model.backbone import Backbone, load_backbone
-from embedder.model.encode import EmbedItem, current_slice, encode
+from embedder.model.encode import EmbedItem, encode
 from embedder.model.identity import resolve_hub_commit
 from embedder.model.prompts import PromptStrings, Role, Template, render
+from embedder.model.shards import ShardSlice
 from embedder.outputs import Embeddings, Generator, Tables
 
 
@@ -105,10 +106,28 @@ def make_item(
 
 
 def embed_pairs(
-    model: ModelConfig, cfg: EmbedConfig, data: Tables, generator: Generator | None, out: Path
+    model: ModelConfig,
+    cfg: EmbedConfig,
+    data: Tables,
+    generator: Generator | None,
+    out: Path,
+    shard: ShardSlice | None = None,
 ) -> Embeddings:
-    """Embed every distinct query and positive of the pairs table into shards, and map each
-    pair to its query and positive keys."""
+    """Stage `embed`: embed every distinct query and positive of the pairs table with the
+    `cfg.template` prompts (docs/method.md section 2) and map each pair to its keys.
+
+    Writes under `out`: `shards/` (embedder.model.encode: `shard-NNNNN.parquet` of
+    (key: string, embedding: d float32, L2-normalised), stats and plan files; resumable by
+    shard) and `pair_keys.parquet` (PAIR_KEYS_SCHEMA: id, subset, meta_task, fn_group,
+    qry_key, pos_key; one row per pair, table order). With `shard` (one fan-out worker,
+    tasks.scale) only that worker's shards are written and the output's metadata is empty:
+    the whole call that follows assembles. Metrics: encode's throughput (items/s) and
+    padding share.
+
+    Raises ValueError when the ingest output holds no pairs (or model.backbone=tiny without
+    a generator), NotAModelError or UnsafeWeightsError (UserErrors) for a model folder that
+    cannot be opened safely (embedder.model.backbone), and
+    encode's errors (embedder.model.encode.encode)."""
     if data.pairs_images is None:
         raise ValueError("the ingest output holds no training pairs to embed")
     backbone = open_backbone(model, generator)
@@ -126,8 +145,8 @@ def embed_pairs(
         qkeys.append(q.key)
         pkeys.append(p.key)
     output = Embeddings(folder=out)
-    stats = encode(backbone, items, data.pairs_images, output.shards, cfg)
-    if current_slice() is not None:  # one worker of several: its shards are written
+    stats = encode(backbone, items, data.pairs_images, output.shards, cfg, share=shard)
+    if shard is not None:  # one worker of several: its shards are written
         return output
     columns = {c: [r[c] for r in pairs] for c in ("id", "subset", "meta_task", "fn_group")}
     write_table(

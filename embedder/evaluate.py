@@ -49,16 +49,10 @@ from embedder.datasets.schema import EVAL_SCHEMA, read_table
 from embedder.embed import ItemBuilder, open_backbone
 from embedder.errors import UserError
 from embedder.model.backbone import Backbone
-from embedder.model.encode import (
-    EmbedItem,
-    EncodeStats,
-    current_slice,
-    encode,
-    whole_plan,
-)
+from embedder.model.encode import EmbedItem, EncodeStats, encode
 from embedder.model.identity import ModelIdentity, adapter_identity, model_identity, workdir_cache
 from embedder.model.images import load_image
-from embedder.model.shards import load_embeddings
+from embedder.model.shards import ShardSlice, load_embeddings
 from embedder.outputs import Adapter, EvalReport, Generator, Tables
 
 log = logging.getLogger("gen2embed.evaluate")
@@ -424,10 +418,26 @@ def evaluate_model(
     generator: Generator | None,
     adapter: Adapter | None,
     out: Path,
+    shard: ShardSlice | None = None,
 ) -> EvalReport:
-    """Scores of the backbone (with `adapter` merged in, when given, or the released adapter
-    `cfg.adapter` a table row names) on the eval table with `cfg.template` prompts;
-    embeddings in `out/embeddings/` (resumable shards)."""
+    """Stage `evaluate`: scores of the backbone (with `adapter` merged in, when given, or the
+    released adapter `cfg.adapter` a table row names) on the eval table with `cfg.template`
+    prompts, scored as MMEB's reference toolkit scores (module docstring; docs/method.md,
+    "MMEB scoring").
+
+    Writes under `out`: `embeddings/` (every distinct query and candidate, resumable shards
+    of (key: string, embedding: d float32, L2-normalised), embedder.model.encode, with an
+    identity file naming what made them), `sanity/` (the order-independence check's two
+    encodings) and `report.json` (per subset and aggregated: P@1 (argmax), strict P@1, tie
+    rates, hit@k, chance, next-token samples; scores are fractions in [0, 1]). Metrics:
+    `p1.*`, `p1_strict.*`, `tie_rate.*`, `hit<k>.*`, items/s. With `shard` (one fan-out
+    worker, tasks.scale) only that worker's shards of the embeddings are written (the first
+    worker also runs the sanity check) and nothing is scored: the whole call that follows
+    assembles and scores.
+
+    Raises ValueError when both a fine-tuned and a released adapter are given;
+    EvalDataError (a UserError) for an eval table that is missing or empty; the adapter
+    loaders' errors (embedder.training.adapters); encode's errors."""
     if adapter is not None and cfg.adapter is not None:
         raise ValueError("evaluate: a fine-tuned adapter and evaluate.adapter are both given")
     images_root = data.eval_images
@@ -473,22 +483,24 @@ def evaluate_model(
         qkeys.append(q.key)
         ckeys.append([c.key for c in cands])
     distinct = list({it.key: it for it in items}.values())
-    share = current_slice()  # one of several embedding workers: shards only
     checks = {}
     # Before the long part: in one process, or in the first of several workers (whole, not
     # sliced; the assembling pass checks again, in seconds).
-    if share is None or share.index == 0:
-        with whole_plan():
-            checks = sanity_check(
-                backbone, distinct, images_root, settings, out / "sanity", cfg.sanity_items
-            )
+    if shard is None or shard.index == 0:
+        checks = sanity_check(
+            backbone, distinct, images_root, settings, out / "sanity", cfg.sanity_items
+        )
     output = EvalReport(folder=out, template=cfg.template)
     identity = vectors_identity(model, generator, adapter, settings, backbone, data, released)
     reused = reusable_vectors(out, identity, {it.key for it in items})
     folder = out / "embeddings"
     todo = [it for it in items if it.key not in reused]
-    stats = encode(backbone, todo, images_root, folder, settings) if todo else EncodeStats()
-    if share is not None:
+    stats = (
+        encode(backbone, todo, images_root, folder, settings, share=shard)
+        if todo
+        else EncodeStats()
+    )
+    if shard is not None:
         return output
     _write_identity(folder, identity)
     keys, matrix = load_embeddings(folder)

@@ -217,7 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from embedder.artifacts import ArtifactStore
     from embedder.datasets.ingest import check_sources
     from flows.pipeline import method, pipeline, run_name
-    from tasks.contract import check_selection, plan
+    from tasks.selection import check_selection, plan
 
     check_sources(cfg.ingest)
     planned = plan(method, cfg, ArtifactStore(workdir), verify=args.from_stage is not None)
@@ -232,7 +232,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         create_prefect_store(Path(os.environ["PREFECT_HOME"]))
     isolate_ephemeral_server(workdir / "logs" / "prefect-server.log")
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    # The flow run's name is the MLflow run's (tasks.contract.PipelineRun): the preset and rows.
+    # The flow run's name is the MLflow run's (tasks.pipeline_run.PipelineRun): the preset and rows.
     named = pipeline.with_options(flow_run_name=run_name(args.preset, args.rows))
     paths = named(
         preset=args.preset,
@@ -263,7 +263,7 @@ def cmd_stages(args: argparse.Namespace) -> int:
     config = load_config(args.preset, args.config_file, args.overrides).with_rows(args.rows)
     from embedder.artifacts import ArtifactStore
     from flows.pipeline import method
-    from tasks.contract import plan
+    from tasks.selection import plan
 
     print(f"workdir {workdir}")
     print(f"{'stage[row]':32s} {'fingerprint':22s} status")

@@ -17,7 +17,7 @@ from embedder.errors import UserError
 from tasks.registry import CHAMPION, REASON_TAG
 from tasks.tracking import PARENT_TAG, Tracker
 
-REGISTERED = "gen2embed.registered."  # + row: "NAME/VERSION" (tasks.contract)
+REGISTERED = "gen2embed.registered."  # + row: "NAME/VERSION" (tasks.pipeline_run)
 NOT_REGISTERED = "not registered"  # its value when registration failed (the reason follows)
 
 

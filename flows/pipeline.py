@@ -1,7 +1,7 @@
 """The end-to-end pipeline flow: the method's stages in order, each cached by its fingerprint.
 
 `method` is the pipeline: one line per stage, the typed output of one stage passed to the
-next, then per table row (the paper's ablation by default) mining, fine-tuning and
+next by the name of the parameter that takes it, then per table row (the paper's ablation by default) mining, fine-tuning and
 evaluation; the flow writes the comparison table (embedder.report) at the end.
 The flow runs it inside a `PipelineRun` (MLflow parent run, --from / --force /
 --until); `gen2embed stages` plans the very same calls without running them.
@@ -28,7 +28,8 @@ from embedder.config import (
 from embedder.report import RowResult, write_report
 from flows.summary import log_to_prefect, run_summary
 from tasks import stages
-from tasks.contract import PipelineError, PipelineRun, table_row
+from tasks.execute import PipelineError
+from tasks.pipeline_run import PipelineRun, table_row
 from tasks.stages import STAGE_NAMES
 
 StageName = Literal[STAGE_NAMES]  # type: ignore[valid-type]
@@ -46,22 +47,26 @@ def method(cfg: PipelineConfig) -> list[RowResult]:
     fine-tunes nothing, and its RowResult holds no adapter (nothing of ours to register). The
     training pairs are embedded and retrieved only when a row mines them."""
     world = stages.world(cfg) if cfg.ingest.source == "world" else None
-    data = stages.ingest(cfg, world)
+    data = stages.ingest(cfg, world=world)
     generator = stages.pretrain(cfg) if cfg.model.backbone == "tiny" else None
     emb = cands = None
     if any(row.negatives != "none" for row in cfg.table.rows):
-        emb = stages.embed(cfg, data, generator)
-        cands = stages.retrieve(cfg, emb)
+        emb = stages.embed(cfg, data=data, generator=generator)
+        cands = stages.retrieve(cfg, emb=emb)
     results = []
     for row in cfg.table.rows:
         with table_row(row.name):
             row_cfg = cfg.for_row(row)
             adapter = None
             if row.negatives != "none":
-                clusters = stages.mine(row_cfg, cands, emb)
-                adapter = stages.finetune(row_cfg, data, clusters, generator)
+                clusters = stages.mine(row_cfg, cands=cands, emb=emb)
+                adapter = stages.finetune(
+                    row_cfg, data=data, clusters=clusters, generator=generator
+                )
             if has_eval(cfg.ingest):
-                evaluation = stages.evaluate(row_cfg, data, generator, adapter)
+                evaluation = stages.evaluate(
+                    row_cfg, data=data, generator=generator, adapter=adapter
+                )
                 results.append(RowResult(row, evaluation, adapter))
     return results
 

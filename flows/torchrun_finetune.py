@@ -19,7 +19,6 @@ import argparse
 import logging
 import os
 import sys
-from contextlib import ExitStack
 from typing import Any
 
 import torch
@@ -28,18 +27,10 @@ import torch.distributed as dist
 from embedder.artifacts import ArtifactStore
 from embedder.config import PRESETS, load_config
 from embedder.errors import UserError
-from embedder.outputs import StageOutput
-from embedder.progress import listening
 from flows.pipeline import method
-from tasks.contract import (
-    ProgressArtifact,
-    StageCall,
-    current_row,
-    running,
-    stage_label,
-    track_published,
-)
-from tasks.tracking import Tracker, source_tags
+from tasks.execute import Ranks, RunSettings, execute_stage
+from tasks.stage import StageCall, current_row, running, stage_label
+from tasks.tracking import Tracker
 
 log = logging.getLogger("gen2embed.torchrun")
 
@@ -48,69 +39,56 @@ class MissingInputs(UserError, RuntimeError):
     pass
 
 
-def _published_or_run(store: ArtifactStore, target: str, rank: int) -> Any:
-    """A runner for `method`: upstream stages come from their published folders, the target
-    stage is computed here (on every rank) and published by rank 0; nothing else runs."""
+def torch_ranks() -> Ranks:
+    """This job's ranks: rank 0's decision broadcast to all, torch.distributed's barrier."""
 
-    class _Done(Exception):
-        pass
+    def agree(value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    return Ranks(
+        rank=dist.get_rank(),
+        size=dist.get_world_size(),
+        launcher="torchrun",
+        barrier=dist.barrier,
+        agree=agree,
+    )
+
+
+class _Done(Exception):
+    """The target stage is executed: the rest of the method does not run."""
+
+
+def _published_or_run(store: ArtifactStore, target: str, ranks: Ranks) -> Any:
+    """A runner for `method`: upstream stages come from their published folders, the target
+    stage is executed here by every rank (tasks.execute: rank 0 decides and publishes under
+    the pipeline's fingerprint); nothing else runs."""
+    tracking_uri = Tracker.for_workdir(store.workdir).tracking_uri
 
     def runner(call: StageCall[Any]) -> Any:
         label = stage_label(call.stage.name, current_row())
-        published = call.stage.published(store, call.fingerprint)
         if label != target:
+            published = call.stage.published(store, call.fingerprint)
             if published is None:
                 raise MissingInputs(
                     f"{label} is not published in {store.workdir}: run the pipeline with "
                     f"`--until {call.stage.name}` first"
                 )
             return published[0]
-        if published is not None:
-            log.info("%s: already published (%s)", label, published[0].folder)
-            raise _Done
-        out = store.partial_path(call.stage.name, call.fingerprint)
-        config = {k: v.model_dump(mode="json") for k, v in call.sections.items()}
-        with ExitStack() as stack:
-            run_id = None
-            if rank == 0:  # one MLflow run for the whole job, with the pipeline's tags
-                tracker = Tracker.for_workdir(store.workdir)
-                run_id = stack.enter_context(
-                    tracker.run(
-                        f"{label} (torchrun x{dist.get_world_size()})",
-                        tags={
-                            "gen2embed.stage": call.stage.name,
-                            "gen2embed.fingerprint": call.fingerprint,
-                            "gen2embed.row": current_row() or "",
-                            "gen2embed.world_size": str(dist.get_world_size()),
-                            **source_tags(),
-                        },
-                        params=config,
-                    )
-                )
-                # Loss, lr and pairs/s reach it while it trains, as in the pipeline.
-                stack.enter_context(listening(ProgressArtifact(label, tracker, run_id)))
-                store.open_partial(call.stage.name, call.fingerprint)
-            dist.barrier()
-            output: StageOutput = call.stage.function(**call.arguments(out))
-            dist.barrier()
-            if rank == 0:
-                info = {**output.info, "mlflow_run_id": run_id}
-                output = output.model_copy(update={"info": info})
-                manifest = store.publish(
-                    call.stage.name,
-                    call.fingerprint,
-                    code_version=call.stage.code_version,
-                    config=config,
-                    inputs=call.inputs,
-                    output=output,
-                )
-                folder = store.path(call.stage.name, call.fingerprint)
-                moved = output.model_copy(update={"folder": folder})
-                track_published(tracker, run_id, manifest, moved)
-                log.info("%s: published %s", label, folder)
+        settings = RunSettings(
+            workdir=str(store.workdir),
+            tracking_uri=tracking_uri,
+            parent_run_id=None,
+            label=label,
+            row=current_row(),
+        )
+        done = execute_stage(call, settings, ranks=ranks)
+        if done.cached and ranks.rank == 0:
+            log.info("%s: already published (%s)", label, done.output.folder)
         raise _Done
 
-    return runner, _Done
+    return runner
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.table.rows[0].negatives == "none":
             raise MissingInputs(f"row {args.row} is zero-shot: it has no finetune stage")
         store = ArtifactStore(args.workdir)
-        runner, done = _published_or_run(store, f"finetune[{args.row}]", rank)
+        runner = _published_or_run(store, f"finetune[{args.row}]", torch_ranks())
         try:
             with running(runner):
                 method(cfg)
-        except done:
+        except _Done:
             pass
     except UserError as exc:
         if rank == 0:

@@ -7,24 +7,29 @@ GPU; a cluster starts in seconds from a plain pip install (Ray brings a runtime 
 a minute and gigabytes on a small box). Ray's edge, fractional GPUs and autoscaling, buys
 nothing for shards that each fill one GPU.
 
-How: both stages are resumable by shard (a finished shard file is never recomputed). Before
-the stage's own task runs, N shard tasks, each given one slice of the pending shards
-(`embedder.model.encode.shard_slice`), write shard files into the stage's partial folder in
-parallel; then the stage task runs as always, finds every shard done, assembles, publishes.
+How: both stages are resumable by shard (a finished shard file is never recomputed). Once
+the stage's task has decided to compute (tasks.execute), N shard tasks, each given one
+slice of the pending shards (the stage function's `shard` argument,
+embedder.model.shards.ShardSlice), write shard files into the stage's partial folder in
+parallel; then the stage function runs whole, finds every shard done, assembles, publishes.
 Same shards, same files: the result equals the single-process path's.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cloudpickle
 from prefect import task
 from prefect.states import State
 
-from embedder.artifacts import ArtifactStore
 from embedder.config import ScaleConfig
-from embedder.model.encode import shard_slice
+from embedder.model.shards import ShardSlice
 
 
 def task_count(scale: ScaleConfig) -> int:
@@ -50,27 +55,57 @@ def shard_runner(scale: ScaleConfig) -> Any:
     )
 
 
-def _compute_slice(call_pickle: bytes, workdir: str, index: int, count: int) -> None:
+# The started runners of this process, by key. A stage task gets a `Shards` (a key, not the
+# runner: Prefect sends a task's parameters along with every task it submits, and a
+# runner's client cannot be pickled).
+_RUNNERS: dict[str, Any] = {}
+
+
+@contextmanager
+def started_runner(scale: ScaleConfig) -> Iterator[str]:
+    """Start `scale`'s task runner for the block; yields the key `Shards` finds it by."""
+    key = uuid.uuid4().hex
+    with shard_runner(scale) as runner:
+        _RUNNERS[key] = runner
+        try:
+            yield key
+        finally:
+            del _RUNNERS[key]
+
+
+@dataclass(frozen=True)
+class Shards:
+    """How a fan-out stage's shards are computed: `count` shard tasks on the started runner
+    `runner_key`, named after the stage's `label`. Called as execute_stage's `shards`."""
+
+    runner_key: str
+    label: str
+    count: int
+
+    def __call__(self, call: Any, partial: Path) -> None:
+        fan_out(_RUNNERS[self.runner_key], self.label, self.count, call, partial)
+
+
+def _compute_slice(call_pickle: bytes, partial: str, index: int, count: int) -> None:
     """One worker's share of a stage's shards, written into its partial folder."""
     # Pickled by hand: prefect-dask's parameter handling unwraps `quote` and would rebuild
     # the call's dataclass fields as plain values.
     call = cloudpickle.loads(call_pickle)
-    store = ArtifactStore(workdir)
-    partial = store.partial_path(call.stage.name, call.fingerprint)
-    with shard_slice(index, count):
-        call.stage.function(**call.arguments(partial))
+    call.stage.function(**call.arguments(Path(partial), ShardSlice(index, count)))
 
 
 compute_slice = task(_compute_slice, name="shards", retries=0)
 
 
-def fan_out(runner: Any, call: Any, workdir: str, label: str, count: int) -> None:
-    """Run `count` shard tasks of `call` on `runner` and wait; the first failure is raised."""
+def fan_out(runner: Any, label: str, count: int, call: Any, partial: Path) -> None:
+    """Run `count` shard tasks of `call` on `runner`, each writing its slice of the shards
+    into `partial` (the stage's partial folder, opened by tasks.execute), and wait; the first
+    failure is raised. Bound to a runner, label and count, it is execute_stage's `shards`."""
     blob = cloudpickle.dumps(call)
     futures = [
         runner.submit(
             compute_slice.with_options(task_run_name=f"{label}-shards-{k + 1}of{count}"),
-            {"call_pickle": blob, "workdir": workdir, "index": k, "count": count},
+            {"call_pickle": blob, "partial": str(partial), "index": k, "count": count},
         )
         for k in range(count)
     ]

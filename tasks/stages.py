@@ -21,7 +21,7 @@ from embedder.outputs import Clusters, EvalReport, Tables
 from embedder.retrieval import retrieve_candidates
 from embedder.training.finetune import finetune_adapter
 from embedder.world import build_world
-from tasks.contract import DatasetRef, Stage
+from tasks.stage import DatasetRef, Stage
 
 
 def ingested_tables(tables: Tables) -> list[DatasetRef]:

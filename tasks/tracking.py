@@ -273,7 +273,7 @@ class Tracker:
         self.client.log_batch(run_id, metrics=items)  # MLflow splits into its batch limits
 
     def log_datasets(self, run_id: str, tables: list[Any]) -> None:
-        """Tables (tasks.contract.DatasetRef) as MLflow dataset inputs: referenced by path,
+        """Tables (tasks.stage.DatasetRef) as MLflow dataset inputs: referenced by path,
         never copied; the digest is the stage fingerprint, the profile the row count."""
         inputs = [
             DatasetInput(

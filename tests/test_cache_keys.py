@@ -16,7 +16,7 @@ from embedder.datasets.ingest import source_inputs
 from embedder.model import identity
 from embedder.model.identity import DigestCache, ModelIdentityError, model_identity
 from flows.pipeline import method
-from tasks.contract import plan
+from tasks.selection import plan
 
 MODEL_FILES = {
     "model.safetensors": b"weights v1",

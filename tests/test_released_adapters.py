@@ -427,7 +427,7 @@ def test_a_row_with_an_adapter_evaluates_it_and_its_fingerprint_holds_its_conten
 ) -> None:
     from embedder.config import load_config
     from flows.pipeline import method
-    from tasks.contract import running
+    from tasks.stage import running
 
     monkeypatch.setenv("GEN2EMBED_HOME", str(tmp_path / "work"))  # the digest cache
     adapter = tmp_path / "authors"

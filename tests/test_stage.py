@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import errno
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from embedder.artifacts import ArtifactStore
 from embedder.config import load_config
 from flows.pipeline import method
-from tasks.contract import PipelineError, PipelineRun, is_transient, plan
+from tasks.execute import PipelineError, is_transient
+from tasks.pipeline_run import PipelineRun
+from tasks.selection import plan
 from tasks.stages import STAGE_NAMES
 
 
@@ -109,13 +112,76 @@ def test_a_stage_reads_its_shape_from_the_function_signature() -> None:
     assert list(stages.evaluate.upstream) == ["data", "generator", "adapter"]
     assert list(stages.mine.upstream) == ["cands", "emb"]
     assert stages.ingest.inputs is not None
+    assert stages.embed.takes_shard and stages.evaluate.takes_shard
+    assert not stages.mine.takes_shard
+
+
+def _outputs() -> dict[str, Any]:
+    from embedder.outputs import Candidates, Embeddings
+
+    return {
+        "cands": Candidates(folder=Path("c"), stage="retrieve", fingerprint="c1"),
+        "emb": Embeddings(folder=Path("e"), stage="embed", fingerprint="e1"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("given", "error"),
+    [
+        (
+            {"emb": "emb"},
+            r"stage mine takes \(cands: Candidates, emb: Embeddings\) by name; check cands",
+        ),
+        ({"cands": "cands", "emb": "emb", "data": "emb"}, r"by name; check data"),
+        ({"cands": "emb", "emb": "cands"}, r"by name; check cands, emb"),
+        ({"candidates": "cands", "emb": "emb"}, r"check candidates, cands"),
+    ],
+    ids=["missing", "unknown", "swapped types", "misspelt"],
+)
+def test_upstream_outputs_reach_a_stage_by_parameter_name(
+    given: dict[str, str], error: str
+) -> None:
+    from tasks import stages
+    from tasks.stage import running
+
+    outputs = _outputs()
+    calls: list[Any] = []
     cfg = load_config("tiny")
-    with pytest.raises(TypeError, match=r"stage mine takes \(cands: Candidates, emb: Embeddings\)"):
-        stages.mine(cfg, None)
+    with running(calls.append), pytest.raises(TypeError, match=error):
+        stages.mine(cfg, **{p: outputs[o] for p, o in given.items()})
+    with pytest.raises(TypeError):  # by position: never
+        stages.mine(cfg, outputs["cands"], outputs["emb"])  # type: ignore[call-arg]
+    with running(calls.append):
+        stages.mine(cfg, emb=outputs["emb"], cands=outputs["cands"])  # any order
+    (call,) = calls
+    assert call.upstream == {"cands": outputs["cands"], "emb": outputs["emb"]}
+    assert call.inputs == {"retrieve": "c1", "embed": "e1"}
+
+
+def test_a_shard_slice_is_an_argument_only_fan_out_stages_take() -> None:
+    from embedder.model.shards import ShardSlice
+    from tasks import stages
+    from tasks.stage import Stage, StageCall
+
+    cfg = load_config("tiny")
+    sections = {"model": cfg.model, "embed": cfg.embed}
+    call = StageCall(stages.embed, "fp", sections, {"data": None, "generator": None}, {})
+    assert call.arguments(Path("out"))["shard"] is None
+    assert call.arguments(Path("out"), ShardSlice(1, 2))["shard"] == ShardSlice(1, 2)
+    mine = StageCall(stages.mine, "fp", {"mine": cfg.mine}, {"cands": None, "emb": None}, {})
+    assert "shard" not in mine.arguments(Path("out"))
+    with pytest.raises(ValueError, match="mine does not share out its work"):
+        mine.arguments(Path("out"), ShardSlice(0, 2))
+    with pytest.raises(TypeError, match="a fan-out stage's function takes `shard`"):
+        Stage("mine", stages.mine.function, resumable=True, fan_out=True)
+    for index, count in [(2, 2), (-1, 2), (0, 0)]:
+        with pytest.raises(ValueError, match="shard slice"):
+            ShardSlice(index, count)
+    assert [s for s in range(7) if ShardSlice(1, 3).owns(s)] == [1, 4]
 
 
 def test_a_function_of_another_shape_is_refused() -> None:
-    from tasks.contract import Stage
+    from tasks.stage import Stage
 
     def wrong(cfg: dict, out: Path) -> None:  # type: ignore[empty-body]
         """Not a stage function: a plain dict is not a config section."""

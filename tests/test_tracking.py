@@ -106,7 +106,7 @@ def test_two_first_runs_at_once_share_one_database(tmp_path: Path) -> None:
 def test_live_values_and_the_curves_logged_after_the_stage_count_each_step_once(
     tmp_path: Path,
 ) -> None:
-    from tasks.contract import ProgressArtifact
+    from tasks.cards import ProgressArtifact
 
     tracker = Tracker.for_workdir(tmp_path)
     with tracker.run("finetune") as run_id:

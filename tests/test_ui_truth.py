@@ -13,7 +13,7 @@ import pytest
 
 from embedder.config import load_config
 from embedder.report import COLUMNS, SHORT
-from tasks.contract import artifact_key, embed_pictures, score_rows
+from tasks.cards import artifact_key, embed_pictures, score_rows
 from tasks.tracking import compare_url, metric_value, mlflow_ui_url
 
 
@@ -111,7 +111,7 @@ def test_the_settings_a_run_changed_from_its_preset() -> None:
 
 def test_live_values_reach_mlflow_once_per_step() -> None:
     """The bar tells on a timer and again when it closes; both can fall on the last step."""
-    from tasks.contract import ProgressArtifact
+    from tasks.cards import ProgressArtifact
 
     logged: list[tuple[int, dict[str, float]]] = []
 

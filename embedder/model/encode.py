@@ -20,9 +20,7 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from embedder.config import EmbedConfig
 from embedder.image_files import read_image_size
 from embedder.model.backbone import Backbone
 from embedder.model.images import load_image
-from embedder.model.shards import write_shard
+from embedder.model.shards import ShardSlice, write_shard
 from embedder.progress import Progress
 
 log = logging.getLogger("gen2embed.encode")
@@ -45,7 +43,7 @@ STATS_SUFFIX = ".stats.json"
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically: workers sharing a folder (shard_slice) read only whole files."""
+    """Atomically: workers sharing a folder (ShardSlice) read only whole files."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     tmp.write_text(json_text(data))
     tmp.replace(path)
@@ -227,45 +225,6 @@ def _identity(batch: Any) -> Any:
     return batch
 
 
-@dataclass(frozen=True)
-class ShardSlice:
-    """This process computes shards `index`, `index + count`, ... of a plan, not all: one of
-    `count` workers embedding the same items into the same folder."""
-
-    index: int
-    count: int
-
-
-_SLICE: ContextVar[ShardSlice | None] = ContextVar("shard_slice", default=None)
-
-
-@contextmanager
-def shard_slice(index: int, count: int) -> Iterator[None]:
-    """Inside the block, `encode` computes only this worker's share of the pending shards
-    (and the stages calling it stop after encoding: assembling is the last worker's job)."""
-    if not 0 <= index < count:
-        raise ValueError(f"shard slice {index} of {count}")
-    token = _SLICE.set(ShardSlice(index, count))
-    try:
-        yield
-    finally:
-        _SLICE.reset(token)
-
-
-def current_slice() -> ShardSlice | None:
-    return _SLICE.get()
-
-
-@contextmanager
-def whole_plan() -> Iterator[None]:
-    """Inside a worker's slice, a small job that must run whole (a sanity check)."""
-    token = _SLICE.set(None)
-    try:
-        yield
-    finally:
-        _SLICE.reset(token)
-
-
 def plan_shards(lengths: Sequence[int], batch_size: int, shard_size: int) -> list[list[list[int]]]:
     """Indices grouped into batches (by ascending estimated length, ties in input order) and
     batches into shards of about `shard_size` items."""
@@ -284,9 +243,26 @@ def encode(
     on_shard: Callable[[int], None] | None = None,
     *,
     progress: bool = True,
+    share: ShardSlice | None = None,
 ) -> EncodeStats:
-    """Embed `items` into `out_dir/shard-*.parquet` (distinct keys only), resuming finished
-    shards. `on_shard(i)` runs after shard i is safely written."""
+    """Embed `items` into `out_dir`, one vector per distinct `EmbedItem.key`, resuming
+    finished shards.
+
+    Vectors: the last layer's hidden state at the final real token, L2-normalised, computed
+    in float32 (bf16 autocast on CUDA) and stored as float32 (d = the backbone's hidden
+    size). Files written in `out_dir`: `plan.json` (the shard plan; a different plan
+    found there restarts the folder), `shard-NNNNN.parquet` (columns `key`: string,
+    `embedding`: fixed-size list of d float32; embedder.model.shards) and
+    `shard-NNNNN.stats.json` (items, real and padded tokens, seconds), each by an atomic
+    rename, so a rerun skips finished shards and ends bit-for-bit equal to an
+    uninterrupted run. `on_shard(i)` runs after shard i is written. `share`: compute only
+    this worker's pending shards (tasks.scale), None for all of them. `progress`: show a
+    progress bar (embedder.progress). Returns the job's counts and timings (seconds).
+
+    Raises ValueError for an item with neither tokens nor image, FloatingPointError when a
+    batch yields non-finite vectors, embedder.image_files.ImagePathError (a
+    FileNotFoundError) or Pillow's errors for an image that cannot be read, OSError on a
+    failed write (ENOSPC included), and torch's errors (out of memory) unchanged."""
     settings = settings or EmbedConfig()
     started = time.perf_counter()
     stats = EncodeStats(items=len(items))
@@ -296,7 +272,16 @@ def encode(
         size["longest_edge"] = settings.max_pixels
     try:
         return _encode(
-            backbone, items, images_root, out_dir, settings, on_shard, stats, started, progress
+            backbone,
+            items,
+            images_root,
+            out_dir,
+            settings,
+            on_shard,
+            stats,
+            started,
+            progress,
+            share,
         )
     finally:
         size["longest_edge"] = model_max_pixels
@@ -312,6 +297,7 @@ def _encode(
     stats: EncodeStats,
     started: float,
     progress: bool,
+    share: ShardSlice | None,
 ) -> EncodeStats:
     unique: dict[str, EmbedItem] = {}
     for item in items:
@@ -339,9 +325,8 @@ def _encode(
 
     pending = [s for s in range(len(shards)) if not (out_dir / f"shard-{s:05d}.parquet").exists()]
     stats.resumed_shards = len(shards) - len(pending)
-    share = current_slice()
     if share is not None:  # one of several workers: its shards only
-        pending = [s for s in pending if s % share.count == share.index]
+        pending = [s for s in pending if share.owns(s)]
     model = backbone.model
     on_gpu = backbone.device.type == "cuda"
     if on_gpu:
