@@ -45,7 +45,8 @@ WORKDIR_ENV = "GEN2EMBED_HOME"
 
 
 def resolve_workdir(workdir: str | Path | None = None) -> Path:
-    """`--workdir`, else $GEN2EMBED_HOME, else ./data; returned absolute."""
+    """`--workdir`, else $GEN2EMBED_HOME, else ./data; returned absolute (`~` expanded,
+    symlinks resolved). Nothing is created or checked on disk."""
     chosen = workdir or os.environ.get(WORKDIR_ENV) or "data"
     return Path(chosen).expanduser().resolve()
 
@@ -66,7 +67,11 @@ def fingerprint(
     inputs: Mapping[str, str],
     code_version: str,
 ) -> str:
-    """Content key of a stage's output: 20 hex chars of sha256 over a canonical JSON."""
+    """Content key of a stage's output: 20 hex chars of sha256 over a canonical JSON.
+
+    Canonical: mapping keys sorted (as strings), tuples as lists, paths as strings, so equal
+    settings give equal keys whatever their order. Raises TypeError when `config` or `inputs`
+    holds a value JSON has no form for."""
     payload = json.dumps(
         {
             "stage": stage,
@@ -113,7 +118,12 @@ def _imported_names(path: Path, package: str) -> set[str]:
 
 def import_closure(module: str) -> dict[str, Path]:
     """The modules of `module`'s own top-level package that importing it can run: its
-    imports, theirs, and so on, with the packages they sit in."""
+    imports, theirs, and so on, with the packages they sit in.
+
+    Returns dotted name -> source file. Read from the source with `ast`, never imported; a
+    name that is not a module of the package (a function, a class) is skipped, as is
+    `module` itself when its package cannot be found (an empty result). Raises SyntaxError
+    for a module that does not parse."""
     root = module.split(".")[0]
     seen: dict[str, Path] = {}
     todo = [module]
@@ -138,6 +148,8 @@ def code_version(function: Callable[..., Any]) -> str:
 
     Derived, never listed by hand, so an edit to any module the stage runs can never leave a
     stale cache behind; the price is that a comment-only edit also recomputes the stage.
+    Returns 12 hex chars of sha256 over (module name, file bytes) in name order (see
+    `import_closure`).
     """
     digest = hashlib.sha256()
     for name, path in sorted(import_closure(function.__module__).items()):
@@ -149,7 +161,11 @@ def create_once(path: Path, build: Callable[[Path], None]) -> None:
     """Create the file `path` once, atomically: under a lock (a second creator waits, then
     finds it), built by `build` into a temporary sibling that is renamed into place. A kill
     at any point leaves no file or a complete one; a killed build's leftovers are removed by
-    the next attempt, a failed build's by this one."""
+    the next attempt, a failed build's by this one.
+
+    `build(tmp)` must write the file at `tmp` (it is fsynced, then renamed to `path`); the
+    lock file `<name>.lock` stays beside it. Whatever `build` raises is re-raised after the
+    clean-up; a `build` that writes nothing makes this raise FileNotFoundError."""
     if path.is_file():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +218,8 @@ def stat_key(st: os.stat_result) -> str:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 (64 chars) of the file's bytes, read `chunk` bytes at a time (1 MiB by
+    default). Raises OSError (FileNotFoundError, ...) when the file cannot be read."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while block := fh.read(chunk):
@@ -211,7 +229,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 @dataclass
 class Manifest:
-    """What a published stage folder holds; stored as manifest.json inside it."""
+    """What a published stage folder holds; stored as manifest.json inside it.
+
+    `files`: path relative to the folder -> {"size": bytes, "sha256": hex}, the checksum only
+    for files of at most CHECKSUM_MAX_BYTES (8 MiB). `created`: Unix time, seconds."""
 
     stage: str
     fingerprint: str
@@ -227,30 +248,43 @@ class Manifest:
     created: float = 0.0
 
     def to_json(self) -> str:
+        """The manifest as strict JSON (`json_text`: non-finite floats as null), indented,
+        keys sorted. Raises TypeError for a field value JSON has no form for."""
         return json_text(self.__dict__, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:
+        """The manifest `to_json` wrote. Raises ValueError (json.JSONDecodeError) for text
+        that is not JSON and TypeError for JSON that is not a mapping of exactly the
+        manifest's fields (a missing required field or an unknown one)."""
         return cls(**json.loads(text))
 
 
 class ArtifactStore:
-    """Stage folders under `<workdir>/artifacts`."""
+    """Stage folders under `<workdir>/artifacts`.
+
+    `workdir` as `resolve_workdir` picks it; nothing is created until a method writes.
+    Layout per stage: `<fp>/` published, `<fp>.partial/` being written, `<fp>.lock`."""
 
     def __init__(self, workdir: str | Path | None = None) -> None:
         self.workdir = resolve_workdir(workdir)
         self.root = self.workdir / "artifacts"
 
     def path(self, stage: str, fp: str) -> Path:
+        """Where the published folder of `stage` at fingerprint `fp` lives (may not exist)."""
         return self.root / stage / fp
 
     def partial_path(self, stage: str, fp: str) -> Path:
+        """Where `stage` at `fp` is written before it is published: `<fp>.partial`."""
         return self.root / stage / f"{fp}{PARTIAL_SUFFIX}"
 
     @contextmanager
     def lock(self, stage: str, fp: str) -> Iterator[None]:
         """Exclusive right to compute one stage folder: a nightly run and a manual run of the
-        same fingerprint must not write into the same partial folder at once."""
+        same fingerprint must not write into the same partial folder at once.
+
+        A context manager over the file lock `<stage>/<fp>.lock`; blocks, without a time
+        limit, while another process holds it."""
         path = self.root / stage / f"{fp}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         # filelock's flock-based lock: the kernel releases it when its holder dies (SIGKILL
@@ -268,7 +302,10 @@ class ArtifactStore:
 
     def open_partial(self, stage: str, fp: str, *, fresh: bool = False) -> Path:
         """The folder a stage writes into. Kept across attempts so long stages can resume;
-        `fresh=True` empties it first (a forced recompute must not reuse half-done work)."""
+        `fresh=True` empties it first (a forced recompute must not reuse half-done work).
+
+        Created when missing. A stale manifest in it (a crash before the rename) and folders
+        retired by a killed publish are removed. Call it under `lock`."""
         partial = self.partial_path(stage, fp)
         if fresh and partial.exists():
             shutil.rmtree(partial)
@@ -282,11 +319,14 @@ class ArtifactStore:
         return partial
 
     def verify(self, stage: str, fp: str) -> list[str]:
-        """Problems with the published folder; empty when it can be trusted."""
+        """Problems with the published folder, one sentence each; empty when it can be
+        trusted (see `verify_folder`)."""
         return verify_folder(self.path(stage, fp))
 
     def load(self, stage: str, fp: str) -> Manifest | None:
-        """The manifest of a published, verified result, or None (logging why not)."""
+        """The manifest of a published, verified result, or None (logging why not). Checks
+        every file's size, and the checksum of the small ones, so it reads up to 8 MiB a
+        file."""
         problems = self.verify(stage, fp)
         if problems:
             log.info("%s/%s: not reusable (%s)", stage, fp, "; ".join(problems[:3]))
@@ -307,6 +347,12 @@ class ArtifactStore:
 
         A published folder already at the destination (a damaged one, or a forced recompute)
         is moved aside first and deleted after the new one is in place.
+
+        The manifest lists every file of the partial folder (sizes, and sha256 of files of at
+        most 8 MiB), `output`'s rows, metrics (non-finite ones left out), info and own fields
+        (paths relative to the workdir). Raises FileNotFoundError when the partial folder does
+        not exist, and TypeError when `output.info` or `config` holds a value JSON has no form
+        for (nothing is renamed then). Returns the manifest written.
         """
         partial = self.partial_path(stage, fp)
         if not partial.is_dir():
@@ -352,7 +398,11 @@ class ArtifactStore:
 
 
 def verify_folder(folder: Path) -> list[str]:
-    """Check a published folder against its manifest: present, same size, same checksum."""
+    """Check a published folder against its manifest: present, same size, same checksum.
+
+    Returns the problems, one sentence each (empty: trustworthy). A missing folder, a
+    missing or unreadable manifest is a problem, never an exception; an OSError reading a
+    file is let through."""
     manifest_path = folder / MANIFEST
     if not folder.is_dir():
         return [f"{folder} does not exist"]

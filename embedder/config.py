@@ -77,6 +77,18 @@ class WorldConfig(_Section):
         "positives also fit each other's queries).",
     )
 
+    @model_validator(mode="after")
+    def _room_for_the_hard_negatives(self) -> WorldConfig:
+        # A query's candidates: its target, the same-category variants, at least one other.
+        if self.eval_candidates < self.same_category_negatives + 2:
+            raise ValueError(
+                f"world.eval_candidates={self.eval_candidates} leaves no room for "
+                f"world.same_category_negatives={self.same_category_negatives}: each query "
+                "needs its target, those variants and at least one other candidate, so "
+                f"eval_candidates >= {self.same_category_negatives + 2}"
+            )
+        return self
+
 
 class IngestConfig(_Section):
     """Where training and evaluation data come from and how bad rows are handled."""
@@ -569,7 +581,10 @@ class PipelineConfig(_Section):
         }
 
     def with_rows(self, names: list[str] | None) -> PipelineConfig:
-        """Only the named table rows (None: all), in the config's order."""
+        """Only the named table rows (None: all), in the config's order.
+
+        A copy; `names` may list a row twice. Raises ConfigError (a UserError) naming an
+        unknown row, with the closest known name as a hint."""
         if not names:
             return self
         known = [r.name for r in self.table.rows]
@@ -585,7 +600,11 @@ class PipelineConfig(_Section):
 
     def for_row(self, row: TableRow) -> PipelineConfig:
         """This config as the row runs it: the row's template, negatives and released
-        adapter filled in."""
+        adapter filled in.
+
+        A copy: evaluate.template / adapter / adapter_revision and finetune.template from the
+        row, mine.strategy the row's negatives (saha for `none`, whose row mines nothing).
+        Not validated again."""
         updates = {
             "evaluate": self.evaluate.model_copy(
                 update={
@@ -648,7 +667,10 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """`ingest.on_bad_rows=skip` -> ("ingest.on_bad_rows", "skip"); values are parsed as YAML
-    so numbers, booleans, null and lists ([a, b]) work."""
+    so numbers, booleans, null and lists ([a, b]) work.
+
+    Split at the first "="; an empty value is "". The key is not checked here. Raises
+    ConfigError (a UserError) when there is no "=" or no key, or the value is not YAML."""
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -713,7 +735,15 @@ def load_config(
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
 ) -> PipelineConfig:
-    """Preset, then the YAML file at `path`, then dotted overrides; validated once at the end."""
+    """Preset, then the YAML file at `path`, then dotted overrides; validated once at the end.
+
+    The YAML file holds a mapping of sections (PipelineConfig's fields); a section given as a
+    mapping is merged key by key into the preset's, anything else replaces it. Raises
+    ConfigError (a UserError; its `problems` list each validator's sentence) for an unknown
+    preset, a missing, non-UTF-8 or non-YAML file, a file that is not a mapping, an override
+    that does not parse or sets into a value that is not a section, a setting a table row
+    owns (ROW_OWNED), and any validation error (unknown keys named with the closest known
+    one, values out of range, settings that cannot apply)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
     tree: dict[str, Any] = json.loads(json.dumps(PRESETS[preset]))

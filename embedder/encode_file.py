@@ -38,6 +38,10 @@ class EncodeInputError(UserError, ValueError):
 
 @dataclass
 class Row:
+    """One usable input row: its id (the input's `id` as a string, else its 0-based
+    position among the input's records), `where` for messages, text and image ("" for
+    none; the image relative to the images root) and instruction (None for none)."""
+
     id: str
     where: str  # "line 7" / "row 6", for messages
     text: str
@@ -47,7 +51,15 @@ class Row:
 
 def read_rows(path: Path) -> tuple[list[Row], list[str]]:
     """The input's rows and, for each bad one, `where: why`. Raises EncodeInputError when the
-    file is of an unknown kind or holds none of the input columns."""
+    file is of an unknown kind or holds no rows.
+
+    `path` ends in .jsonl (blank lines skipped; a line that is not a UTF-8 JSON object is a
+    bad row) or .parquet (only the COLUMNS it has are read). A record with neither a `text`
+    nor an `image` field, or whose values fail ingest's text rules
+    (`embedder.datasets.sources.text_problem`), is bad; a file lacking both columns makes
+    every row bad rather than raising. Images are not checked here. Raises OSError when the
+    file cannot be read, and pyarrow's ArrowInvalid (a ValueError) for a broken Parquet
+    file."""
     if path.suffix == ".jsonl":
         records: list[tuple[str, dict[str, Any] | None, str | None]] = []
         with path.open("rb") as fh:
@@ -104,7 +116,17 @@ def encode_file(
 ) -> dict[str, int]:
     """Embed every row of `source` into `output` (Parquet: `id`, `embedding`); returns counts
     (`rows`, `skipped`). Raises EncodeInputError naming bad rows (with `error`), or when an
-    image is given without `images_root`."""
+    image is given without `images_root`.
+
+    `output` holds `id` (string) and `embedding` (fixed_size_list<float32>[D], unit vectors)
+    for the usable rows, in input order; it is written as `<output>.tmp` and renamed, after
+    the vectors were computed into resumable shards in `<output>.partial/shards` (removed
+    once `output` is in place). `role`: query rows get the template's query line, target rows
+    none. Images are checked as ingest checks them (`ImageChecker`) before anything is
+    embedded. EncodeInputError (a UserError) also when the file is of an unknown kind or
+    has no rows (`read_rows`), `images_root` is not a folder, or no row is usable; with
+    `on_bad_rows="skip"` bad rows are left out and counted in `skipped`. What the engine
+    raises (embedder.model.encode.encode) comes through unchanged."""
     rows, bad = read_rows(source)
     with_images = [r for r in rows if r.image]
     if with_images and images_root is None:

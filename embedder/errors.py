@@ -5,4 +5,7 @@ The command line prints these without a traceback; anything else is a bug and ke
 
 
 class UserError(Exception):
-    pass
+    """A problem the user fixes from the message alone (bad data, bad config, a missing
+    file); the message says what and, where it can, how. Subclasses also derive from the
+    built-in error that fits (ValueError, OSError, FileNotFoundError, RuntimeError), so
+    callers that catch those still do."""

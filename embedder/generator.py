@@ -76,6 +76,10 @@ MIX = (
 
 @dataclass(frozen=True)
 class Example:
+    """One chat example for the tiny generator: the system message (None: no system turn),
+    the user turn (`<|image_pad|>` where the image goes), the assistant's answer (the only
+    tokens with a loss) and the image (None for text only)."""
+
     system: str | None
     user: str
     answer: str
@@ -83,6 +87,9 @@ class Example:
 
 
 def one_word(kind: str, s: world.Scene) -> str:
+    """The one-word answer to a question of `kind` (world.QUESTION_TYPES) about `s`: the
+    category name, colour, position, size, dot count as a word ("no" for none) or dot
+    colour. Raises KeyError for another kind."""
     return {
         "category": s.cat.name,
         "colour": s.cat.colour,
@@ -94,13 +101,20 @@ def one_word(kind: str, s: world.Scene) -> str:
 
 
 def text_description(s: world.Scene) -> str:
+    """The filler-first answer to a bare text: "The text describes a <size> <colour> <name>
+    <where>." (the dots are not mentioned)."""
     c = s.cat
     where = ("on the left", "in the centre", "on the right")[s.position]
     return f"The text describes a {world.SIZES[s.size]} {c.colour} {c.name} {where}."
 
 
 def corpus_texts() -> list[str]:
-    """Every kind of text the world and its prompts use: what the tokenizer is trained on."""
+    """Every kind of text the world and its prompts use: what the tokenizer is trained on.
+
+    Includes docs/method.md's exact prompt strings (so they tokenize well; whether they
+    appear in training is the ExampleStream's choice) and, for every scene spec, its
+    captions, text description, questions with answers and referring expression. The same
+    list, in the same order, on every call."""
     out = [
         HIERARCHICAL_SYSTEM,
         QUERY_SUFFIX_IMAGE,
@@ -127,7 +141,12 @@ def corpus_texts() -> list[str]:
 
 
 class ExampleStream:
-    """An endless, seeded stream of training examples drawn from fresh random scenes."""
+    """An endless, seeded stream of training examples drawn from fresh random scenes.
+
+    Kinds in MIX's proportions (docs/miniature.md); images are `image_size` px squares
+    rendered anew for each example. The exact hierarchical system prompt is among the
+    one-word system messages only with `exact_system_prompt`; the query lines of
+    docs/method.md never appear. The same seed gives the same examples."""
 
     def __init__(self, seed: int, image_size: int, exact_system_prompt: bool = False) -> None:
         self.rng = random.Random(seed)
@@ -144,6 +163,7 @@ class ExampleStream:
         return world.render(s, self.image_size, self.rng.randrange(1 << 30))
 
     def sample(self) -> Example:
+        """The next example (advances the stream's random state)."""
         rng = self.rng
         s = rng.choice(self.scenes)
         kind = rng.choices([k for k, _ in MIX], weights=[w for _, w in MIX])[0]
@@ -204,7 +224,13 @@ class ExampleStream:
 
 
 def collate(backbone: Backbone, examples: list[Example]) -> dict[str, torch.Tensor]:
-    """Tokenise chat-formatted examples; labels only on the assistant's answer."""
+    """Tokenise chat-formatted examples; labels only on the assistant's answer.
+
+    Returns the processor's tensors (input_ids and attention_mask, (batch, seq) int64,
+    right-padded; pixel_values and image_grid_thw when an example has an image) plus
+    `labels`, a copy of input_ids with -100 everywhere but the answer and its closing
+    `<|im_end|>`. Tensors are on the CPU. Sets the shared tokenizer's padding side to
+    right."""
     proc = backbone.processor
     proc.tokenizer.padding_side = "right"
     texts = [chat(e.system, e.user) + e.answer + "<|im_end|>" for e in examples]
@@ -225,6 +251,9 @@ def collate(backbone: Backbone, examples: list[Example]) -> dict[str, torch.Tens
 
 @dataclass
 class PretrainResult:
+    """What `pretrain` did: `losses`, [(step, mean loss over the steps since the previous
+    entry)] every `log_every` steps and at the last; `seconds` of wall clock; `steps`."""
+
     losses: list[tuple[int, float]]
     seconds: float
     steps: int
@@ -233,7 +262,14 @@ class PretrainResult:
 def pretrain(
     backbone: Backbone, cfg: PretrainConfig, *, image_size: int, log_every: int = 25
 ) -> PretrainResult:
-    """Next-token pretraining on the world's text, loss on the assistant turn only."""
+    """Next-token pretraining on the world's text, loss on the assistant turn only.
+
+    Trains `backbone.model` in place (left in eval mode) for `cfg.steps` steps of
+    `cfg.batch_size` ExampleStream examples of `image_size` px: AdamW (weight decay 0.01,
+    betas 0.9/0.98), `cfg.lr` after a linear warm-up of `cfg.warmup` steps, then a cosine
+    decay to 5% of it; gradient norm clipped to 1. Seeded by `cfg.seed`. Batches stay on
+    the CPU, so the backbone must be a CPU one (the tiny generator). Shows a progress bar
+    (embedder.progress)."""
     steps, warmup = cfg.steps, cfg.warmup
     torch.manual_seed(cfg.seed)
     model = backbone.model
@@ -286,6 +322,10 @@ def _first_word(text: str) -> str:
 def generate_answers(
     backbone: Backbone, examples: list[Example], max_new_tokens: int = 4
 ) -> list[str]:
+    """Greedy answers of the generator to each example's prompt (its `answer` is not used):
+    at most `max_new_tokens` new tokens each, decoded without special tokens, in input
+    order. Inputs stay on the CPU (a CPU backbone, as the tiny generator). Sets the shared
+    tokenizer's padding side to left."""
     proc = backbone.processor
     proc.tokenizer.padding_side = "left"
     texts = [chat(e.system, e.user) for e in examples]
@@ -306,7 +346,13 @@ def vqa_accuracy(
     backbone: Backbone, *, per_type: int, seed: int, image_size: int, batch_size: int = 32
 ) -> dict[str, float]:
     """Held-out accuracy of one-word answers, by question type, on fresh random scenes;
-    plus one-word category naming from an image and from a caption."""
+    plus one-word category naming from an image and from a caption.
+
+    Keys: world.QUESTION_TYPES (the "category" one names the object from an image) and
+    "text_one_word" (from a caption); values 0..1 over `per_type` cases each, an answer
+    counting when its first word (lower-cased, punctuation stripped) is the expected word.
+    Scenes are drawn with `seed`, images of `image_size` px, generated `batch_size` at a
+    time (`generate_answers`)."""
     rng = random.Random(seed + 104729)
     scenes = world.all_scenes()
     cases: dict[str, list[tuple[Example, str]]] = {}
@@ -336,7 +382,15 @@ def vqa_accuracy(
 def pretrain_generator(cfg: PretrainConfig, world_cfg: WorldConfig, out: Path) -> Generator:
     """Tokenizer + random tiny Qwen2-VL, next-token pretraining, held-out VQA accuracy; the
     model is saved to `out/model` and loads offline with `load_backbone`. The world's
-    section gives the image size the generator is built for."""
+    section gives the image size the generator is built for.
+
+    The `pretrain` stage. Writes under `out`: model/ (transformers' save_pretrained of the
+    model and processor: config, safetensors weights, tokenizer and image processor files)
+    and loss.json ([[step, mean loss since the previous entry], ...]). Metrics: parameters,
+    seconds (wall clock), first_loss, final_loss, vqa_acc.<kind> after and
+    vqa_acc_before.<kind> before pretraining (`vqa_accuracy`), and ready (1.0 when held-out
+    category and position accuracy both reach 0.8, docs/miniature.md); a generator that is
+    not ready is a warning in the output's info, not an error. Runs on the CPU."""
     image_size = world_cfg.image_size
     backbone = build_tiny(corpus_texts(), cfg, image_size=image_size)
     params = sum(x.numel() for x in backbone.model.parameters())

@@ -208,7 +208,11 @@ def read_image(root: Path, rel: str) -> Image.Image:
 
 
 def read_image_file(path: Path) -> Image.Image:
-    """`decode_image` of the file at `path`, found already (`resolve_image_path`)."""
+    """`decode_image` of the file at `path`, found already (`resolve_image_path`).
+
+    The file is read whole into memory first (see `_in_memory`). Raises OSError when it
+    cannot be read (FileNotFoundError when missing; PIL.UnidentifiedImageError, an OSError,
+    when it is no image Pillow knows), and what `decode_image` raises."""
     with Image.open(_in_memory(path)) as im:
         return decode_image(im)
 

@@ -65,6 +65,8 @@ class TrainedWith:
     wrapped_image_token: bool
 
     def to_json(self) -> str:
+        """The record as written to `gen2embed.json`: {"template", "strings" (the
+        PROMPT_STRINGS settings), "wrapped_image_token"}, indented, keys sorted."""
         return json_text(
             {
                 "template": self.template,
@@ -77,6 +79,10 @@ class TrainedWith:
 
     @classmethod
     def read(cls, adapter: Path) -> TrainedWith | None:
+        """The record in the adapter folder `adapter`, or None when it has no
+        `gen2embed.json` (an adapter trained elsewhere). Raises ValueError for a file that is
+        not JSON or holds invalid strings (pydantic's ValidationError), KeyError for a
+        missing field."""
         path = adapter / TRAINING_FILE
         if not path.is_file():
             return None
@@ -100,7 +106,9 @@ def _as_text(value: object, where: int | str) -> str:
 def with_instruction(text: str, instruction: str | None) -> str:
     """MMEB's layout: the task instruction first, then the example's own text on a new line
     (`Represent the given image for classification`, `Find me an everyday image that matches
-    the given caption: a dog.` are instructions with no text or with it inline)."""
+    the given caption: a dog.` are instructions with no text or with it inline).
+
+    No (or an empty) instruction: `text` unchanged; no text: the instruction alone."""
     if not instruction:
         return text
     return f"{instruction}\n{text}" if text else instruction
@@ -109,7 +117,13 @@ def with_instruction(text: str, instruction: str | None) -> str:
 class Embedder:
     """A loaded backbone (+ merged adapter) and how to prompt it.
 
-    `encode` returns float32 unit vectors, shape (N, D), in input order."""
+    `encode` returns float32 unit vectors, shape (N, D), in input order.
+
+    Built by `load`, or from a Backbone: `template` and `strings` render the prompts
+    (docs/method.md section 2; default strings when None), `wrapped_image_token` picks the
+    image token's form, and `settings` are the engine's (batch size, image rules); None
+    gives the evaluation's image rules (docs/method.md section 2) and no DataLoader
+    workers."""
 
     def __init__(
         self,
@@ -153,7 +167,16 @@ class Embedder:
         None: its main branch), ours or another trainer's (`embedder.training.adapters`).
         The template is the adapter's (its `gen2embed.json`) unless `template` says
         otherwise; a base alone uses `hierarchical`, the paper's zero-shot prompt. Raises
-        AdapterError (missing or unexpected adapter keys, a refused pickle), EmbedderError."""
+        AdapterError (missing or unexpected adapter keys, a refused pickle), EmbedderError.
+
+        All of them UserErrors: AdapterError also for an adapter that is neither a folder
+        nor a downloadable hub repo, or holds no config or weights (checked before the base
+        loads); ModelIdentityError when the adapter's hub revision cannot be resolved;
+        EmbedderError for `adapter_revision` without `adapter`, an adapter with no
+        `gen2embed.json` and no `template`, or a `template` other than the recorded one;
+        and what `load_backbone` raises for the base (NotAModelError, UnsafeWeightsError,
+        OSError, ValueError). `settings`: the engine's settings (their template replaced by
+        the chosen one); `device`, `dtype`, `revision` as `load_backbone` takes them."""
         folder = None
         if adapter is not None:  # before the base: a wrong adapter fails in seconds
             from embedder.training.adapters import adapter_folder, weights_file
@@ -199,7 +222,13 @@ class Embedder:
         scratch: Path,
     ) -> list[EmbedItem]:
         """The rendered items the engine embeds; PIL images are written (decoded, lossless)
-        into `scratch`, paths are taken relative to `images_root`."""
+        into `scratch`, paths are taken relative to `images_root`.
+
+        `scratch` must lie under `images_root`, and so must every image path (a path
+        outside it raises ValueError). Raises EmbedderError when neither texts nor images
+        are given, their lengths differ, a text is not a usable string, an input has neither
+        text, image nor instruction, an image is not a path or PIL image, is a URL, a folder
+        or missing, or a PIL image cannot be decoded."""
         if texts is None and images is None:
             raise EmbedderError("encode needs texts, images, or both")
         n = len(texts) if texts is not None else len(images or [])
@@ -274,7 +303,14 @@ class Embedder:
         `texts` and `images` (paths or PIL images; None or "" for none) are paired 1:1 when
         both are given. `role`: `query` inputs get the template's query suffix, `target`
         inputs none (MMEB: candidates are targets). `instruction` is prefixed to each text as
-        MMEB writes it (`with_instruction`). An empty input gives shape (0, D)."""
+        MMEB writes it (`with_instruction`). An empty input gives shape (0, D).
+
+        A str (or a single path or PIL image) is one input. Image paths are absolute or
+        relative to the working directory. Raises EmbedderError (a UserError) for a bad
+        `role` or instruction, both inputs None, and the input problems `items` names; what
+        embedder.model.encode.encode raises (an image file Pillow cannot decode, out of
+        memory) comes through unchanged. `progress`: show a progress bar. Runs on the
+        backbone's device; nothing is kept on disk (a temporary folder)."""
         if role not in ROLES:
             raise EmbedderError(f"role={role!r}: query or target")
         # One text or one image alone is one input, not a sequence of characters.
@@ -307,7 +343,11 @@ class Embedder:
         self, items: Sequence[EmbedItem], images_root: Path, folder: Path, *, progress: bool
     ) -> np.ndarray:
         """(len(items), D) float32 vectors of rendered items, through the engine's resumable
-        shards in `folder` (a rerun on the same folder skips finished shards)."""
+        shards in `folder` (a rerun on the same folder skips finished shards).
+
+        Row i is item i's vector (identical items share one computation), L2-normalised.
+        Image paths of the items are relative to `images_root`. `folder` keeps the shards
+        (embedder.model.encode.encode's files); raises as that function does."""
         encode(self.backbone, items, images_root, folder, self.settings, progress=progress)
         keys, matrix = load_embeddings(folder)
         row = {k: i for i, k in enumerate(keys)}

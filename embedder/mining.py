@@ -49,7 +49,12 @@ log = logging.getLogger("gen2embed.mining")
 
 @dataclass
 class SubsetPool:
-    """One subset's mining inputs, all indices local to the subset."""
+    """One subset's mining inputs, all indices local to the subset.
+
+    Index arrays are int64 (`load_pools` casts them), vectors float32 with unit-norm rows.
+    Built from `row_query` and `row_positive`: the owner map (positive -> the distinct queries
+    whose positive it is, docs/method.md section 3 step 2) and its inverse (query -> its own
+    positives), both CSR with sorted, distinct entries."""
 
     name: str
     classification: bool
@@ -72,9 +77,13 @@ class SubsetPool:
         self.own_ptr, self.own_idx = _csr(by_query[:, 1], by_query[:, 0], len(self.queries))
 
     def owners(self, p: int) -> np.ndarray:
+        """(n,) int64, ascending: the distinct queries whose positive is positive `p` (a
+        view into the CSR arrays: do not write to it)."""
         return self.owner_idx[self.owner_ptr[p] : self.owner_ptr[p + 1]]
 
     def own_positives(self, q: int) -> np.ndarray:
+        """(n,) int64, ascending: the distinct positives of query `q`'s rows (a view, as
+        `owners`)."""
         return self.own_idx[self.own_ptr[q] : self.own_ptr[q + 1]]
 
 
@@ -88,6 +97,10 @@ def _csr(keys: np.ndarray, values: np.ndarray, n: int) -> tuple[np.ndarray, np.n
 
 @dataclass
 class Cluster:
+    """One mined cluster of a subset: an anchor query and the owner queries whose positives
+    serve as its hard negatives (docs/method.md section 3 step 6), as query indices local to
+    the subset. `phase` is 1 or 2 (step 7); 0 for `in_batch`'s random clusters."""
+
     anchor: int  # query index
     members: list[int]  # owner query indices, in kept order
     phase: int
@@ -101,7 +114,8 @@ class Cluster:
 
 @dataclass
 class MineTrace:
-    """What the filter saw, for the score histograms."""
+    """What the filter saw, for the score histograms: query-positive cosines of each
+    anchor with its own positive, of the candidates kept and of those filtered out."""
 
     anchor_positive: list[float] = field(default_factory=list)
     kept: list[float] = field(default_factory=list)
@@ -147,7 +161,16 @@ def _walk(
 def mine_subset(
     pool: SubsetPool, strategy: Strategy, params: MineConfig, trace: MineTrace | None = None
 ) -> list[Cluster]:
-    """Clusters for one subset (cluster members as query indices)."""
+    """Clusters for one subset (cluster members as query indices).
+
+    `strategy`: saha (docs/method.md section 3, C = km owners in phase 1 and 2km in phase 2,
+    then the false-negative filter), topk and topk_margin (C = k owners in both phases, no
+    filter; topk_margin skips candidates scoring above `params.margin` x the anchor row's
+    own query-positive cosine), or in_batch (the distinct queries in a seeded permutation, cut
+    into clusters of at most k + 1, `pool.candidates` unused). Each cluster has at most
+    `params.k` members; an anchor for which no owner is found is left out, so some rows may
+    be in no cluster. With `trace`, the scores the filter kept and dropped are appended to
+    it (not for in_batch). Deterministic for given inputs and `params.seed`."""
     n_rows, n_q = len(pool.row_query), len(pool.queries)
     k, m = params.k, params.m
     if strategy == "in_batch":
@@ -205,6 +228,11 @@ def mine_subset(
 
 @dataclass
 class Diagnostics:
+    """What `diagnose` measured for one subset: `coverage` (share of rows in some cluster,
+    0..1), `phase2_share` (share of clusters made in phase 2), `clusters`, `size_histogram`
+    (rows per cluster -> clusters of that size), `planted_fn_pairs` (row pairs sharing an
+    `fn_group`) and `planted_fn_rate` (share of those pairs put in one cluster)."""
+
     coverage: float
     phase2_share: float
     clusters: int
@@ -216,7 +244,10 @@ class Diagnostics:
 def diagnose(pool: SubsetPool, clusters: list[Cluster], fn_groups: list[str | None]) -> Diagnostics:
     """Coverage, phase-2 share, sizes and the planted false-negative rate: the share of
     ground-truth false-negative row pairs (same `fn_group`) that land in one cluster, i.e.
-    that were used as negatives of each other."""
+    that were used as negatives of each other.
+
+    `fn_groups`: each row's `fn_group` (None or "" for none), in the pool's row order; a
+    group of n rows counts n(n-1)/2 pairs."""
     rows_in = np.zeros(len(pool.row_query), dtype=bool)
     cluster_of_row = np.full(len(pool.row_query), -1)
     sizes: dict[int, int] = {}
@@ -257,7 +288,12 @@ def _read(path: Path, table_schema: pa.Schema) -> pl.DataFrame:
 
 
 def load_pools(cands: Candidates, emb: Embeddings) -> list[tuple[SubsetPool, pl.DataFrame]]:
-    """Rebuild each subset's pool (and its rows table) from the retrieve stage's output."""
+    """Rebuild each subset's pool (and its rows table) from the retrieve stage's output.
+
+    One (pool, rows) per subset in the order of rows.parquet; the rows frame holds the
+    POOL_ROWS_SCHEMA columns sorted by `row`. The pool's vectors are float32 rows of the
+    embed stage's shards. Raises embedder.datasets.schema.SchemaError (a UserError) when a
+    table does not match its schema, and KeyError when a key is missing from the shards."""
     rows = _read(cands.pair_rows, schema.POOL_ROWS_SCHEMA)
     queries = _read(cands.queries, schema.POOL_QUERIES_SCHEMA)
     positives = _read(cands.positives, schema.POOL_POSITIVES_SCHEMA)
@@ -319,7 +355,24 @@ def _score_plot(traces: dict[str, MineTrace], path: Path) -> None:
 def mine_clusters(cfg: MineConfig, cands: Candidates, emb: Embeddings, out: Path) -> Clusters:
     """Clusters for `cfg.strategy` (clusters.parquet), diagnostics for it and, with
     `cfg.compare_strategies`, for every strategy (the planted false-negative rate side by
-    side)."""
+    side).
+
+    The `mine` stage (docs/method.md section 3). Writes under `out`:
+
+    - clusters.parquet (CLUSTERS_SCHEMA): one row per cluster member of `cfg.strategy`'s
+      clusters, `position` 0 the anchor (role "anchor"), then its negatives (role
+      "negative"), `id` the pair's id in pairs.parquet; cluster ids run from 0 over all
+      subsets;
+    - diagnostics.json: per strategy, coverage, clusters, phase2_share, planted_fn_pairs,
+      planted_fn_rate (null without planted pairs) and `subsets` (each subset's
+      Diagnostics fields);
+    - scores.png: histograms of the cosine of anchor-positive, kept and filtered candidates
+      per strategy (in_batch left out; no file when in_batch is the only strategy mined).
+
+    Metrics: coverage, clusters and phase2_share of the chosen strategy, coverage.<name>
+    and planted_fn_rate.<name> of each strategy mined. Raises
+    embedder.datasets.schema.SchemaError (a UserError) when an input table does not match
+    its schema."""
     pools = load_pools(cands, emb)
     strategy = cfg.strategy
     strategies = list(STRATEGIES) if cfg.compare_strategies else [strategy]
@@ -385,7 +438,9 @@ def mine_clusters(cfg: MineConfig, cands: Candidates, emb: Embeddings, out: Path
         pa.table(columns, schema=schema.CLUSTERS_SCHEMA), output.clusters, schema.CLUSTERS_SCHEMA
     )
     output.diagnostics.write_text(json_text(report, indent=2))
-    _score_plot({k: traces[k] for k in strategies if k != "in_batch"}, out / "scores.png")
+    plotted = {k: traces[k] for k in strategies if k != "in_batch"}
+    if plotted:  # in_batch alone (the paper presets' in-batch rows) has no scores to plot
+        _score_plot(plotted, out / "scores.png")
     summary = [
         f"Mining (k={cfg.k}, m={cfg.m}): clusters and planted false negatives "
         "(share of ground-truth FN pairs that became negatives of each other)",

@@ -204,7 +204,12 @@ class MtebEmbedder(AbsEncoder):
     ) -> ModelMeta:
         """This model's ModelMeta: what is known of it, None where it is not (release date,
         languages, license, training data: they are the base's and the adapter's, pass them in
-        `meta_fields`)."""
+        `meta_fields`).
+
+        Counts: n_parameters (every parameter, adapter merged), memory_usage_mb (MiB of the
+        weights as loaded), max_tokens (the language model's max_position_embeddings),
+        embed_dim D; similarity cosine. `meta_fields` override any of them. Raises pydantic's
+        ValidationError (a ValueError) for fields mteb does not accept."""
         model = self.embedder.backbone.model
         params = list(model.parameters())
         max_tokens = getattr(text_config(model.config), "max_position_embeddings", None)
@@ -236,7 +241,8 @@ class MtebEmbedder(AbsEncoder):
 
     def role_for(self, prompt_type: PromptType | str | None) -> Role:
         """The embedder's role for mteb's prompt type: query -> query, document -> target,
-        None -> `role_without_prompt_type`."""
+        None -> `role_without_prompt_type`. Raises ValueError for a string that is not a
+        PromptType value."""
         if prompt_type is None:
             return self.role_without_prompt_type
         return "query" if PromptType(prompt_type) is PromptType.query else "target"
@@ -246,7 +252,10 @@ class MtebEmbedder(AbsEncoder):
     ) -> str | None:
         """The instruction put before every input of this task and side (None for none): the
         `instructions` map first (mteb's prompt-key order), then, with `task_prompts`, the
-        task's own prompt (a dict per side; a string for queries and untyped inputs only)."""
+        task's own prompt (a dict per side; a string for queries and untyped inputs only).
+
+        An empty instruction in the map means none. Raises EmbedderError (a UserError) when
+        the task's own prompt is text the embedder cannot read (ingest's text rules)."""
         kind = None if prompt_type is None else PromptType(prompt_type)
         key = get_prompt_name(self.instructions or None, task_metadata, kind)
         if key is not None:

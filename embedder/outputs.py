@@ -44,7 +44,10 @@ class StageOutput(BaseModel):
 
     def own_fields(self, root: Path) -> dict[str, Any]:
         """The stage-specific fields, as JSON (what the manifest records as `output`); paths
-        inside `root` (the workdir) relative to it, so a moved workdir still resolves."""
+        inside `root` (the workdir) relative to it, so a moved workdir still resolves.
+
+        Paths relative as POSIX strings; paths outside `root` stay absolute. COMMON_FIELDS
+        are left out."""
         fields = self.model_dump(mode="json", exclude=set(COMMON_FIELDS))
         for name in fields:
             value = getattr(self, name)
@@ -53,7 +56,8 @@ class StageOutput(BaseModel):
         return fields
 
     def resolved(self, root: Path) -> Self:
-        """The output with relative path fields (as recorded) made absolute under `root`."""
+        """The output with relative path fields (as recorded) made absolute under `root`.
+        A copy; absolute paths and other fields are unchanged."""
         paths = {
             name: root / value
             for name in type(self).model_fields
@@ -68,7 +72,9 @@ def file(name: str, doc: str = "") -> Any:
 
 
 class World(StageOutput):
-    """The miniature world in MMEB's on-disk layout (stage `world`)."""
+    """The miniature world in MMEB's on-disk layout (stage `world`): `train` and `eval`
+    (one folder per subset with Parquet tables, subsets.json beside them) and their images
+    roots `train_images`, `eval_images` (embedder.world.build_world)."""
 
     train_dir = file("train")
     train_images = file("train_images")
@@ -98,6 +104,7 @@ class Generator(StageOutput):
     losses = file("loss.json", "[(step, mean loss since the last entry)]")
 
     def curves(self) -> dict[str, list[tuple[int, float]]]:
+        """{"pretrain_loss": [(step, mean loss)]} from loss.json; {} when it is absent."""
         if not self.losses.is_file():
             return {}
         return {
@@ -106,14 +113,20 @@ class Generator(StageOutput):
 
 
 class Embeddings(StageOutput):
-    """Zero-shot embeddings of the training pairs (stage `embed`)."""
+    """Zero-shot embeddings of the training pairs (stage `embed`): `shards/` holds
+    shard-NNNNN.parquet files of (key, d unit-norm floats: float32, or float16 with
+    embed.out_dtype=float16), read as one (n, d) float32 matrix by
+    embedder.model.shards.load_embeddings; pair_keys.parquet has PAIR_KEYS_SCHEMA."""
 
     shards = file("shards", "Parquet shards of (key, vector), one per distinct rendered input")
     pair_keys = file("pair_keys.parquet", "each pair with its query and positive keys")
 
 
 class Adapter(StageOutput):
-    """A LoRA adapter trained on mined clusters (stage `finetune`)."""
+    """A LoRA adapter trained on mined clusters (stage `finetune`): `base` is the backbone's
+    source (hub id or folder; for `tiny`, the pretrain output's model folder), `template`
+    the prompt template it was trained with; the adapter folder is peft's format plus
+    gen2embed.json (embedder.inference.TrainedWith)."""
 
     base: str = ""
     template: str = ""
@@ -122,9 +135,12 @@ class Adapter(StageOutput):
     history = file("history.json", "per-step loss, lr and pairs/s")
 
     def tracked_folders(self) -> list[Path]:
+        """The adapter folder (small: LoRA weights and config), copied to the tracker."""
         return [self.adapter]
 
     def curves(self) -> dict[str, list[tuple[int, float]]]:
+        """train_loss, lr and pairs_per_s (pairs per second) by optimizer step, from
+        history.json; {} when it is absent."""
         if not self.history.is_file():
             return {}
         h = json.loads(self.history.read_text())
@@ -153,7 +169,10 @@ class Candidates(StageOutput):
 
 
 class Clusters(StageOutput):
-    """Hard-negative clusters for training (stage `mine`)."""
+    """Hard-negative clusters for training (stage `mine`): clusters.parquet has
+    CLUSTERS_SCHEMA (one row per member, anchor first); `strategy` names the mining
+    strategy that made them; diagnostics.json holds every mined strategy's coverage and
+    planted false-negative rate (embedder.mining.mine_clusters)."""
 
     strategy: str = "saha"
 

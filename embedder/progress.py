@@ -24,7 +24,12 @@ NOTIFY_EVERY_S = 5.0
 
 @contextmanager
 def listening(listener: Listener) -> Iterator[None]:
-    """Send the progress of loops run inside the block to `listener` too."""
+    """Send the progress of loops run inside the block to `listener` too.
+
+    `listener(percent 0..100, line, step, values)` is called from the loop's own thread, at
+    most every NOTIFY_EVERY_S (5) seconds per Progress plus once at its start and end; what
+    it raises stops the loop. Held in a context variable, so it follows the block's thread
+    or task, not the process; nested blocks replace the outer listener until they exit."""
     token = _LISTENER.set(listener)
     try:
         yield
@@ -34,7 +39,11 @@ def listening(listener: Listener) -> Iterator[None]:
 
 class Progress:
     """A tqdm bar (rate, ETA; a line every 10 s instead of a redraw when not a terminal)
-    that also tells the listener, at most every NOTIFY_EVERY_S seconds and at the end."""
+    that also tells the listener, at most every NOTIFY_EVERY_S seconds and at the end.
+
+    `total` and `initial` (work done before, e.g. by a resumed run) count `unit`s; the rate
+    is counted from `initial`, in units per second. `enabled=False` hides the bar and tells
+    no listener. The listener is the one of `listening` when the Progress is created."""
 
     def __init__(
         self, desc: str, total: int, *, unit: str, initial: int = 0, enabled: bool = True
@@ -56,6 +65,8 @@ class Progress:
         self._notify(force=True)
 
     def update(self, n: int = 1, **postfix: Any) -> None:
+        """`n` more units done. `postfix` values are shown on the bar; the numeric ones
+        (e.g. train_loss=0.41) replace the values the listener is given."""
         self.done += n
         if postfix:
             self.bar.set_postfix(postfix, refresh=False)
@@ -77,6 +88,7 @@ class Progress:
         self.listener(100.0 * self.done / max(self.total, 1), line, self.done, dict(self.values))
 
     def close(self) -> None:
+        """Close the bar and tell the listener the final state."""
         self.bar.close()
         self._notify(force=True)
 

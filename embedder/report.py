@@ -47,6 +47,10 @@ LEGEND = [
 
 @dataclass(frozen=True)
 class RowResult:
+    """One table row's results: the row as configured, its evaluate stage output (whose
+    report.json the table reads) and the adapter it fine-tuned (None for a zero-shot row or
+    a released adapter, which the row itself names)."""
+
     row: TableRow
     evaluation: EvalReport
     adapter: Adapter | None
@@ -80,7 +84,12 @@ def _chance(report: dict[str, Any]) -> dict[str, float]:
 def table_lines(results: list[RowResult], reports: list[dict[str, Any]]) -> list[str]:
     """The table as text: a header, the chance row, one row per result (P@1 means, then
     strict P@1 and the tie rate overall), then, after a blank line, what each column is and
-    which rows have subsets tied above the warning threshold."""
+    which rows have subsets tied above the warning threshold.
+
+    `reports[i]`: the parsed report.json of `results[i]` (same length; all on the same eval
+    set, the first one's columns and chance used for all). Scores print with 3 decimals, in
+    0..1. Raises IndexError or ValueError for empty lists and KeyError for a report without
+    the keys embedder.evaluate writes."""
     columns = [c for c in COLUMNS if c in reports[0]["aggregate"]]
     width = max(len(r.row.name) for r in results) + 2
     head = f"{'row':{width}s}" + "".join(f"{SHORT[c]:>9s}" for c in columns)
@@ -164,7 +173,15 @@ def _loss_curves(results: list[RowResult], out: Path) -> str | None:
 
 
 def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
-    """Write report.md and the plots into `out`; return the table as text lines."""
+    """Write report.md and the plots into `out`; return the table as text lines.
+
+    `out` is created if needed. Files: report.md (`title`, the table of `table_lines`, each
+    row's template, negatives and adapter, per-subset scores and the next tokens predicted
+    at the final position), table.json (the same numbers, strict JSON), bars-<column>.png
+    (one per meta-task and aggregate the reports hold) and loss.png (training loss by step
+    of the fine-tuned rows; only when there is one). Every row is read from its evaluate
+    output's report.json; raises as `table_lines` for an empty `results`, and OSError for a
+    missing report."""
     out.mkdir(parents=True, exist_ok=True)
     reports = [json.loads(r.evaluation.report.read_text()) for r in results]
     lines = table_lines(results, reports)

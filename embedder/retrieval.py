@@ -33,13 +33,21 @@ IndexKind = Literal["exact", "ivf", "hnsw"]
 
 @dataclass(frozen=True)
 class SearchResult:
+    """Top-k of each query: `scores` (n_queries, k) float32, descending per row; `indices`
+    (n_queries, k) int64 rows of the pool, -1 where an approximate index found fewer than k;
+    `backend` names what searched (faiss-gpu, torch-cuda, faiss-cpu, faiss-ivf, faiss-hnsw,
+    or none for an empty search)."""
+
     scores: np.ndarray  # (n_queries, k) float32, descending
     indices: np.ndarray  # (n_queries, k) int64 into the pool
     backend: str
 
 
 def check_unit_norm(x: np.ndarray, what: str) -> None:
-    """Inner-product search on unnormalised or non-finite vectors gives nonsense."""
+    """Inner-product search on unnormalised or non-finite vectors gives nonsense.
+
+    `x`: (n, d) floats. Raises ValueError, naming `what`, when a value is NaN or infinite or
+    a row's L2 norm is off 1 by more than 0.01; returns None otherwise."""
     if not np.isfinite(x).all():
         raise ValueError(f"{what}: non-finite values in the embeddings")
     norms = np.linalg.norm(x, axis=1)
@@ -96,7 +104,15 @@ def _torch_topk(queries: np.ndarray, pool: np.ndarray, k: int, batch: int) -> Se
 def exact_search(
     queries: np.ndarray, pool: np.ndarray, k: int, *, batch: int = 8192, device: str = "auto"
 ) -> SearchResult:
-    """Exact top-k by inner product. `device`: auto, cpu or gpu."""
+    """Exact top-k by inner product. `device`: auto, cpu or gpu.
+
+    `queries` (n, d) and `pool` (m, d), any float dtype (searched as float32; torch on a GPU
+    searches pools over 2M rows in float16). k is capped at m; with k = 0 or no queries the
+    result is (n, 0). `batch`: queries per search call (the torch path also caps it so a
+    score block stays near 4 GB). auto and gpu use faiss on the GPU when a probe search
+    agrees with the CPU, else torch on CUDA; auto falls back to faiss on the CPU. Raises
+    RuntimeError for device="gpu" when neither GPU path is usable. Ties may come back in
+    either order."""
     k = min(k, len(pool))
     if k == 0 or len(queries) == 0:
         empty = np.zeros((len(queries), 0))
@@ -140,7 +156,13 @@ def approximate_search(
     ef_search: int = 256,
     batch: int = 8192,
 ) -> SearchResult:
-    """IVF-flat or HNSW over inner product, for pools too large for exact search."""
+    """IVF-flat or HNSW over inner product, for pools too large for exact search.
+
+    `queries` (n, d) and `pool` (m, d), searched as float32; k is capped at m. IVF uses
+    min(`nlist`, m // 39) lists (at least 1; it is trained on the pool) and probes
+    min(`nprobe`, lists); HNSW has `hnsw_m` links a node and searches max(`ef_search`, k).
+    Indices are -1 where fewer than k were found. Raises ValueError for an unknown `kind`
+    and for zero queries (nothing to concatenate)."""
     d = pool.shape[1]
     k = min(k, len(pool))
     pool = np.ascontiguousarray(pool, dtype=np.float32)
@@ -165,7 +187,10 @@ def approximate_search(
 
 
 def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Share of the exact top-k found by the approximate search (order ignored)."""
+    """Share of the exact top-k found by the approximate search (order ignored).
+
+    `approx` and `exact`: (n, k) index arrays of the same queries. 0..1; 1.0 when `exact`
+    is empty."""
     if exact.size == 0:
         return 1.0
     hits = sum(len(set(a) & set(e)) for a, e in zip(approx.tolist(), exact.tolist(), strict=True))
@@ -188,6 +213,20 @@ def retrieve_candidates(cfg: RetrieveConfig, emb: Embeddings, out: Path) -> Cand
     Writes (schemas in embedder.datasets.schema) rows.parquet (every pair with its query and
     positive index, dataset order), queries.parquet (with the row each query maps back to),
     positives.parquet and candidates.parquet; indices are local to the subset.
+
+    The `retrieve` stage (docs/method.md section 3 steps 1-3): a query and a positive are
+    distinct by content (their keys in the embed stage's shards). candidates.parquet holds,
+    per query, R = min(`cfg.top_r`, the subset's distinct positives) positive indices by
+    descending inner product and their float32 scores (index -1 where an approximate index
+    found fewer). For
+    an approximate `cfg.index`, recall@R against exact search on up to `cfg.recall_sample`
+    queries per subset is measured; its mean over subsets is the `recall_at_r` metric.
+    Other metrics: seconds (wall clock), queries, positives, queries_per_s, top_r.
+
+    Raises embedder.datasets.schema.SchemaError (a UserError) when pair_keys.parquet does
+    not match its schema, ValueError (`check_unit_norm`) when a subset's vectors are not
+    finite unit vectors, KeyError when a key is missing from the shards, and RuntimeError
+    for `cfg.device` = gpu without a usable GPU.
     """
     import polars as pl  # here, so the search functions above run where polars is absent
 

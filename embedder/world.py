@@ -39,6 +39,9 @@ from embedder.outputs import World
 
 @dataclass(frozen=True)
 class Category:
+    """A kind of main object with a fixed look (docs/miniature.md): its one-word name, its
+    colour's name and RGB (0..255 each), and the silhouette `_shape_mask` draws."""
+
     name: str
     colour: str
     rgb: tuple[int, int, int]
@@ -84,6 +87,7 @@ class Scene:
 
     @property
     def cat(self) -> Category:
+        """The scene's main object, `CATEGORIES[self.category]`."""
         return CATEGORIES[self.category]
 
 
@@ -102,7 +106,10 @@ def _marks_phrase(s: Scene, variant: int) -> str:
 
 
 def caption(s: Scene, variant: int = 0) -> str:
-    """Three phrasings of the same content; all open with the content-free 'The image shows'."""
+    """Three phrasings of the same content; all open with the content-free 'The image shows'.
+
+    `variant`: 0, 1 or 2 (IndexError otherwise). Size, colour, name, position and the dots
+    are all named."""
     c = s.cat
     size = (("small", "large"), ("little", "big"), ("small", "large"))[variant][s.size]
     pos = (
@@ -118,6 +125,8 @@ def caption(s: Scene, variant: int = 0) -> str:
 
 
 def article(word: str) -> str:
+    """The article for `word`: "an" before a lower-case vowel letter, else "a" (enough for
+    the category names). Raises IndexError for an empty word."""
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -125,6 +134,8 @@ QUESTION_TYPES = ("category", "colour", "position", "size", "count", "mark_colou
 
 
 def question(kind: str, s: Scene, variant: int = 0) -> str:
+    """A VQA question about scene `s`: `kind` one of QUESTION_TYPES, `variant` 0 or 1 (two
+    wordings). Raises KeyError for another kind, IndexError for another variant."""
     name = s.cat.name
     return {
         "category": ("What is the main object?", "Which object is shown?"),
@@ -137,6 +148,9 @@ def question(kind: str, s: Scene, variant: int = 0) -> str:
 
 
 def answer(kind: str, s: Scene, variant: int = 0) -> str:
+    """The answer to `question(kind, s, variant)`: a short sentence (never a bare word; the
+    world's answers open with filler, docs/miniature.md). `variant` 0 or 1 (IndexError
+    otherwise); a `kind` not in QUESTION_TYPES is answered as "mark_colour", not refused."""
     c = s.cat
     if kind == "category":
         return (f"It is {article(c.name)} {c.name}.", f"The object is {article(c.name)} {c.name}.")[
@@ -156,6 +170,8 @@ def answer(kind: str, s: Scene, variant: int = 0) -> str:
 
 
 def referring_expression(s: Scene) -> str:
+    """How a grounding query names the object: "the <colour> <name> on the <left|centre|
+    right>"."""
     return f"the {s.cat.colour} {s.cat.name} on the {('left', 'centre', 'right')[s.position]}"
 
 
@@ -256,7 +272,12 @@ def _paint_marks(img: Image.Image, s: Scene, size_px: int, rng: random.Random) -
 
 
 def render(s: Scene, size_px: int, seed: int, style: str = "filled") -> Image.Image:
-    """Draw one scene. Same scene and seed -> the same pixels."""
+    """Draw one scene. Same scene and seed -> the same pixels.
+
+    A `size_px` x `size_px` RGB image (8 bits a channel): a noisy tinted background (striped
+    for `style="outline"`), the main object (radius about 14-20 px at 64 px, scaled with the
+    side), filled or, for "outline", as a band at its edge, and its dots. Raises ValueError
+    for a category shape `_shape_mask` does not know."""
     rng = random.Random(seed)
     img = Image.fromarray(_background(size_px, np.random.default_rng(seed), style))
     cx, cy, r = _object_geometry(s, size_px, rng)
@@ -268,7 +289,12 @@ def render(s: Scene, size_px: int, seed: int, style: str = "filled") -> Image.Im
 def render_pair_scene(
     left: Scene, right: Scene, size_px: int, seed: int, style: str = "filled"
 ) -> tuple[Image.Image, tuple[Image.Image, Image.Image]]:
-    """A grounding scene with two objects side by side, and a crop around each."""
+    """A grounding scene with two objects side by side, and a crop around each.
+
+    `left` is drawn at 27% and `right` at 73% of the width (their own `position` is not
+    used), smaller than in `render`. Returns the `size_px` square RGB scene and (left crop,
+    right crop), each a 30 px (at 64 px, scaled) square around its object resized to
+    `size_px` x `size_px`."""
     rng = random.Random(seed)
     img = Image.fromarray(_background(size_px, np.random.default_rng(seed), style))
     crops = []
@@ -307,6 +333,8 @@ OOD_PREFIX = ("Shape", "Outline")
 
 
 def all_scenes() -> list[Scene]:
+    """Every distinct scene spec: category x size x position x (no dots, or 1-3 dots of each
+    MARK_COLOURS colour), 12 x 2 x 3 x 19 = 1,368, in a fixed order."""
     out = []
     for c in range(len(CATEGORIES)):
         for size in range(len(SIZES)):
@@ -581,6 +609,17 @@ def build_world(config: WorldConfig, out: Path) -> World:
     train/<Subset>/original-00000-of-00001.parquet, train_images/<Subset>/*.png,
     eval/<Subset>/test-00000-of-00001.parquet, eval_images/<Subset>/*.png,
     and train/subsets.json, eval/subsets.json describing meta-task and IND/OOD.
+
+    The `world` stage (docs/miniature.md). Train subsets (TRAIN_SUBSETS) have MMEB-train's
+    columns plus `fn_group` (planted false-negative groups, null elsewhere),
+    `config.train_pairs` rows each; eval subsets Shape* (IND) and Outline* (OOD) have MMEB-eval's
+    columns, `config.eval_queries` rows each, the correct candidate at index 0 (12 labels
+    for classification; up to `config.eval_candidates` elsewhere). Images are PNGs of
+    `config.image_size` px squares; paths in the tables are relative to the images roots.
+    Deterministic for a given config (`config.seed`). Rows per table and the images count
+    are the output's rows and metrics. Raises ValueError (from `random.sample`) when
+    `config.eval_candidates` leaves no room for `config.same_category_negatives` (fewer
+    than same_category_negatives + 2 candidates).
     """
     rows: dict[str, int] = {}
     images = 0

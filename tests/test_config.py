@@ -222,3 +222,23 @@ def test_world_and_pretrain_settings_that_cannot_apply_are_errors(
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         load_config("tiny", overrides=overrides)
     load_config("tiny", overrides=[o for o in overrides if not o.startswith(named)])
+
+
+@pytest.mark.parametrize(
+    ("candidates", "hard", "ok"),
+    [(4, 5, False), (6, 5, False), (7, 5, True), (4, 2, True), (4, 3, False), (4, 0, True)],
+)
+def test_eval_candidates_leave_room_for_the_hard_negatives(
+    tmp_path: Path, candidates: int, hard: int, ok: bool
+) -> None:
+    overrides = [f"world.eval_candidates={candidates}", f"world.same_category_negatives={hard}"]
+    if not ok:
+        with pytest.raises(ConfigError, match=r"eval_candidates.*same_category_negatives"):
+            load_config("tiny", overrides=overrides)
+        return
+    cfg = load_config("tiny", overrides=overrides)
+    from embedder.world import build_world
+
+    small = cfg.world.model_copy(update={"train_pairs": 16, "eval_queries": 4, "image_size": 32})
+    world = build_world(small, tmp_path)  # every subset builds at the boundary
+    assert world.rows

@@ -516,3 +516,35 @@ def test_two_jsonl_files_of_one_name_are_an_error(tmp_path: Path) -> None:
     cfg = IngestConfig(source="jsonl", jsonl_files=files, jsonl_images=tmp_path)
     with pytest.raises(SourceError, match="would both be subset 'mine'"):
         ingest(cfg, None, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (b"{not json", "is not valid UTF-8 JSON"),
+        (b'{"A": {"meta_task": "vqa"}}\xff', "is not valid UTF-8 JSON"),
+        (b'[{"A": "vqa"}]', "expected an object"),
+        (b'"vqa"', "expected an object"),
+        (b'{"A": "vqa"}', "subset 'A' needs an object with meta_task"),
+        (b'{"A": ["vqa"]}', "subset 'A' needs an object with meta_task"),
+        (b'{"A": {"meta_task": "dancing"}}', "subset 'A' needs meta_task in"),
+        (b'{"A": {"meta_task": "vqa", "distribution": "mars"}}', "subset 'A' needs meta_task in"),
+    ],
+    ids=[
+        "not json",
+        "not utf-8",
+        "a list",
+        "a string",
+        "entry a string",
+        "entry a list",
+        "unknown meta-task",
+        "unknown distribution",
+    ],
+)
+def test_a_malformed_sidecar_is_one_clear_error(tmp_path: Path, content: bytes, error: str) -> None:
+    from embedder.datasets.catalog import SIDECAR, UnknownSubsetError, read_sidecar
+
+    (tmp_path / SIDECAR).write_bytes(content)
+    with pytest.raises(UnknownSubsetError, match=error) as caught:
+        read_sidecar(tmp_path)
+    assert str(tmp_path / SIDECAR) in str(caught.value)

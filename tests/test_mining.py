@@ -266,6 +266,25 @@ def test_mine_clusters_name_the_pairs_the_geometry_picks(tmp_path: Path) -> None
     assert report["saha"]["clusters"] == table["cluster"].n_unique()
 
 
+@pytest.mark.parametrize("strategy", ["in_batch", "saha", "topk", "topk_margin"])
+@pytest.mark.parametrize("compare", [False, True])
+def test_every_strategy_mines_alone_or_compared(
+    tmp_path: Path, strategy: str, compare: bool
+) -> None:
+    """The paper presets mine their in-batch rows alone (compare_strategies off): a strategy
+    with nothing to plot must still publish its clusters and diagnostics."""
+    emb, _ = _star_files(tmp_path)
+    for name in ("retrieve", "mine"):
+        (tmp_path / name).mkdir()
+    cands = retrieve_candidates(RetrieveConfig(top_r=8, device="cpu"), emb, tmp_path / "retrieve")
+    cfg = MineConfig(k=2, m=3, strategy=strategy, compare_strategies=compare)
+    clusters = mine_clusters(cfg, cands, emb, tmp_path / "mine")
+    report = json.loads(clusters.diagnostics.read_text())
+    assert list(report)[0] == strategy and (len(report) > 1) == compare
+    assert pl.read_parquet(clusters.clusters)["cluster"].n_unique() == report[strategy]["clusters"]
+    assert (tmp_path / "mine" / "scores.png").exists() == (compare or strategy != "in_batch")
+
+
 def test_every_subset_with_the_same_r_still_mines(tmp_path: Path) -> None:
     """R = 3 in both subsets: a fixed-size (n, 3) block must still be written as the schema's
     list column, which is what the miner reads."""

@@ -53,12 +53,18 @@ _MMEB: dict[str, tuple[str, list[str], list[str]]] = {
 
 @dataclass(frozen=True)
 class SubsetInfo:
+    """A subset's name as given, its meta-task (one of schema.META_TASKS:
+    classification, vqa, retrieval, grounding) and distribution ("ind" or "ood"),
+    docs/method.md section 5."""
+
     name: str
     meta_task: str
     distribution: str  # "ind" or "ood"
 
 
 def normalise(name: str) -> str:
+    """The key subset names are matched by: lower-cased, everything but ASCII letters and
+    digits dropped ("ImageNet_1K" and "ImageNet-1K" both give "imagenet1k")."""
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
@@ -71,19 +77,32 @@ MMEB_SUBSETS: dict[str, SubsetInfo] = {
 
 
 class UnknownSubsetError(UserError, ValueError):
-    pass
+    """A subset that is neither in MMEB nor described by a valid `subsets.json`."""
 
 
 def read_sidecar(folder: Path) -> dict[str, SubsetInfo]:
+    """The subsets described by `folder/subsets.json`, keyed by `normalise`d name; {} when
+    the file is absent. `distribution` defaults to "ind". Raises UnknownSubsetError (a
+    UserError) when the file is not UTF-8 JSON, not an object of objects, or an entry's
+    meta_task or distribution is not a known one."""
     path = folder / SIDECAR
     if not path.is_file():
         return {}
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UnknownSubsetError(f"{path} is not valid JSON: {exc}") from exc
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UnknownSubsetError(f"{path} is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise UnknownSubsetError(
+            f'{path}: expected an object {{"Subset": {{"meta_task": ...}}}}, got a '
+            f"{type(raw).__name__}"
+        )
     out = {}
     for name, entry in raw.items():
+        if not isinstance(entry, dict):
+            raise UnknownSubsetError(
+                f"{path}: subset {name!r} needs an object with meta_task, got {entry!r}"
+            )
         meta_task = entry.get("meta_task")
         dist = entry.get("distribution", "ind")
         if meta_task not in META_TASKS or dist not in DISTRIBUTIONS:
@@ -96,7 +115,10 @@ def read_sidecar(folder: Path) -> dict[str, SubsetInfo]:
 
 
 def subset_info(name: str, sidecar: dict[str, SubsetInfo]) -> SubsetInfo:
-    """The sidecar wins over the MMEB table so users can relabel; unknown names are an error."""
+    """The sidecar wins over the MMEB table so users can relabel; unknown names are an error.
+
+    `sidecar`: as `read_sidecar` returns it. The result carries `name` as given. Raises
+    UnknownSubsetError (a UserError) for a name in neither."""
     key = normalise(name)
     found = sidecar.get(key) or MMEB_SUBSETS.get(key)
     if found is None:

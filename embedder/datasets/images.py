@@ -22,7 +22,11 @@ def path_problem(root: Path, rel: str, found: Path | None = None) -> str | None:
     """Why `rel` may not be used as an image path under `root`, without reading the file: its
     spelling (absolute, '..', a macOS '._' file), then whether the file, `found` (where
     `resolve_image_path` matched it under Unicode normalization; default `root / rel`),
-    resolves outside `root` through a symlink."""
+    resolves outside `root` through a symlink.
+
+    `root` must be absolute and resolved (as `ImageChecker` holds it) for the symlink check
+    to mean anything. Returns None when the path may be used, else the reason, a sentence
+    naming `rel`."""
     if (
         PurePosixPath(rel).is_absolute()
         or PureWindowsPath(rel).is_absolute()
@@ -45,7 +49,10 @@ def check_image(root: Path, rel: str) -> str | None:
 
     The file is found and decoded exactly as the embed stage will (`read_image`: names matched
     under Unicode normalization, a full decode to RGB), so what passes here opens the same way
-    there."""
+    there.
+
+    `root`: absolute and resolved. Every decode error is a reason, never raised; an OSError
+    listing a folder (e.g. no permission) is let through."""
     problem = path_problem(root, rel)  # spelling first: an absolute or '..' path is not looked up
     if problem:
         return problem
@@ -69,7 +76,11 @@ def check_image(root: Path, rel: str) -> str | None:
 
 
 class ImageChecker:
-    """Checks many images in parallel threads (Pillow releases the GIL while decoding)."""
+    """Checks many images in parallel threads (Pillow releases the GIL while decoding).
+
+    `root` is resolved; raises FileNotFoundError when it is not a folder. `workers`: threads.
+    Results are remembered for the last 200,000 distinct paths. `checked` counts the paths
+    actually checked (memo hits left out). Use it as a context manager, or call `close`."""
 
     def __init__(self, root: Path, workers: int = 8) -> None:
         self.root = Path(root).resolve()
@@ -80,7 +91,8 @@ class ImageChecker:
         self.checked = 0
 
     def check_many(self, paths: Iterable[str]) -> dict[str, str | None]:
-        """Map each non-empty path to its problem (None when fine)."""
+        """Map each non-empty path to its problem (None when fine); see `check_image`. Empty
+        strings ("no image") are left out of the result. Blocks until every path is checked."""
         wanted = {p for p in paths if p}
         out: dict[str, str | None] = {}
         todo = []
@@ -101,6 +113,8 @@ class ImageChecker:
         return out
 
     def close(self) -> None:
+        """Stop the worker threads, waiting for running checks; the checker is unusable
+        after."""
         self._pool.shutdown(wait=True)
 
     def __enter__(self) -> ImageChecker:

@@ -148,7 +148,10 @@ def _convert_pair(
 
 def correct_is_duplicated(row: dict[str, Any]) -> bool:
     """An eval row whose correct candidate (index 0) appears again, same text and image,
-    among its other candidates: the two embed to one vector and always tie."""
+    among its other candidates: the two embed to one vector and always tie.
+
+    `row`: a converted row, EVAL_SCHEMA's names (`tgt_text`, `tgt_image`, equal length, at
+    least one candidate); a row without `tgt_text` (a training pair) gives False."""
     if "tgt_text" not in row:
         return False
     correct = (row["tgt_text"][0], row["tgt_image"][0])
@@ -243,7 +246,10 @@ class _Plan:
 
 
 def resolve_sources(config: IngestConfig, world: World | None = None) -> IngestConfig:
-    """For `source: world`, point the MMEB readers at the published miniature world."""
+    """For `source: world`, point the MMEB readers at the published miniature world.
+
+    Returns `config` unchanged for any other source, else a copy reading source=mmeb from
+    `world`'s folders. Raises ValueError for source=world without `world`."""
     if config.source != "world":
         return config
     if world is None:
@@ -332,7 +338,12 @@ def _plans(config: IngestConfig) -> list[_Plan]:
 def check_sources(config: IngestConfig) -> None:
     """The source's folders and files exist and hold tables for the asked splits and subsets,
     and its images roots exist: what can be checked in a second, before anything starts.
-    (A hub repository that is not a local folder is checked when it is read.)"""
+    (A hub repository that is not a local folder is checked when it is read.)
+
+    Returns None; does nothing for source=world. Raises SourceError (a UserError) for a
+    missing folder, file, subset, table or images root, and UnknownSubsetError (a
+    UserError) for a `subsets.json` that is not JSON or names an unknown meta-task or
+    distribution."""
     if config.source == "world":
         return
     remote_hub = config.source == "hub" and not Path(config.hub_train).is_dir()
@@ -350,7 +361,10 @@ def images_digest(root: Path) -> str:
     downstream (its pixels), so they enter the fingerprint; by `stat`, not by content: a
     walk of a million files takes seconds where reading them would take hours. macOS litter
     (`._*`, `__MACOSX`) is skipped, as ingest refuses it; symlinked folders are followed once
-    (a link back up the tree is not a loop)."""
+    (a link back up the tree is not a loop).
+
+    Returns "<n> files sha256:<64 hex>". Raises OSError (FileNotFoundError, ...) when `root`
+    or a folder under it cannot be read."""
     digest = hashlib.sha256()
     stack = [root]
     entries: list[tuple[str, str]] = []
@@ -386,6 +400,12 @@ def source_inputs(config: IngestConfig) -> dict[str, str]:
     - each images root by the `stat` of every file in it (`images_digest`);
     - a hub dataset by its current commit.
     The miniature world enters as the world stage's fingerprint, an upstream input.
+
+    Keys: a file's resolved path, "hub:<repo>" or "images:<resolved root>"; values:
+    `stat_key`, the commit sha ("unknown" when the hub gives none) or `images_digest`.
+    Missing folders and files are left out, not errors (`check_sources` reports them). For
+    a hub repo that is not a local folder it asks the hub (network): huggingface_hub's errors
+    are let through.
     """
     if config.source == "world":
         return {}
@@ -417,7 +437,26 @@ def source_inputs(config: IngestConfig) -> dict[str, str]:
 
 
 def ingest(config: IngestConfig, world: World | None, out: Path) -> Tables:
-    """Build pairs / eval / rejects tables in `out` (the stage's partial folder)."""
+    """Build pairs / eval / rejects tables in `out` (the stage's partial folder).
+
+    The `ingest` stage. Writes under `out`: pairs.parquet (PAIRS_SCHEMA, one row per valid
+    training pair, source order), eval.parquet (EVAL_SCHEMA, one row per valid eval query
+    with its candidates, correct at index 0; only with an eval source: `eval_dir`, the
+    world, or the hub) and rejects.parquet (REJECTS_SCHEMA, every bad row and why,
+    always). Ids are `row_id`s (content hashes). `world` is the world stage's output, needed
+    only for source=world. The returned Tables carries the resolved images roots (None
+    without that table), the eval root's `images_digest`, rows (per table, and rejects),
+    metrics (rows, rejected_rows, images_checked, seconds, rows_per_s) and info (per-subset
+    counts, empty subsets, eval queries whose correct candidate is listed twice).
+
+    Raises BadRowsError (a UserError) with `on_bad_rows: error` when any row is bad or a
+    subset has no usable row (after scanning everything, naming up to 20 rows), and with
+    either setting when a table ends up with no rows; SourceError (a UserError) as
+    `check_sources`, and for a table file that is not Parquet or lacks a column;
+    UnknownSubsetError (a UserError) for a bad `subsets.json` or a subset neither MMEB nor
+    a `subsets.json` describes; FileNotFoundError when an images root is not a folder;
+    ValueError for source=world without `world`.
+    """
     config = resolve_sources(config, world)
     started = time.perf_counter()
     rows: dict[str, int] = {}

@@ -145,12 +145,22 @@ class SchemaError(UserError, ValueError):
 
 
 def write_table(table: pa.Table, path: Path, schema: pa.Schema) -> None:
-    """Write `table` cast to `schema` (so, e.g., a fixed-size NumPy block becomes a list)."""
+    """Write `table` cast to `schema` (so, e.g., a fixed-size NumPy block becomes a list).
+
+    Only the schema's columns are written, in its order, as one Parquet file at `path`
+    (overwritten). Raises KeyError when `table` lacks a column and ValueError (pyarrow's
+    ArrowInvalid among them) when a column cannot be cast to its type or holds a null where
+    the schema forbids one."""
     pq.write_table(table.select(schema.names).cast(schema), path)
 
 
 def read_table(path: Path, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
-    """Read a table another stage wrote, checking it against its schema first."""
+    """Read a table another stage wrote, checking it against its schema first.
+
+    Only the schema's columns (or `columns`, the subset of them to read and check) are
+    read; extra columns in the file are ignored. Raises SchemaError (a UserError) naming
+    every missing column and every column of another type, FileNotFoundError when `path`
+    is missing and pyarrow's ArrowInvalid (a ValueError) when it is not Parquet."""
     found = pq.read_schema(path)
     problems = []
     for field in schema:
@@ -175,6 +185,8 @@ def row_id(subset: str, *parts: str | list[str]) -> str:
     """Content hash of a row: the same content in the same subset always gets the same id.
 
     Exact duplicate rows share an id (MMEB's identity is content; see docs/method.md section 3).
+    Returns 16 hex chars (blake2b, 8 bytes) over the subset and `parts` in order, fields
+    joined by the ASCII unit separator and list items by the record separator.
     """
     flat = [_RECORD.join(p) if isinstance(p, list) else p for p in parts]
     # surrogatepass: a row holding a lone surrogate is rejected, but still gets an id to name it.

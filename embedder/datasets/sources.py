@@ -44,7 +44,10 @@ class SourceError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class SubsetSource:
-    """One subset of one split and the files (or hub address) that hold it."""
+    """One subset of one split and the files (or hub address) that hold it.
+
+    `split` is "jsonl" for a JSONL file (`files` is that one file); `hub_repo` is set for
+    the hub, and `files` is then empty."""
 
     subset: str
     split: str
@@ -53,11 +56,16 @@ class SubsetSource:
 
     @property
     def label(self) -> str:
+        """`subset/split`, for messages."""
         return f"{self.subset}/{self.split}"
 
 
 @dataclass
 class Chunk:
+    """Up to `batch_rows` consecutive rows of one source, column-wise: `columns` maps each
+    column read to one Python value a row (None for a null, or a JSONL key that is
+    absent), every list the same length, `len(chunk)`."""
+
     subset: str
     split: str
     source: str  # a file name or hub address, for messages
@@ -92,6 +100,12 @@ def discover_folder(
 
     A subset folder with no file for a split still yields a source (with no files) so that
     an empty subset is reported rather than silently missing.
+
+    Folders and files whose names start with "." or "_" are ignored (macOS `._` files,
+    `__MACOSX`). Sources come in folder-name order, each subset's splits in `splits` order,
+    files sorted by name. Raises SourceError (a UserError) when `root` is not a folder, a
+    name in `subsets` is not a subset folder, there are no subset folders, or no subset has
+    a file for any split.
     """
     if not root.is_dir():
         raise SourceError(f"dataset folder {root} does not exist")
@@ -143,6 +157,11 @@ def _check_columns(found: Sequence[str], required: Sequence[str], where: str) ->
 
 
 def read_parquet(source: SubsetSource, required: Sequence[str], batch_rows: int) -> Iterator[Chunk]:
+    """Chunks of at most `batch_rows` rows of each of the source's Parquet files in turn,
+    holding the `required` columns and any OPTIONAL_COLUMNS present; `start_row` counts from 0
+    in each file. A batch with a string cell that is not UTF-8 is read row by row, such rows
+    becoming `row_errors`. Raises SourceError (a UserError), lazily as the iterator reaches
+    the file, when a file is not readable Parquet or lacks a required column."""
     for path in source.files:
         try:
             pf = pq.ParquetFile(path)
@@ -183,7 +202,10 @@ def discover_jsonl(
     files: Sequence[Path], subsets: Sequence[str] | None = None
 ) -> list[SubsetSource]:
     """One subset per JSONL file, named by the file's stem; only `subsets` when given (each
-    must name one of the files)."""
+    must name one of the files).
+
+    Split "jsonl", in the order of `files`. Raises SourceError (a UserError) when a file does
+    not exist, two files share a stem, or a name in `subsets` is no file's stem."""
     missing = [str(f) for f in files if not Path(f).is_file()]
     if missing:
         raise SourceError(f"JSONL files not found: {', '.join(missing)}")
@@ -235,6 +257,12 @@ def parse_jsonl_line(raw: bytes, first: bool) -> tuple[dict[str, Any] | None, st
 
 
 def read_jsonl(source: SubsetSource, required: Sequence[str], batch_rows: int) -> Iterator[Chunk]:
+    """Chunks of at most `batch_rows` rows of the source's one JSONL file, blank lines
+    skipped, with the `required` columns and OPTIONAL_COLUMNS (None where a record lacks the
+    key); `lines` holds each row's 1-based line number. A line that is not a UTF-8 JSON
+    object is a row error (`parse_jsonl_line`), its values None. Raises SourceError (a
+    UserError) when the first parsed record lacks a required column; later records are not
+    checked here."""
     (path,) = source.files
     wanted = [*required, *OPTIONAL_COLUMNS]
     checked = False
@@ -267,7 +295,11 @@ def read_jsonl(source: SubsetSource, required: Sequence[str], batch_rows: int) -
 def discover_hub(
     repo: str, splits: Sequence[str], subsets: Sequence[str] | None
 ) -> list[SubsetSource]:
-    """Subsets of a hub dataset (needs network; `pip install gen2embed[hub]`)."""
+    """Subsets of a hub dataset (needs network; `pip install gen2embed[hub]`).
+
+    One source per config of `repo` (in the hub's order) and split. Raises SourceError (a
+    UserError) when a name in `subsets` is not a config, ImportError without the `datasets`
+    package, and what `datasets` raises when the hub cannot be reached."""
     from datasets import get_dataset_config_names
 
     names = list(get_dataset_config_names(repo))
@@ -280,6 +312,10 @@ def discover_hub(
 
 
 def read_hub(source: SubsetSource, required: Sequence[str], batch_rows: int) -> Iterator[Chunk]:
+    """Chunks of at most `batch_rows` rows streamed from the hub (`datasets`, streaming,
+    nothing cached whole), with the `required` columns and any OPTIONAL_COLUMNS present.
+    Raises SourceError (a UserError) when the dataset lacks a required column, and what
+    `datasets` raises when it cannot be loaded; lazily, as the iterator starts."""
     from datasets import load_dataset
 
     assert source.hub_repo is not None
@@ -294,6 +330,8 @@ def read_hub(source: SubsetSource, required: Sequence[str], batch_rows: int) -> 
 
 
 def read_source(source: SubsetSource, required: Sequence[str], batch_rows: int) -> Iterator[Chunk]:
+    """The reader for `source`: `read_hub` with a hub address, `read_jsonl` for split
+    "jsonl", else `read_parquet`; raises as they do."""
     if source.hub_repo is not None:
         return read_hub(source, required, batch_rows)
     if source.split == "jsonl":
@@ -302,7 +340,10 @@ def read_source(source: SubsetSource, required: Sequence[str], batch_rows: int) 
 
 
 def text_problem(value: Any, column: str) -> str | None:
-    """Why a text cell cannot be used; None for a proper string (empty included)."""
+    """Why a text cell cannot be used; None for a proper string (empty included).
+
+    Not usable: null, NaN, a non-string, a string holding transformers' control-token markers
+    (CONTROL_MARKERS) or an unpaired surrogate. The reason names `column`."""
     if value is None:
         return f"{column} is null"
     if isinstance(value, float) and math.isnan(value):

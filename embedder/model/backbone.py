@@ -62,7 +62,13 @@ class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
 
 
 class FamilyAdapter:
-    """Qwen2-VL and its successors share the chat format and the `<|image_pad|>` token."""
+    """Qwen2-VL and its successors share the chat format and the `<|image_pad|>` token.
+
+    The family's knowledge: the image token in its bare form (the authors', the default)
+    and wrapped in `<|vision_start|>`/`<|vision_end|>` (docs/method.md section 2), the model
+    class per config `model_type`, the module paths of the language model and vision tower
+    (where LoRA goes, docs/method.md section 4) and how older transformers named them
+    (section 7)."""
 
     model_types: tuple[str, ...] = ("qwen2_vl",)
     image_token = "<|image_pad|>"
@@ -99,6 +105,8 @@ class FamilyAdapter:
         return name
 
     def model_class(self, model_type: str) -> type[PreTrainedModel]:
+        """transformers' generation class for a config's `model_type` (qwen2_vl, qwen2_5_vl,
+        qwen3_vl). Raises KeyError for any other type."""
         import transformers
 
         names = {
@@ -109,6 +117,10 @@ class FamilyAdapter:
         return getattr(transformers, names[model_type])
 
     def load_processor(self, path: str, **kwargs: Any) -> ProcessorMixin:
+        """The processor (tokenizer and image processor) of the model at `path` (a hub id or
+        a folder); `kwargs` go to `from_pretrained` (revision, trust_remote_code). When
+        AutoProcessor fails or gives no image processor, `ImageOnlyQwenVLProcessor` is
+        loaded instead; its errors (OSError for files it cannot find) are let through."""
         from transformers import AutoProcessor
 
         try:
@@ -121,15 +133,24 @@ class FamilyAdapter:
         return proc
 
     def last_hidden_state(self, model: PreTrainedModel, inputs: dict[str, Any]) -> torch.Tensor:
-        """Last layer's hidden states, without computing the LM head over the vocabulary."""
+        """Last layer's hidden states, without computing the LM head over the vocabulary.
+
+        `inputs`: the processor's output (input_ids, attention_mask, and pixel_values with
+        image_grid_thw for images), on the model's device. Returns a (batch, seq, hidden)
+        tensor on that device, in the model's compute dtype; no pooling, no normalising."""
         return model.model(**inputs, use_cache=False).last_hidden_state
 
 
 class Qwen25VLAdapter(FamilyAdapter):
+    """Qwen2.5-VL: Qwen2-VL's chat format, image token and module layout; its vision MLP
+    also has gate/up/down_proj layers (why LoRA targets are resolved by path)."""
+
     model_types = ("qwen2_5_vl",)
 
 
 class Qwen3VLAdapter(FamilyAdapter):
+    """Qwen3-VL: the same format and layout, with no older module names to map."""
+
     model_types = ("qwen3_vl",)
     # Added to transformers in today's layout: no older names to map.
     legacy_paths = ()
@@ -142,6 +163,10 @@ ADAPTERS: dict[str, FamilyAdapter] = {
 
 @dataclass
 class Backbone:
+    """A loaded generator: `model` (in eval mode, on `device`, weights in `dtype`), its
+    `processor` (tokenizer and image processor), the family `adapter` and `source`, the hub
+    id or folder it was loaded from ("tiny" for the tiny generator)."""
+
     model: PreTrainedModel
     processor: ProcessorMixin
     adapter: FamilyAdapter
@@ -150,6 +175,9 @@ class Backbone:
     source: str
 
     def image_token(self, wrapped: bool = False) -> str:
+        """The string that stands for an image in a prompt: `<|image_pad|>` (the authors'
+        form), or wrapped in `<|vision_start|>`/`<|vision_end|>` (docs/method.md
+        section 2); the processor expands it to the image's patch tokens."""
         return self.adapter.wrapped_image_token if wrapped else self.adapter.image_token
 
     @cached_property
@@ -178,20 +206,25 @@ def text_config(config: PretrainedConfig) -> PretrainedConfig:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """`auto`: cuda when torch sees a GPU, else cpu; anything else as torch reads it
+    ("cpu", "cuda:1", ...). Raises RuntimeError for a string torch cannot read; a valid
+    device that is absent fails later, when a tensor is moved there."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """bf16 on GPU, float32 on CPU, unless asked otherwise."""
+    """bf16 on GPU, float32 on CPU, unless asked otherwise (`float32`, `bfloat16`,
+    `float16`). Raises KeyError for any other name."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def pick_attention(attn: str, device: torch.device) -> str:
-    """flash-attention when installed and on GPU, else SDPA."""
+    """flash-attention when installed and on GPU, else SDPA; an `attn` other than `auto`
+    is returned as given (transformers' `attn_implementation` names)."""
     if attn != "auto":
         return attn
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
@@ -200,7 +233,8 @@ def pick_attention(attn: str, device: torch.device) -> str:
 
 
 class UnsafeWeightsError(UserError, OSError):
-    pass
+    """A model with no safetensors weights: pickled weights are refused (loading a pickle
+    can run code)."""
 
 
 class NotAModelError(UserError, ValueError):
@@ -234,7 +268,15 @@ def load_backbone(
     trust_remote_code: bool = False,
     revision: str | None = None,
 ) -> Backbone:
-    """A hub id (needs network) or a local folder holding config, weights and processor."""
+    """A hub id (needs network) or a local folder holding config, weights and processor.
+
+    Returns the Backbone in eval mode on `pick_device(device)`, weights in
+    `pick_dtype(dtype, device)`, attention `pick_attention(attn, device)`; safetensors
+    weights only. `revision` pins a hub revision. Raises NotAModelError (a UserError) when
+    the source is a peft adapter, UnsafeWeightsError (a UserError) when it has no
+    safetensors weights, ValueError for a model type no FamilyAdapter covers, and
+    transformers' and huggingface_hub's errors (OSError for a missing repo or folder, no
+    network) unchanged."""
     source = str(name_or_path)
     _not_an_adapter(source)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -277,7 +319,10 @@ def load_backbone(
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     """Byte-level BPE over the world's text plus Qwen2-VL's special tokens, as a Qwen2
-    tokenizer (same pre-tokenizer regex as the real one)."""
+    tokenizer (same pre-tokenizer regex as the real one).
+
+    `vocab_size`: the BPE vocabulary before the special tokens (QWEN_SPECIAL_TOKENS) are
+    added. Padding is `<|endoftext|>`, end of sequence `<|im_end|>`."""
     from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
     bpe = Tokenizer(models.BPE())
@@ -299,7 +344,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
 
 def build_tiny(texts: Iterable[str], spec: PretrainConfig, *, image_size: int) -> Backbone:
     """A randomly initialised tiny Qwen2-VL (the architecture fields of `spec`) with a
-    tokenizer trained on `texts`, for square images of `image_size`; no network."""
+    tokenizer trained on `texts`, for square images of `image_size`; no network.
+
+    `image_size`: side in pixels; the image processor's min and max pixels are both
+    image_size², so every image is processed at that area (patches of `spec.patch` px,
+    merged 2 x 2). Weights are seeded by `spec.seed`, float32, on the CPU (source "tiny").
+    See docs/miniature.md for the sizes that worked."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
@@ -362,6 +412,9 @@ def build_tiny(texts: Iterable[str], spec: PretrainConfig, *, image_size: int) -
 
 
 def save_backbone(backbone: Backbone, folder: Path) -> None:
+    """Save model (config, safetensors weights) and processor (tokenizer, image processor)
+    into `folder`, created if needed, as transformers' `save_pretrained` lays them out, so
+    `load_backbone(folder)` reads them back offline."""
     folder.mkdir(parents=True, exist_ok=True)
     backbone.model.save_pretrained(folder)
     backbone.processor.save_pretrained(folder)

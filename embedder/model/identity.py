@@ -65,7 +65,10 @@ class ModelIdentity:
 
 
 def model_files(folder: Path) -> list[Path]:
-    """The files of a local model folder that define what it computes, sorted."""
+    """The files of a local model folder that define what it computes, sorted.
+
+    Every file under `folder` (sub-folders included) except those under a hidden name and
+    READMEs, licences, Markdown and .gitattributes. Empty for a folder that does not exist."""
     return sorted(
         p
         for p in folder.rglob("*")
@@ -79,7 +82,11 @@ class DigestCache:
     """sha256 digests of files, remembered by path and `stat` in one JSON file.
 
     Concurrent writers may each rewrite the file (atomically, by rename); the worst a lost
-    update costs is one more read of that file later."""
+    update costs is one more read of that file later.
+
+    `path`: the JSON file ({resolved path: {"stat": stat_key, "sha256": hex}}), None for no
+    persistence (every file is read). An unreadable or damaged cache file counts as empty.
+    `hashed_bytes`: bytes this instance read to hash."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
@@ -103,6 +110,10 @@ class DigestCache:
         tmp.replace(self.path)
 
     def digests(self, files: list[Path]) -> dict[Path, str]:
+        """Each file's sha256 (64 hex), keyed by the path as given: from the cache when the
+        file's `stat_key` is unchanged, else read (and the cache file rewritten). Thread-safe
+        within a process. Raises OSError (FileNotFoundError, ...) when a file cannot be
+        stat'ed or read, or the cache cannot be written."""
         with _CACHE_LOCK:
             known = self._load()
             out, changed = {}, False
@@ -129,7 +140,8 @@ def workdir_cache() -> DigestCache:
 def folder_digest(folder: Path, cache: DigestCache) -> str:
     """sha256 over the (relative name, sha256) of every file in `model_files(folder)`.
 
-    Raises ModelIdentityError when the folder holds no model files."""
+    Raises ModelIdentityError when the folder holds no model files. Returns 64 hex chars;
+    the same files with the same bytes give the same digest wherever the folder sits."""
     files = model_files(folder)
     if not files:
         raise ModelIdentityError(f"model folder {folder} holds no files")
@@ -154,7 +166,11 @@ def resolve_hub_commit(repo: str, revision: str | None, setting: str = "model.re
 
     Asks the hub; offline (HF_HUB_OFFLINE, or the hub unreachable) reads the local hub cache
     as transformers would load from it. Raises ModelIdentityError when neither knows; its
-    message suggests pinning `setting` (the configuration key of the revision)."""
+    message suggests pinning `setting` (the configuration key of the revision).
+
+    Returns the 40-hex commit; a `revision` that already is one is returned with no lookup.
+    Answers are remembered for the process (lru_cache), so a branch moving mid-run does
+    not change it."""
     if revision is not None and COMMIT.match(revision):
         return revision
     from huggingface_hub import HfApi, snapshot_download

@@ -16,7 +16,11 @@ def eval_size(
     width: int, height: int, *, max_long: int = 992, min_short: int = 336, max_ratio: float = 2.0
 ) -> tuple[int, int]:
     """Aspect ratio at most 2:1 (squashed, not cropped), long side at most 992 px, short side
-    never below 336 px (that rule wins)."""
+    never below 336 px (that rule wins).
+
+    Takes and returns (width, height) in pixels; the result is rounded, each side at least
+    1. The limits are parameters (defaults: docs/method.md section 2). An image is never
+    made larger than the short-side rule needs. Raises ZeroDivisionError for a zero side."""
     w, h = float(width), float(height)
     if w / h > max_ratio:
         w = h * max_ratio
@@ -38,7 +42,11 @@ def load_image(root: Path, rel: str, mode: ImageMode, side: int) -> Image.Image:
     Decoding (`embedder.image_files.read_image`) is the one the ingest check ran: the path is
     matched under Unicode normalization, EXIF orientation applied, 16-bit samples scaled and
     transparency put on white. Raises `embedder.image_files.ImagePathError` (a
-    `FileNotFoundError`) and Pillow's errors for a bad file."""
+    `FileNotFoundError`) and Pillow's errors for a bad file.
+
+    `side`: pixels, used by `fixed` only. Resizing is bicubic, and skipped when the size is
+    already right; a `mode` other than fixed or eval is taken as native. Returns a mode "RGB"
+    image."""
     img = read_image(root, rel)
     if mode == "fixed":
         if img.size != (side, side):

@@ -55,7 +55,12 @@ PROMPT_STRINGS: tuple[str, ...] = tuple(f.name for f in fields(PromptStrings))
 
 
 def chat(system: str | None, user: str) -> str:
-    """Qwen2-VL's chat format with the generation prompt added."""
+    """Qwen2-VL's chat format with the generation prompt added.
+
+    The string of docs/method.md section 2 (a system turn, the user turn, then
+    `<|im_start|>assistant` and a newline), so it ends where the answer would start.
+    `system` None: no system turn at all (not Qwen's default one). Nothing in `user` is
+    escaped: mark data text with `Backbone.as_text` first."""
     head = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
     return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
 
@@ -82,6 +87,11 @@ def render(
     data, and never to the template: a special-token string in the data (a question about
     prompt formats that mentions `<|image_pad|>` or `<|im_end|>`) is then read as ordinary
     text, while the template's own tokens stay control tokens.
+
+    Only the first `<|image_1|>` is replaced; without an image the text is kept as it is,
+    placeholder included. `role`: only `hierarchical` queries get a line (the image or the
+    text suffix); targets and the other templates get none. Raises ValueError for a
+    `template` that is not one of TEMPLATES.
     """
     lit = literal or (lambda piece: piece)
     if has_image:

@@ -66,7 +66,10 @@ class AdapterError(UserError, ValueError):
 
 
 def lora_config(cfg: FinetuneConfig, target_modules: str | list[str]) -> LoraConfig:
-    """peft's config from the finetune section; `target_modules` as `attach` resolves them."""
+    """peft's config from the finetune section; `target_modules` as `attach` resolves them.
+
+    The paper's recipe by default (docs/method.md section 4): r 8, alpha 64, dropout 0.1,
+    DoRA, Gaussian init of A (`lora_init: default` is peft's own); no bias is trained."""
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -114,7 +117,8 @@ def target_pattern(component: str, suffixes: Sequence[str]) -> str:
 
 
 def lora_module_names(peft_model: PeftModel) -> list[str]:
-    """Sorted names (in the base model) of the modules holding a LoRA."""
+    """Sorted names (in the base model, `named_modules()` paths) of the modules holding a
+    LoRA (peft's LoraLayer)."""
     from peft.tuners.lora import LoraLayer
 
     base = peft_model.get_base_model()
@@ -140,7 +144,10 @@ def attach(backbone: Backbone, cfg: FinetuneConfig) -> PeftModel:
 
     LoRA goes on the Linear layers under the family's language model whose last name is in
     `cfg.target_modules` (docs/method.md section 4), nowhere else. Raises AdapterError when a suffix
-    matches nothing there."""
+    matches nothing there, when the family's language-model path is not in the model, or when
+    peft put LoRA on other modules than the resolved ones. The new weights are peft's
+    initial ones (B zero, so the model computes what it did); the adapter's parameters are
+    the only trainable ones."""
     component = backbone.adapter.language_model
     wanted = resolve_targets(backbone.model, component, cfg.target_modules)
     pattern = target_pattern(component, cfg.target_modules)
@@ -170,7 +177,12 @@ def save_adapter(peft_model: PeftModel, folder: Path | str) -> None:
     are written sorted. peft's README.md (a model-card template) is dropped: it holds nothing
     the config does not, its text changes with huggingface_hub's template, and peft merges it
     into a README already in the folder. The folder is written beside and renamed into
-    place, so no file of an earlier save stays behind."""
+    place, so no file of an earlier save stays behind.
+
+    Writes, in peft's format (`PeftModel.from_pretrained` reads it): `folder`/
+    adapter_model.safetensors and adapter_config.json (a non-default adapter in a
+    sub-folder of its name). Works in `<folder>.tmp` first; an existing `folder` is
+    replaced."""
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -274,7 +286,11 @@ def read_adapter_weights(
 ) -> dict[str, torch.Tensor]:
     """The tensors of the adapter in `folder` (`weights_file`), keys as saved. A pickle is
     read by torch's weights-only unpickler only: one that needs anything but tensors and
-    plain containers is refused, never run. Raises AdapterError naming the file."""
+    plain containers is refused, never run. Raises AdapterError naming the file.
+
+    Tensors are placed on `device`, in the dtype they were saved in. AdapterError also when
+    the folder holds no config or weights (`weights_file`), the file is unreadable or
+    truncated, or a pickle holds anything but a str -> tensor dict."""
     path = weights_file(folder)
     if path.name == PICKLED_WEIGHTS:
         return _weights_only(path, device)
@@ -353,7 +369,15 @@ def load_adapter(backbone: Backbone, folder: Path) -> Backbone:
     The folder is ours (safetensors, today's module names) or another trainer's (the paper
     authors': `adapter_model.bin`, transformers 4.x names), see `read_adapter_weights` and
     `current_keys`. Missing or unexpected keys (after mapping) are an error naming them, as
-    are shapes that do not fit."""
+    are shapes that do not fit.
+
+    `folder`: a local peft folder (`adapter_folder` downloads a hub id). The result shares
+    processor, family, device, dtype and source with `backbone`, and its model is
+    `backbone.model` with the adapter merged in: the given backbone's model is changed in
+    place (LoRA wrapped, then merged), so keep using the returned one only, also after an
+    error. Raises AdapterError (a UserError) when the folder is missing, holds no config or
+    weights, its config is not a LoRA config peft reads, its targets are not in the model, or
+    the keys or shapes do not fit."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterError(f"adapter {folder}: no such folder")

@@ -39,7 +39,11 @@ def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     """Every rank's rows, in rank order; only this rank's slice carries gradients (the others
     come from other processes, whose own backward passes handle them). Ranks may hold
     different numbers of rows (clusters differ in size): rows are padded for the exchange and
-    cut back after it."""
+    cut back after it.
+
+    `local`: (n_rank, ...) on this rank's device, the same trailing shape and dtype on every
+    rank. Returns (sum of n_rank, ...) on that device; `local` itself when not distributed.
+    A collective: every rank must call it, in the same order as the others' calls."""
     rank, size = world()
     if size == 1:
         return local
@@ -78,6 +82,11 @@ def info_nce(
       one batch);
     - a copy elsewhere of such a target.
     The ids are gathered across ranks like the embeddings, so the rule covers the global batch.
+
+    `temperature` divides the cosine logits (0.02 in the paper, docs/method.md section 4).
+    The loss is the mean cross-entropy over the global batch's queries, the first value
+    scaled by the world size (see the module's note on DDP); both on `queries`' device.
+    Distributed, a collective (`gather_with_grad`): every rank calls it.
     """
     size = world()[1]
     all_q = gather_with_grad(queries)
@@ -108,6 +117,7 @@ class RandState:
 
     @classmethod
     def capture(cls) -> RandState:
+        """The current CPU RNG state and, once CUDA is initialised, every CUDA device's."""
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         return cls(torch.get_rng_state(), cuda)
 
@@ -130,7 +140,11 @@ def plain_step(
     encode: Encode, query_chunks: Sequence[Any], target_chunks: Sequence[Any], loss_fn: Loss
 ) -> torch.Tensor:
     """The reference computation: every chunk embedded with its graph kept, then the loss's
-    backward. Memory grows with the batch; GradCache must match it."""
+    backward. Memory grows with the batch; GradCache must match it.
+
+    `encode(chunk)`: (n, d) L2-normalised embeddings with a graph; `loss_fn(queries,
+    targets)` as `info_nce` returns. Accumulates parameter gradients (call zero_grad
+    before); returns the logged loss, a detached 0-d tensor."""
     q = torch.cat([encode(c) for c in query_chunks])
     t = torch.cat([encode(c) for c in target_chunks])
     loss, logged = loss_fn(q, t)
@@ -148,7 +162,12 @@ def grad_cache_step(
     """One GradCache step; accumulates parameter gradients, returns the logged loss.
 
     `no_sync` (DDP's `model.no_sync`) keeps all but the last chunk's backward from
-    all-reducing gradients; the last one reduces the sum once."""
+    all-reducing gradients; the last one reduces the sum once.
+
+    `encode`, `loss_fn` and the result as in `plain_step`, which it matches (loss and
+    gradients) when `encode` is deterministic given the RNG state; each chunk is embedded
+    twice (no graph, then with one), so memory is that of one chunk. The chunks' queries
+    and targets pair up row by row once concatenated."""
     chunks = [*query_chunks, *target_chunks]
     states, reps = [], []
     with torch.no_grad():

@@ -53,11 +53,15 @@ CHECKPOINTS = "checkpoints"
 
 
 class TrainingDataError(UserError, ValueError):
-    pass
+    """Training data that cannot make a run: cluster members missing from the pairs table,
+    too few clusters for one step, no training pairs."""
 
 
 @dataclass(frozen=True)
 class TrainPair:
+    """One training pair as the model reads it: the rendered query (with the template's
+    query line) and its positive, rendered as a target."""
+
     query: EmbedItem
     target: EmbedItem
 
@@ -71,7 +75,13 @@ def training_clusters(
     literal: Callable[[str], str] | None = None,
 ) -> list[list[TrainPair]]:
     """The clusters as lists of rendered (query, positive) pairs, in cluster order;
-    `literal` is the backbone's `as_text` (special-token strings in the data stay text)."""
+    `literal` is the backbone's `as_text` (special-token strings in the data stay text).
+
+    Within a cluster, pairs in `position` order (the anchor first). Image paths stay
+    relative to the pairs' images root. Raises TrainingDataError (a UserError) when a
+    cluster member's id is not in pairs.parquet (mine and ingest outputs of different
+    runs), and embedder.datasets.schema.SchemaError (a UserError) when either table does
+    not match its schema."""
     members = read_table(clusters.clusters, CLUSTERS_SCHEMA, ["cluster", "position", "id"])
     pairs = read_table(
         data.pairs, PAIRS_SCHEMA, ["id", "qry_text", "qry_image", "pos_text", "pos_image"]
@@ -96,7 +106,11 @@ def training_clusters(
 
 def step_clusters(n_clusters: int, per_step: int, seed: int, step: int) -> list[int]:
     """Cluster indices of global step `step`: epochs are seeded permutations, cut into
-    batches of `per_step` clusters, the incomplete last one dropped."""
+    batches of `per_step` clusters, the incomplete last one dropped.
+
+    `step` counts from 0 over all epochs; the result depends on (seed, step) only, which is
+    what lets a resumed run draw the same batches. Raises ZeroDivisionError when
+    `n_clusters` < `per_step` (`train` refuses that first)."""
     per_epoch = n_clusters // per_step
     epoch, index = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n_clusters)
@@ -105,18 +119,24 @@ def step_clusters(n_clusters: int, per_step: int, seed: int, step: int) -> list[
 
 @dataclass
 class History:
+    """Per-step training records, parallel lists: the step (1-based), the logged InfoNCE
+    loss (global batch mean), the learning rate the step used and pairs per second (wall
+    clock of the step, all ranks' pairs). Written as history.json."""
+
     steps: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     pairs_per_s: list[float] = field(default_factory=list)
 
     def add(self, step: int, loss: float, lr: float, pairs_per_s: float) -> None:
+        """Append one step's record."""
         self.steps.append(step)
         self.loss.append(loss)
         self.lr.append(lr)
         self.pairs_per_s.append(pairs_per_s)
 
     def until(self, step: int) -> History:
+        """A new History of the records of steps up to and including `step`."""
         keep = [i for i, s in enumerate(self.steps) if s <= step]
         return History(*([getattr(self, f)[i] for i in keep] for f in self.__dataclass_fields__))
 
@@ -150,12 +170,19 @@ class Checkpoints:
         return sorted(p for p in self.folder.glob("step-*") if p.name[5:].isdigit())
 
     def latest(self) -> Path | None:
+        """The newest finished checkpoint folder, or None (none yet, or the folder is
+        absent)."""
         done = self._done()
         return done[-1] if done else None
 
     def save(self, step: int, peft_model: Any, state: dict[str, Any]) -> None:
         """Called on every rank: each saves its own RNG state (dropout differs by rank),
-        rank 0 the weights and the rest, then renames."""
+        rank 0 the weights and the rest, then renames.
+
+        Files in `step-NNNNNN/`: adapter_model.safetensors (peft's adapter state dict, on the
+        CPU), state.pt (`state`, a torch pickle: step, optimizer, scheduler, history) and
+        rng-<rank>.pt per rank. Only the newest `keep` checkpoints stay. A collective under
+        torchrun (barriers): every rank must call it."""
         from peft.utils import get_peft_model_state_dict
 
         rank, size = world()
@@ -180,6 +207,11 @@ class Checkpoints:
         _barrier(size)
 
     def load(self, path: Path, peft_model: Any) -> dict[str, Any]:
+        """Put the checkpoint's adapter weights into `peft_model` and return its training
+        state (what `save` was given) with "rng", this rank's RNG states, added. The
+        pickles are read with `weights_only=False`: they are this pipeline's own files,
+        never load a checkpoint folder from elsewhere. Raises FileNotFoundError for a
+        missing file."""
         from peft.utils import set_peft_model_state_dict
 
         weights = load_file(str(path / adapters.WEIGHTS))
@@ -213,6 +245,10 @@ def _barrier(size: int) -> None:
 
 @dataclass
 class TrainResult:
+    """What `train` did: the full History (restored steps included), the step it resumed
+    from (0 for a fresh run), `seconds` of wall clock in this call, and pairs in the last
+    step's global batch (0 when no step ran in this call)."""
+
     history: History
     resumed_from: int
     seconds: float
@@ -232,7 +268,20 @@ def train(
 ) -> tuple[Any, TrainResult]:
     """Train a fresh adapter on `clusters`; returns (PeftModel, result). Resumes from the
     newest checkpoint under `out/checkpoints`. `stop_after` ends early after that many steps
-    in total (a checkpoint is written there): how tests interrupt a run."""
+    in total (a checkpoint is written there): how tests interrupt a run.
+
+    The recipe of `cfg` (docs/method.md section 4): AdamW at `cfg.lr`, linear warm-up then
+    linear decay to 0 over `cfg.steps`, InfoNCE at `cfg.temperature` with equal contents
+    masked (`info_nce`), GradCache in chunks of `cfg.chunk_size` inputs unless turned off.
+    Each step takes `cfg.clusters_per_batch` whole clusters per rank (`step_clusters`).
+    `backbone.model` is wrapped with LoRA in place (`adapters.attach`) and left in eval
+    mode; `images_root` is where the pairs' image paths point; `settings` decode and size
+    the images and pick the padding side (image_mode, image_side, padding_side, as
+    embedder.model.encode.process_items reads them). Checkpoints (see `Checkpoints.save`)
+    every `cfg.checkpoint_every` steps and at the end. Raises TrainingDataError (a
+    UserError) when there are fewer clusters than one step takes, AdapterError (a
+    UserError) from `attach`, and FloatingPointError when a step's loss is not finite (that
+    step's update already applied, no checkpoint written)."""
     rank, size = world()
     per_step = cfg.clusters_per_batch * size
     if len(clusters) < per_step:
@@ -353,7 +402,19 @@ def finetune_adapter(
     out: Path,
 ) -> Adapter:
     """Train a LoRA adapter on the clusters with `cfg.template` prompts; training images as
-    the embed section says (fixed 448 x 448 in the paper)."""
+    the embed section says (fixed 448 x 448 in the paper).
+
+    The `finetune` stage (docs/method.md section 4). Writes under `out` (rank 0):
+    adapter/ (peft's format, `adapters.save_adapter`: adapter_model.safetensors and
+    adapter_config.json, plus gen2embed.json, the TrainedWith record of template, prompt
+    strings and image-token form), history.json (`History` as {"steps", "loss", "lr",
+    "pairs_per_s"}), loss.png, and with `cfg.merge` merged/ (the full merged model and
+    processor, transformers' save_pretrained). checkpoints/ is used while training and
+    removed at the end. Metrics: loss_first, loss_last_tenth (mean of the last tenth of
+    steps), pairs_per_step, pairs_per_s_median, resumed_from_step and lora_modules.<part>
+    per component. Raises TrainingDataError (a UserError) when the ingest output has no
+    pairs or the clusters are too few or do not match it, ValueError for backbone `tiny`
+    without `generator`, and what `open_backbone` and `train` raise."""
     if data.pairs_images is None:
         raise TrainingDataError("the ingest output holds no training pairs")
     backbone = open_backbone(model, generator)
