@@ -585,4 +585,4 @@ def _means_line(means: dict[str, Any]) -> str:
 
 
 class EvalDataError(UserError, ValueError):
-    pass
+    """The ingest output holds no usable eval table (none configured, or empty)."""

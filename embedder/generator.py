@@ -390,7 +390,8 @@ def pretrain_generator(cfg: PretrainConfig, world_cfg: WorldConfig, out: Path) -
     seconds (wall clock), first_loss, final_loss, vqa_acc.<kind> after and
     vqa_acc_before.<kind> before pretraining (`vqa_accuracy`), and ready (1.0 when held-out
     category and position accuracy both reach 0.8, docs/miniature.md); a generator that is
-    not ready is a warning in the output's info, not an error. Runs on the CPU."""
+    not ready is a warning in the output's info, not an error. Runs on the CPU. Raises
+    OSError when a file cannot be written; torch's errors pass unchanged."""
     image_size = world_cfg.image_size
     backbone = build_tiny(corpus_texts(), cfg, image_size=image_size)
     params = sum(x.numel() for x in backbone.model.parameters())

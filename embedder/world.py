@@ -617,9 +617,9 @@ def build_world(config: WorldConfig, out: Path) -> World:
     for classification; up to `config.eval_candidates` elsewhere). Images are PNGs of
     `config.image_size` px squares; paths in the tables are relative to the images roots.
     Deterministic for a given config (`config.seed`). Rows per table and the images count
-    are the output's rows and metrics. Raises ValueError (from `random.sample`) when
-    `config.eval_candidates` leaves no room for `config.same_category_negatives` (fewer
-    than same_category_negatives + 2 candidates).
+    are the output's rows and metrics. Raises OSError when a file cannot be
+    written; a config whose eval_candidates leave no room for the same-category negatives
+    is refused before (WorldConfig's validation).
     """
     rows: dict[str, int] = {}
     images = 0

@@ -58,15 +58,22 @@ class EmbedItem:
 
     @property
     def key(self) -> str:
+        """The item's identity (`item_key`): equal prompt and image path, one vector."""
         return item_key(self.text, self.image)
 
 
 def item_key(text: str, image: str) -> str:
+    """20 hex digits of BLAKE2b over the rendered prompt and the image path (relative to
+    the images root): the key of the item's vector in the shards."""
     return hashlib.blake2b(f"{text}\x1f{image}".encode(), digest_size=10).hexdigest()
 
 
 @dataclass
 class EncodeStats:
+    """Counts and timings of one encoding job (`encode`): items given and distinct, tokens
+    (real and padded to the batch), seconds of wall clock and of model time, peak CUDA
+    memory in MiB, shards planned and found finished."""
+
     items: int = 0
     unique: int = 0
     encoded: int = 0  # unique items encoded, over every attempt (from the per-shard stats)
@@ -79,6 +86,7 @@ class EncodeStats:
     encode_seconds: float = 0.0  # model time summed over every shard, all attempts
 
     def tokens(self) -> tuple[int, int]:
+        """(real, padded) tokens so far: a shard's share is the difference of two calls."""
         return self.real_tokens, self.padded_tokens
 
     def count_all_attempts(self, out_dir: Path, n_shards: int) -> None:
@@ -95,6 +103,9 @@ class EncodeStats:
         self.encode_seconds = sum(x["seconds"] for x in per_shard)
 
     def metrics(self) -> dict[str, float]:
+        """The stage metrics: counts, items and real tokens per second of model time
+        (wall clock when no shard was timed), padding efficiency (real / padded tokens,
+        0..1), peak memory (MiB), seconds, shards and resumed shards."""
         sec = max(self.encode_seconds or self.seconds, 1e-9)
         return {
             "items": self.items,
