@@ -14,7 +14,7 @@ from typing import Any
 from embedder.config import PRESETS, load_config
 from embedder.errors import UserError
 from embedder.model.prompts import ROLES, TEMPLATES
-from flows.user_errors import BUSY_MACHINE, EPHEMERAL_TIMEOUT, quiet_user_errors, user_cause
+from flows.user_errors import BusyMachine, quiet_user_errors, user_cause
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -225,25 +225,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.debug:
         quiet_user_errors()
 
+    from contextlib import AbstractContextManager, nullcontext
+
     from flows.environment import create_prefect_store, uses_own_prefect_server
-    from flows.ephemeral import isolate_ephemeral_server
+    from flows.temporary_server import temporary_prefect_server
 
     if not uses_own_prefect_server():
         create_prefect_store(Path(os.environ["PREFECT_HOME"]))
-    isolate_ephemeral_server(workdir / "logs" / "prefect-server.log")
+    server: AbstractContextManager[object] = nullcontext()
+    if not os.environ.get("PREFECT_API_URL"):
+        # Prefect's server for this run alone, on the workdir's database (or the one in
+        # PREFECT_API_DATABASE_CONNECTION_URL), stopped when the run ends however it ends.
+        server = temporary_prefect_server(workdir / "logs" / "prefect-server.log")
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     # The flow run's name is the MLflow run's (tasks.pipeline_run.PipelineRun): the preset and rows.
     named = pipeline.with_options(flow_run_name=run_name(args.preset, args.rows))
-    paths = named(
-        preset=args.preset,
-        config_file=args.config_file,
-        overrides=args.overrides,
-        from_stage=args.from_stage,
-        force=args.force,
-        until=args.until,
-        rows=args.rows,
-        workdir=str(workdir),
-    )
+    with server:
+        paths = named(
+            preset=args.preset,
+            config_file=args.config_file,
+            overrides=args.overrides,
+            from_stage=args.from_stage,
+            force=args.force,
+            until=args.until,
+            rows=args.rows,
+            workdir=str(workdir),
+        )
     from flows.summary import run_summary
     from tasks.tracking import Tracker
 
@@ -418,16 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         if known.debug:
             raise
         print(f"gen2embed: {exc}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(exc, BusyMachine) else 2
     except KeyboardInterrupt as exc:
         how, code = ("terminated", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
         kept = "; finished stages are kept, rerun to resume" if command == "run" else ""
         print(f"gen2embed: {how}{kept}", file=sys.stderr)
         return code
     except Exception as exc:
-        if isinstance(exc, RuntimeError) and EPHEMERAL_TIMEOUT in str(exc):
-            print(f"gen2embed: {BUSY_MACHINE}", file=sys.stderr)
-            return 3
         # Bookkeeping failing in turn (a full disk breaks MLflow's and Prefect's databases
         # too) can bury the error that says what to do: report the first one a user can fix.
         cause = user_cause(exc)

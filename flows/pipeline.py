@@ -1,8 +1,9 @@
 """The end-to-end pipeline flow: the method's stages in order, each cached by its fingerprint.
 
 `method` is the pipeline: one line per stage, the typed output of one stage passed to the
-next by the name of the parameter that takes it, then per table row (the paper's ablation by default) mining, fine-tuning and
-evaluation; the flow writes the comparison table (embedder.report) at the end.
+next by the name of the parameter that takes it, then per table row (the paper's ablation
+by default) mining, fine-tuning and evaluation; the flow writes the comparison table
+(embedder.report) at the end.
 The flow runs it inside a `PipelineRun` (MLflow parent run, --from / --force /
 --until); `gen2embed stages` plans the very same calls without running them.
 

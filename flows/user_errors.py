@@ -13,13 +13,16 @@ import logging
 
 from embedder.errors import UserError
 
-EPHEMERAL_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 BUSY_MACHINE = (
     "Prefect's temporary server did not start in time (a busy machine, or several runs "
     "starting at once). Start the servers once with `gen2embed up --workdir DIR` and run "
     "again: runs then use them; or raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
     "(90 by default here)."
 )
+
+
+class BusyMachine(UserError, TimeoutError):
+    """The run's temporary Prefect server did not answer in time (BUSY_MACHINE; exit 3)."""
 
 
 class _DropUserErrors(logging.Filter):

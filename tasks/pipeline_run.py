@@ -61,7 +61,8 @@ def table_row(name: str) -> Iterator[None]:
 
 def prefect_run_url() -> str | None:
     """The current flow run's page in the Prefect UI (the route the UI itself links to),
-    when a UI serves this run's API; None in Prefect's ephemeral mode."""
+    when a UI serves this run's API; None for a run's own temporary server, which serves no
+    UI (flows.temporary_server sets PREFECT_UI_URL empty)."""
     from prefect.settings import PREFECT_UI_URL
 
     ui, run_id = PREFECT_UI_URL.value(), flow_run.get_id()

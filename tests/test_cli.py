@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from flows.user_errors import BUSY_MACHINE, BusyMachine
+
 BIN = Path(sys.executable).parent / "gen2embed"
 
 
@@ -92,7 +94,7 @@ def test_a_prefect_start_up_timeout_says_what_to_do(
     from flows import cli
 
     def slow_start(_args: object) -> int:
-        raise RuntimeError(cli.EPHEMERAL_TIMEOUT + ". stdout: ...")
+        raise BusyMachine(BUSY_MACHINE)
 
     monkeypatch.setenv("GEN2EMBED_HOME", str(tmp_path))  # configure() sets it; restored after
     monkeypatch.setattr(cli, "cmd_stages", slow_start)

@@ -280,7 +280,7 @@ def test_every_strategy_mines_alone_or_compared(
     cfg = MineConfig(k=2, m=3, strategy=strategy, compare_strategies=compare)
     clusters = mine_clusters(cfg, cands, emb, tmp_path / "mine")
     report = json.loads(clusters.diagnostics.read_text())
-    assert list(report)[0] == strategy and (len(report) > 1) == compare
+    assert next(iter(report)) == strategy and (len(report) > 1) == compare
     assert pl.read_parquet(clusters.clusters)["cluster"].n_unique() == report[strategy]["clusters"]
     assert (tmp_path / "mine" / "scores.png").exists() == (compare or strategy != "in_batch")
 

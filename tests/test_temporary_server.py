@@ -1,0 +1,194 @@
+"""Prefect's temporary server for one run (flows.temporary_server): started through public
+means, in its own session, stopped with its run, and never left behind by a killed run."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flows import temporary_server
+from flows.temporary_server import temporary_prefect_server
+from flows.user_errors import BUSY_MACHINE, BusyMachine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Prefect home with its database made once (as `gen2embed run` makes it first)."""
+    from flows.environment import create_prefect_store
+
+    home = tmp_path_factory.mktemp("prefect")
+    create_prefect_store(home)
+    return home
+
+
+@pytest.fixture
+def home(prefect_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("PREFECT_HOME", str(prefect_home))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv("PREFECT_UI_URL", raising=False)
+    yield prefect_home
+    for pid in _servers(prefect_home):  # a failed test leaves no server running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _servers(home: Path) -> list[int]:
+    """Pids of Prefect servers running on the database in `home`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if temporary_server.APP.encode() in cmdline and f"PREFECT_HOME={home}".encode() in environ:
+            found.append(int(proc.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_run_gets_its_own_server_and_its_records_before_the_server_goes(
+    home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The server answers on a free loopback port (another one when the first is taken
+    meanwhile), in its own session; Prefect points at it and at no UI (the MLflow run must
+    not link to a page no server will serve); a flow run's states and logs are all stored,
+    the last ones included; on exit the server is gone and the settings are as before."""
+    from prefect import flow, get_run_logger, task
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    @task
+    def double(x: int) -> int:
+        get_run_logger().info("doubling %s", x)
+        return 2 * x
+
+    @flow(name="temporary-server-check")
+    def doubled() -> int:
+        return double(21)
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    free_port = temporary_server.free_port
+    monkeypatch.setattr(temporary_server, "free_port", lambda: next(ports, None) or free_port())
+    before = (PREFECT_API_URL.value(), PREFECT_UI_URL.value())  # a session's test server's
+    with taken, temporary_prefect_server(tmp_path / "prefect-server.log") as api_url:
+        (pid,) = _servers(home)
+        assert api_url != f"http://127.0.0.1:{taken.getsockname()[1]}/api", "another port"
+        assert os.getsid(pid) == pid != os.getsid(0), "its own session"
+        with urllib.request.urlopen(f"{api_url}/health", timeout=5) as response:
+            assert response.status == 200
+        assert PREFECT_API_URL.value() == api_url == os.environ["PREFECT_API_URL"]
+        assert PREFECT_UI_URL.value() == "" == os.environ["PREFECT_UI_URL"]
+        assert doubled() == 42
+    assert not _alive(pid), "stopped with the run"
+    assert (PREFECT_API_URL.value(), PREFECT_UI_URL.value()) == before
+    assert "PREFECT_API_URL" not in os.environ and "PREFECT_UI_URL" not in os.environ
+    with sqlite3.connect(home / "prefect.db") as db:
+        run_id, state = db.execute(
+            "select id, state_type from flow_run order by created desc"
+        ).fetchone()
+        of_run = "where flow_run_id = ?"
+        tasks = [r[0] for r in db.execute(f"select state_type from task_run {of_run}", [run_id])]
+        logs = list(db.execute(f"select message, task_run_id from log {of_run}", [run_id]))
+    assert state == "COMPLETED" and tasks == ["COMPLETED"], (state, tasks)
+    assert any("doubling 21" in m for m, _ in logs), logs
+    assert ("Finished in state Completed()", None) in logs, "the flow run's last log too"
+
+
+CHILD = """
+import sys, time
+from pathlib import Path
+import prefect.settings  # imported first, as in `gen2embed run`
+from flows.temporary_server import temporary_prefect_server
+with temporary_prefect_server(Path(sys.argv[1])) as url:
+    print(url, flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_sigkilled_run_leaves_no_server(home: Path, tmp_path: Path) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path / "prefect-server.log")],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().startswith("http://127.0.0.1:")
+    (pid,) = _servers(home)
+    assert os.getpgid(pid) != child.pid, "not in the run's group: the kill is the run's alone"
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    deadline = time.monotonic() + 15
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid), "the server died with its run"
+
+
+def test_a_server_too_slow_to_start_is_the_busy_machine_message_and_is_stopped(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    from flows import cli
+
+    with (
+        temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 1}),
+        pytest.raises(BusyMachine) as error,
+        temporary_prefect_server(tmp_path / "prefect-server.log"),
+    ):
+        pass
+    assert str(error.value) == BUSY_MACHINE
+    time.sleep(0.5)
+    assert _servers(home) == []
+
+    def slow_start(_args: object) -> int:
+        raise error.value
+
+    monkeypatch.setenv("GEN2EMBED_HOME", str(tmp_path))  # configure() sets it; restored after
+    monkeypatch.setattr(cli, "cmd_stages", slow_start)
+    assert cli.main(["stages", "--workdir", str(tmp_path)]) == 3
+    assert capsys.readouterr().err.strip() == f"gen2embed: {BUSY_MACHINE}"
+
+
+def test_only_public_prefect_names_are_used() -> None:
+    """No patching of Prefect internals, no private settings (PREFECT__...)."""
+    source = Path(temporary_server.__file__).read_text()
+    assert "PREFECT__" not in source and "_run_uvicorn_command" not in source
+    assert "SubprocessASGIServer" not in source
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("prefect"):
+            assert not any(part.startswith("_") for part in node.module.split(".")), node.module
+            assert not any(alias.name.startswith("_") for alias in node.names), node.module
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                assert not any(p.startswith("_") for p in alias.name.split(".")), alias.name
