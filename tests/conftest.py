@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +73,32 @@ def pytest_configure(config: pytest.Config) -> None:
     home = Path(config.rootpath) / ".pytest_cache" / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
     os.environ["PREFECT_HOME"] = str(home)
+
+
+@functools.cache
+def _prefect_db_template() -> Path:
+    """A Prefect database made once per test process, as `gen2embed run` makes it."""
+    from flows.environment import PREFECT_DB, create_prefect_store
+
+    home = Path(tempfile.mkdtemp(prefix="gen2embed-prefect-template-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    create_prefect_store(home)
+    return home / PREFECT_DB
+
+
+def with_prefect_db(workdir: Path) -> Path:
+    """`workdir` with its Prefect database already made (a copy of one made once): for the
+    tests whose subject is not that first setup. Making one is a Prefect migration of about
+    12 s of CPU, which a dozen fresh workdirs of the suite would each pay;
+    tests/test_signals.py and tests/test_cli.py test the setup itself (a kill during it, two
+    first runs at once, a full disk) on fresh workdirs."""
+    from flows.environment import PREFECT_DB
+
+    target = workdir / "prefect" / PREFECT_DB
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_prefect_db_template(), target)
+    return workdir
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from flows.user_errors import BUSY_MACHINE, BusyMachine
+from tests.conftest import with_prefect_db
 
 BIN = Path(sys.executable).parent / "gen2embed"
 
@@ -27,7 +28,9 @@ def _cli(*args: str, workdir: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_stages_lists_fingerprints_and_cache_state(tmp_path: Path) -> None:
+def test_stages_lists_fingerprints_and_cache_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     res = _cli("stages", "--set", "world.seed=3", workdir=tmp_path)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
@@ -35,12 +38,22 @@ def test_stages_lists_fingerprints_and_cache_state(tmp_path: Path) -> None:
     world = next(ln for ln in lines if ln.startswith("world "))
     ingest = next(ln for ln in lines if ln.startswith("ingest "))
     assert "to compute" in world and "to compute" in ingest
-    other = _cli("stages", "--set", "world.seed=4", workdir=tmp_path)
-    assert other.stdout.splitlines()[2].split()[1] != world.split()[1]
+
+    # The same command in this process (an import of the CLI costs ~10 s of CPU a time).
+    from flows import cli
+
+    for key, value in {"GEN2EMBED_HOME": tmp_path, "PREFECT_HOME": tmp_path / "prefect"}.items():
+        monkeypatch.setenv(key, str(value))  # what configure() sets; restored after
+    capsys.readouterr()
+
+    def stages(*args: str) -> list[str]:
+        assert cli.main(["stages", *args, "--workdir", str(tmp_path)]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    assert stages("--set", "world.seed=3")[2] == lines[2], "in process as on the command line"
+    assert stages("--set", "world.seed=4")[2].split()[1] != world.split()[1]
     # `run`'s row selection works here too: only that row's stages are listed.
-    one = _cli("stages", "--row", "saha-hierarchical", workdir=tmp_path)
-    assert one.returncode == 0, one.stderr
-    labels = [ln.split()[0] for ln in one.stdout.splitlines()[2:]]
+    labels = [ln.split()[0] for ln in stages("--row", "saha-hierarchical")[2:]]
     assert "evaluate[saha-hierarchical]" in labels
     assert not any(ln.endswith("-plain]") for ln in labels)
 
@@ -66,7 +79,7 @@ def test_bad_data_exits_2_with_the_rows_and_no_traceback(tmp_path: Path) -> None
         f"ingest.train_dir={src}",
         "--set",
         f"ingest.train_images={tmp_path / 'img'}",
-        workdir=tmp_path / "w",
+        workdir=with_prefect_db(tmp_path / "w"),
     )
     assert res.returncode == 2, res.stdout + res.stderr
     assert "is not a readable Parquet file" in res.stderr

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from tasks import stages
-from tests.conftest import SMALL_WORLD_OVERRIDES, TINY_MODEL_OVERRIDES
+from tests.conftest import SMALL_WORLD_OVERRIDES, TINY_MODEL_OVERRIDES, with_prefect_db
 from tests.test_flow import _run
 
 pytestmark = pytest.mark.flow
@@ -83,6 +83,7 @@ def _task_runs_of_last_flow() -> list[Any]:
 
 
 def _cli(workdir: Path, *extra: str) -> list[str]:
+    with_prefect_db(workdir)
     overrides = [*SMALL_WORLD_OVERRIDES, *TINY_MODEL_OVERRIDES, *extra]
     return [str(BIN), "run", "--workdir", str(workdir), "--row", ROW] + [
         a for o in overrides for a in ("--set", o)

@@ -23,7 +23,7 @@ import yaml
 
 from flows.deployments import DEFAULT_FILE, NIGHTLY
 from tasks.tracking import compare_url, mlflow_ui_url
-from tests.conftest import SMALL_WORLD_OVERRIDES, TINY_MODEL_OVERRIDES
+from tests.conftest import SMALL_WORLD_OVERRIDES, TINY_MODEL_OVERRIDES, with_prefect_db
 
 pytestmark = pytest.mark.flow
 BIN = Path(sys.executable).parent
@@ -106,7 +106,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tree["deployments"][0]["parameters"] = DEMO_PARAMETERS
     deployments = root / "prefect.yaml"
     deployments.write_text(yaml.safe_dump(tree))
-    work = root / "work"
+    work = with_prefect_db(root / "work")
     ports = [_free_port(), _free_port()]
     up = subprocess.Popen(
         [

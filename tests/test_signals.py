@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import SMALL_WORLD_OVERRIDES
+from tests.conftest import SMALL_WORLD_OVERRIDES, with_prefect_db
 
 BIN = Path(sys.executable).parent / "gen2embed"
 
@@ -58,7 +58,7 @@ def _start_pretraining(workdir: Path) -> tuple[subprocess.Popen[bytes], list[int
     pretraining, with the pids of the Prefect server it started."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_HOME", "GEN2EMBED_HOME")}
     overrides = [*SMALL_WORLD_OVERRIDES, "pretrain.steps=100000", "pretrain.batch_size=4"]
-    args = [str(BIN), "run", "--workdir", str(workdir)]
+    args = [str(BIN), "run", "--workdir", str(with_prefect_db(workdir))]
     for o in overrides:
         args += ["--set", o]
     log = (workdir / "run.log").open("w")

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from flows.services import AddressError, PortTakenError, check_ports_free
+from tests.conftest import with_prefect_db
 from tests.test_services import _clean_env, _free_port, _processes_mentioning
 
 BIN = Path(sys.executable).parent
@@ -116,10 +117,10 @@ def _assert_stopped(work: Path, ports: list[int]) -> None:
 
 @pytest.mark.flow
 def test_up_from_a_script_stops_on_sigint_and_starts_again_at_once(tmp_path: Path) -> None:
-    """One workdir, two starts (each start costs ~13 s on 2 cores; the first creates the
-    stores too): `up` as a background job of a script, stopped by SIGINT while clients are
-    connected; then `up` again at once on the same ports, stopped by SIGTERM."""
-    work = tmp_path / "work"
+    """One workdir, two starts (each start costs ~13 s on 2 cores): `up` as a background job
+    of a script, stopped by SIGINT while clients are connected; then `up` again at once on
+    the same ports, stopped by SIGTERM."""
+    work = with_prefect_db(tmp_path / "work")
     # What bash does to a background job when it is not interactive (no job control).
     born = subprocess.run(
         ["bash", "-c", f'"{sys.executable}" -c "{PRINT_SIGINT}" & wait'],
