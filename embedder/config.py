@@ -505,7 +505,10 @@ class ScaleConfig(_Section):
         None, description="Scheduler of an existing cluster (tcp://host:8786); None: local."
     )
     workers: int | None = Field(
-        None, ge=1, description="Workers of the local cluster (default 2); not with address."
+        None,
+        ge=1,
+        description="Workers of the local cluster (default: one per GPU for a CUDA cluster "
+        "class, else 2); not with address.",
     )
     cluster_class: str | None = Field(
         None,

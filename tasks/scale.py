@@ -32,12 +32,26 @@ from embedder.config import ScaleConfig
 from embedder.model.shards import ShardSlice
 
 
+def local_workers(scale: ScaleConfig) -> int:
+    """Workers of the local cluster: `scale.workers`, else one per visible GPU for a CUDA
+    cluster class (dask-cuda's LocalCUDACluster refuses more workers than GPUs), else 2."""
+    if scale.workers is not None:
+        return scale.workers
+    if scale.cluster_class is not None and "CUDA" in scale.cluster_class:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    return 2
+
+
 def task_count(scale: ScaleConfig) -> int:
+    """Shard tasks per fanned-out stage: `scale.tasks`, else 4 on an existing cluster, else
+    one per local worker."""
     if scale.tasks is not None:
         return scale.tasks
     if scale.address is not None:
         return 4
-    return scale.workers or 2
+    return local_workers(scale)
 
 
 def shard_runner(scale: ScaleConfig) -> Any:
@@ -51,7 +65,7 @@ def shard_runner(scale: ScaleConfig) -> Any:
         return DaskTaskRunner(address=scale.address)
     return DaskTaskRunner(
         cluster_class=scale.cluster_class,
-        cluster_kwargs={"n_workers": scale.workers or 2, "threads_per_worker": 1},
+        cluster_kwargs={"n_workers": local_workers(scale), "threads_per_worker": 1},
     )
 
 

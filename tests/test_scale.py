@@ -59,3 +59,36 @@ def test_shards_on_a_two_worker_dask_cluster_equal_the_single_process_path(
 def test_an_existing_cluster_and_local_cluster_settings_are_one_error() -> None:
     with pytest.raises(ConfigError, match=r"scale\.address and scale\.workers are both set"):
         load_config("tiny", overrides=["scale.address=tcp://10.0.0.1:8786", "scale.workers=4"])
+
+
+@pytest.mark.parametrize(
+    ("settings", "gpus", "workers", "tasks"),
+    [
+        ({}, 0, 2, 2),
+        ({"workers": 3}, 0, 3, 3),
+        ({"cluster_class": "dask_cuda.LocalCUDACluster"}, 1, 1, 1),
+        ({"cluster_class": "dask_cuda.LocalCUDACluster"}, 8, 8, 8),
+        ({"cluster_class": "dask_cuda.LocalCUDACluster", "workers": 2}, 8, 2, 2),
+        ({"cluster_class": "dask_cuda.LocalCUDACluster", "tasks": 16}, 8, 8, 16),
+        ({"address": "tcp://10.0.0.1:8786"}, 0, None, 4),
+    ],
+)
+def test_a_local_cuda_cluster_gets_a_worker_per_gpu_unless_told(
+    monkeypatch: pytest.MonkeyPatch,
+    settings: dict[str, object],
+    gpus: int,
+    workers: int | None,
+    tasks: int,
+) -> None:
+    """dask-cuda refuses more workers than visible GPUs: the default of 2 would not start on
+    a one-GPU box."""
+    import torch
+
+    from embedder.config import ScaleConfig
+    from tasks.scale import local_workers, task_count
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    scale = ScaleConfig(engine="dask", **settings)
+    if workers is not None:
+        assert local_workers(scale) == workers
+    assert task_count(scale) == tasks
