@@ -399,9 +399,11 @@ def _assert_run_graph(task_runs: list[Any], paths: dict[str, str]) -> None:
         assert r.empirical_policy.retry_delay == 10
 
 
-# The demo's seeds on the small world with a shorter pretraining and fine-tuning: the facts
-# below hold for it (and for the full demo); see bench/RESULTS.md for the numbers.
-DEMO_SEED_FACTS = ["pretrain.steps=900", "finetune.steps=20"]
+# The demo's seeds with a shorter pretraining and fine-tuning: the facts below hold for it
+# (and for the full demo); see bench/RESULTS.md for the numbers. 600 pretraining steps (900
+# before) keep every fact with room: zero-shot overall 0.287 hierarchical vs 0.212 plain,
+# planted false-negative rate 0.500 SaHa vs 0.714 top-k; the test is the suite's long pole.
+DEMO_SEED_FACTS = ["pretrain.steps=600", "finetune.steps=20"]
 FACT_ROWS = ["zeroshot-plain", "zeroshot-hierarchical", "saha-hierarchical"]
 
 

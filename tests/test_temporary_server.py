@@ -1,5 +1,6 @@
 """Prefect's temporary server for one run (flows.temporary_server): started through public
-means, in its own session, stopped with its run, and never left behind by a killed run."""
+means, in its own session, stopped with its run. That a SIGKILLed run leaves no server behind
+is tests/test_signals.py's (a real run, killed mid-pretraining)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ import os
 import signal
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,18 +20,13 @@ import pytest
 from flows import temporary_server
 from flows.temporary_server import temporary_prefect_server
 from flows.user_errors import BUSY_MACHINE, BusyMachine
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import with_prefect_db
 
 
 @pytest.fixture(scope="module")
 def prefect_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A Prefect home with its database made once (as `gen2embed run` makes it first)."""
-    from flows.environment import create_prefect_store
-
-    home = tmp_path_factory.mktemp("prefect")
-    create_prefect_store(home)
-    return home
+    """A Prefect home with its database made (as `gen2embed run` makes it first)."""
+    return with_prefect_db(tmp_path_factory.mktemp("workdir")) / "prefect"
 
 
 @pytest.fixture
@@ -116,39 +110,6 @@ def test_a_run_gets_its_own_server_and_its_records_before_the_server_goes(
     assert state == "COMPLETED" and tasks == ["COMPLETED"], (state, tasks)
     assert any("doubling 21" in m for m, _ in logs), logs
     assert ("Finished in state Completed()", None) in logs, "the flow run's last log too"
-
-
-CHILD = """
-import sys, time
-from pathlib import Path
-import prefect.settings  # imported first, as in `gen2embed run`
-from flows.temporary_server import temporary_prefect_server
-with temporary_prefect_server(Path(sys.argv[1])) as url:
-    print(url, flush=True)
-    time.sleep(600)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_sigkilled_run_leaves_no_server(home: Path, tmp_path: Path) -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path / "prefect-server.log")],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    assert child.stdout is not None
-    assert child.stdout.readline().startswith("http://127.0.0.1:")
-    (pid,) = _servers(home)
-    assert os.getpgid(pid) != child.pid, "not in the run's group: the kill is the run's alone"
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait()
-    deadline = time.monotonic() + 15
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _alive(pid), "the server died with its run"
 
 
 def test_a_server_too_slow_to_start_is_the_busy_machine_message_and_is_stopped(
