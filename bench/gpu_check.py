@@ -625,12 +625,7 @@ def section_evaluate(ctx: Context) -> dict[str, Any]:
     checks: dict[str, bool] = {}
     for n, (shape, (queries, candidates)) in enumerate(plan.items()):
         rows = _eval_rows(ctx, shape, queries, candidates, seed=n)
-        items, qkeys, ckeys = [], [], []
-        for row in rows:
-            q, cands = build.eval_row(row)
-            items += [q, *cands]
-            qkeys.append(q.key)
-            ckeys.append([c.key for c in cands])
+        items, qkeys, ckeys = build.eval_table(rows)
         images = len({it.image for it in items if it.image})
         ctx.sync()
         started = time.perf_counter()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,22 @@ class ItemBuilder:
             self.item(t, im, role) for t, im in zip(row["tgt_text"], row["tgt_image"], strict=True)
         ]
         return query, cands
+
+    def eval_table(
+        self, rows: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[EmbedItem], list[str], list[list[str]]]:
+        """Every row's query and candidates (`eval_row`), in table order: the items to embed
+        (copies included), each row's query key and each row's candidate keys, correct first
+        (what embedder.evaluate.subset_scores reads)."""
+        items: list[EmbedItem] = []
+        qkeys: list[str] = []
+        ckeys: list[list[str]] = []
+        for row in rows:
+            query, cands = self.eval_row(row)
+            items += [query, *cands]
+            qkeys.append(query.key)
+            ckeys.append([c.key for c in cands])
+        return items, qkeys, ckeys
 
 
 def make_item(

@@ -476,12 +476,7 @@ def evaluate_model(
     token = backbone.image_token(model.wrapped_image_token)
     settings = evaluation_settings(embed, cfg)
     build = ItemBuilder(cfg.template, token, embed, backbone.as_text)
-    items, qkeys, ckeys = [], [], []
-    for r in table:
-        q, cands = build.eval_row(r)
-        items += [q, *cands]
-        qkeys.append(q.key)
-        ckeys.append([c.key for c in cands])
+    items, qkeys, ckeys = build.eval_table(table)
     distinct = list({it.key: it for it in items}.values())
     checks = {}
     # Before the long part: in one process, or in the first of several workers (whole, not

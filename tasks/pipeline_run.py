@@ -134,7 +134,7 @@ class PipelineRun:
         self.cached = 0
         self.row_ids: dict[str, str] = {}  # table row -> its MLflow run
         self.logged_inputs: set[str] = set()  # fingerprints whose tables are logged
-        self._shard_runner: str | None = None  # the Dask task runner's key, once started
+        self._shard_runner: str | None = None  # the Dask task runner's key (tasks.scale)
         self._exit = ExitStack()
 
     def __enter__(self) -> PipelineRun:
@@ -226,11 +226,11 @@ class PipelineRun:
 
     def _shards(self, label: str) -> Any:
         """How a fan-out stage's shard tasks run, when its stage task computes: on the run's
-        Dask cluster, started here on first need (one for the run)."""
-        from tasks.scale import Shards, started_runner, task_count
+        Dask cluster (one for the run), started when a stage first computes its shards."""
+        from tasks.scale import Shards, runner_for, task_count
 
         if self._shard_runner is None:
-            self._shard_runner = self._exit.enter_context(started_runner(self.cfg.scale))
+            self._shard_runner = self._exit.enter_context(runner_for(self.cfg.scale))
         return Shards(self._shard_runner, label, task_count(self.cfg.scale))
 
     def register_adapters(self, results: list[RowResult]) -> None:

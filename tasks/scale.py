@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,35 +69,54 @@ def shard_runner(scale: ScaleConfig) -> Any:
     )
 
 
-# The started runners of this process, by key. A stage task gets a `Shards` (a key, not the
-# runner: Prefect sends a task's parameters along with every task it submits, and a
-# runner's client cannot be pickled).
-_RUNNERS: dict[str, Any] = {}
+class _LazyRunner:
+    """`scale`'s task runner, started on the first `get` (a stage that computes) and kept
+    until `close`: a run whose fanned-out stages are all reused starts no cluster."""
+
+    def __init__(self, scale: ScaleConfig) -> None:
+        self.scale = scale
+        self.runner: Any = None
+        self._stack = ExitStack()
+
+    def get(self) -> Any:
+        if self.runner is None:
+            self.runner = self._stack.enter_context(shard_runner(self.scale))
+        return self.runner
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+# The runners of this process, by key. A stage task gets a `Shards` (a key, not the runner:
+# Prefect sends a task's parameters along with every task it submits, and a runner's client
+# cannot be pickled).
+_RUNNERS: dict[str, _LazyRunner] = {}
 
 
 @contextmanager
-def started_runner(scale: ScaleConfig) -> Iterator[str]:
-    """Start `scale`'s task runner for the block; yields the key `Shards` finds it by."""
+def runner_for(scale: ScaleConfig) -> Iterator[str]:
+    """A key `Shards` finds `scale`'s task runner by; the runner starts when a stage first
+    computes its shards and stops with the block."""
     key = uuid.uuid4().hex
-    with shard_runner(scale) as runner:
-        _RUNNERS[key] = runner
-        try:
-            yield key
-        finally:
-            del _RUNNERS[key]
+    _RUNNERS[key] = _LazyRunner(scale)
+    try:
+        yield key
+    finally:
+        _RUNNERS.pop(key).close()
 
 
 @dataclass(frozen=True)
 class Shards:
     """How a fan-out stage's shards are computed: `count` shard tasks on the started runner
-    `runner_key`, named after the stage's `label`. Called as execute_stage's `shards`."""
+    `runner_key` (`runner_for`), named after the stage's `label`. Called as execute_stage's
+    `shards`, only when the stage computes."""
 
     runner_key: str
     label: str
     count: int
 
     def __call__(self, call: Any, partial: Path) -> None:
-        fan_out(_RUNNERS[self.runner_key], self.label, self.count, call, partial)
+        fan_out(_RUNNERS[self.runner_key].get(), self.label, self.count, call, partial)
 
 
 def _compute_slice(call_pickle: bytes, partial: str, index: int, count: int) -> None:

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from flows import temporary_server
@@ -54,14 +55,6 @@ def _servers(home: Path) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_a_run_gets_its_own_server_and_its_records_before_the_server_goes(
     home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -97,7 +90,7 @@ def test_a_run_gets_its_own_server_and_its_records_before_the_server_goes(
         assert PREFECT_API_URL.value() == api_url == os.environ["PREFECT_API_URL"]
         assert PREFECT_UI_URL.value() == "" == os.environ["PREFECT_UI_URL"]
         assert doubled() == 42
-    assert not _alive(pid), "stopped with the run"
+    assert not psutil.pid_exists(pid), "stopped with the run"
     assert (PREFECT_API_URL.value(), PREFECT_UI_URL.value()) == before
     assert "PREFECT_API_URL" not in os.environ and "PREFECT_UI_URL" not in os.environ
     with sqlite3.connect(home / "prefect.db") as db:
