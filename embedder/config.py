@@ -22,8 +22,12 @@ from embedder.model.prompts import DEFAULT_STRINGS, Template
 
 # The mining strategies (embedder.mining), and what a table row may fine-tune on: a strategy's
 # clusters, or nothing (`none`: the row evaluates the base, or a released adapter, as it is).
-Strategy = Literal["saha", "topk", "topk_margin", "in_batch"]
+# saha_oracle is a bound, not a method: SaHa's clusters without the planted false negatives,
+# known only where the data plants them (the miniature world's fn_group).
+Strategy = Literal["saha", "topk", "topk_margin", "in_batch", "saha_oracle"]
 STRATEGIES: tuple[Strategy, ...] = get_args(Strategy)
+# What `mine.compare_strategies` mines beside the chosen one (the methods, not the bound).
+COMPARED: tuple[Strategy, ...] = ("saha", "topk", "topk_margin", "in_batch")
 Negatives = Literal["none", Strategy]
 
 
@@ -272,8 +276,12 @@ class FinetuneConfig(_Section):
         None, gt=0, description="Clip the gradient norm (None: no clipping, as the paper)."
     )
     temperature: float = Field(0.02, gt=0, description="InfoNCE temperature.")
-    clusters_per_batch: int = Field(
-        16, ge=1, description="Whole clusters per device per step (16 x 16 pairs in the paper)."
+    pairs_per_batch: int = Field(
+        256,
+        ge=1,
+        description="Pairs per device per step, filled with whole clusters (the paper's 16 "
+        "clusters x 16 pairs); every row trains on this many whatever its clusters' sizes "
+        "(embedder.training.batches).",
     )
     grad_cache: bool = Field(True, description="GradCache: batch size independent of memory.")
     chunk_size: int = Field(
@@ -566,6 +574,18 @@ class PipelineConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _a_batch_holds_a_cluster(self) -> PipelineConfig:
+        """A batch takes clusters whole: one of mine.k + 1 pairs (an anchor and its k
+        negatives, the largest mining makes) must fit one device's pair budget."""
+        if self.finetune.pairs_per_batch < self.mine.k + 1:
+            raise ValueError(
+                f"finetune.pairs_per_batch={self.finetune.pairs_per_batch} cannot hold one "
+                f"cluster of mine.k + 1 = {self.mine.k + 1} pairs: raise "
+                "finetune.pairs_per_batch or lower mine.k"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _retrieval_depth_from_mining(self) -> PipelineConfig:
         if self.retrieve.top_r is None:
             object.__setattr__(self.retrieve, "top_r", 2 * self.mine.k * self.mine.m)
@@ -629,12 +649,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "embed": {"image_side": 64},
         "evaluate": {"image_mode": "fixed", "image_side": 64},
-        # Sized for the 15-minute demo on 2 cores: 40 steps of 6 clusters (96 pairs).
+        # Sized for the 15-minute demo on 2 cores: 40 steps of 96 pairs (6 random clusters).
         "finetune": {
             "steps": 40,
             "warmup": 4,
             "lr": 1e-3,
-            "clusters_per_batch": 6,
+            "pairs_per_batch": 96,
             "chunk_size": 48,
             "checkpoint_every": 10,
         },
@@ -698,11 +718,20 @@ def _known_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
+# Keys that existed once: a config that still sets one is told what replaced it.
+RETIRED = {
+    ("finetune", "clusters_per_batch"): "retired: a batch is now a pair budget, "
+    "finetune.pairs_per_batch (clusters x cluster size; 16 x 16 = 256 in the paper)",
+}
+
+
 def _format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and tuple(map(str, err["loc"])) in RETIRED:
+            lines.append(f"{where}: {RETIRED[tuple(map(str, err['loc']))]}")
+        elif err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(str(err["loc"][-1]), _known_keys(err["loc"]), 1)
             hint = ".".join([*map(str, err["loc"][:-1]), *close])
             lines.append(f"{where}: unknown key" + (f" (did you mean {hint}?)" if close else ""))

@@ -139,14 +139,17 @@ class Adapter(StageOutput):
         return [self.adapter]
 
     def curves(self) -> dict[str, list[tuple[int, float]]]:
-        """train_loss, lr and pairs_per_s (pairs per second) by optimizer step, from
-        history.json; {} when it is absent."""
+        """train_loss, lr, pairs_per_s (pairs per second) and pairs (the step's global
+        batch) by optimizer step, from history.json; {} when it is absent (pairs is absent
+        from the history of adapters trained before batches were a pair budget)."""
         if not self.history.is_file():
             return {}
         h = json.loads(self.history.read_text())
+        names = (("train_loss", "loss"), ("lr", "lr"), ("pairs_per_s", "pairs_per_s"))
         return {
             name: list(zip(h["steps"], h[key], strict=True))
-            for name, key in (("train_loss", "loss"), ("lr", "lr"), ("pairs_per_s", "pairs_per_s"))
+            for name, key in (*names, ("pairs", "pairs"))
+            if key in h
         }
 
 

@@ -42,7 +42,7 @@ TINY_MODEL_OVERRIDES = [
     "embed.num_workers=0",
     "evaluate.max_queries=3",
     "finetune.steps=2",
-    "finetune.clusters_per_batch=2",
+    "finetune.pairs_per_batch=32",
     "mine.k=5",  # over the default recipe's k=15: m stays 3, so R = 2km = 30
 ]
 

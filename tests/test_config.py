@@ -242,3 +242,28 @@ def test_eval_candidates_leave_room_for_the_hard_negatives(
     small = cfg.world.model_copy(update={"train_pairs": 16, "eval_queries": 4, "image_size": 32})
     world = build_world(small, tmp_path)  # every subset builds at the boundary
     assert world.rows
+
+
+@pytest.mark.parametrize(
+    ("overrides", "ok"),
+    [
+        (["finetune.pairs_per_batch=16"], True),  # mine.k=15: clusters of up to 16 pairs
+        (["finetune.pairs_per_batch=15"], False),
+        (["finetune.pairs_per_batch=6", "mine.k=5"], True),
+        (["finetune.pairs_per_batch=5", "mine.k=5"], False),
+        (["finetune.pairs_per_batch=7", "mine.recipe=code"], False),  # k=7 by the recipe
+    ],
+)
+def test_a_batch_must_hold_the_largest_cluster(overrides: list[str], ok: bool) -> None:
+    if ok:
+        load_config("tiny", overrides=overrides)
+        return
+    with pytest.raises(ConfigError, match=r"finetune\.pairs_per_batch=\d+ cannot hold.*mine\.k"):
+        load_config("tiny", overrides=overrides)
+
+
+def test_a_retired_key_says_what_replaced_it(tmp_path: Path) -> None:
+    f = tmp_path / "old.yaml"
+    f.write_text("finetune:\n  clusters_per_batch: 16\n")
+    with pytest.raises(ConfigError, match=r"per_batch: retired.*finetune\.pairs_per_batch"):
+        load_config("tiny", f)

@@ -18,14 +18,13 @@ from embedder.training.finetune import (
     TrainingDataError,
     TrainPair,
     finetune_adapter,
-    step_clusters,
     train,
     training_clusters,
 )
 
 EMBED = EmbedConfig(num_workers=0, image_side=64)
 FAST = FinetuneConfig(
-    steps=4, warmup=1, lr=1e-2, clusters_per_batch=2, chunk_size=4, checkpoint_every=2, dora=False
+    steps=4, warmup=1, lr=1e-2, pairs_per_batch=6, chunk_size=4, checkpoint_every=2, dora=False
 )
 
 
@@ -51,18 +50,6 @@ def make_clusters(
     folder.mkdir(parents=True, exist_ok=True)
     schema.write_table(pa.table(rows), out.clusters, schema.CLUSTERS_SCHEMA)
     return out
-
-
-def test_steps_take_whole_seeded_clusters_and_drop_the_incomplete_batch() -> None:
-    steps = [step_clusters(7, 3, seed=0, step=s) for s in range(4)]
-    assert all(len(s) == 3 for s in steps)
-    first_epoch = steps[0] + steps[1]
-    assert len(set(first_epoch)) == 6, "no cluster twice in an epoch"
-    assert step_clusters(7, 3, seed=0, step=1) == steps[1], "a pure function of the step"
-    assert (
-        step_clusters(7, 3, seed=1, step=0) != steps[0]
-        or step_clusters(7, 3, seed=1, step=1) != steps[1]
-    )
 
 
 def _weights(peft_model: object) -> dict[str, torch.Tensor]:
@@ -163,6 +150,10 @@ def test_too_few_clusters_for_one_step_is_a_clear_error(
 ) -> None:
     clusters = make_clusters(tables, tmp_path / "mine", size=3)
     n = pq.read_table(clusters.clusters).num_rows // 3
-    cfg = FAST.model_copy(update={"clusters_per_batch": n + 1})
-    with pytest.raises(TrainingDataError, match=f"{n} clusters cannot fill one step"):
+    cfg = FAST.model_copy(update={"pairs_per_batch": 3 * n + 1})
+    with pytest.raises(
+        TrainingDataError,
+        match=rf"{n} clusters of {3 * n} pairs in all cannot fill one step of {3 * n + 1} pairs "
+        rf"\(finetune.pairs_per_batch={3 * n + 1} x 1 ranks\)",
+    ):
         finetune_adapter(ModelConfig(), EMBED, cfg, tables, clusters, generator, tmp_path / "ft")

@@ -49,9 +49,9 @@ def _torchrun(workdir: Path, overrides: list[str]) -> subprocess.CompletedProces
 def test_two_ranks_train_what_one_process_trains_on_the_same_global_batch(
     tmp_path: Path,
 ) -> None:
-    # The pipeline up to mining, then the row's finetune under torchrun: 2 ranks x 1 cluster.
+    # The pipeline up to mining, then the row's finetune under torchrun: 2 ranks x 16 pairs.
     base = [*TINY_MODEL_OVERRIDES, *TRAIN]
-    two_ranks = [*base, "finetune.clusters_per_batch=1"]
+    two_ranks = [*base, "finetune.pairs_per_batch=16"]
     _run(tmp_path, overrides=two_ranks, until="mine", rows=[ROW])
     res = _torchrun(tmp_path, two_ranks)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -68,9 +68,9 @@ def test_two_ranks_train_what_one_process_trains_on_the_same_global_batch(
     assert states[f"finetune[{ROW}]"] == "Cached"
     assert states[f"evaluate[{ROW}]"] == "Completed"
     distributed = Path(paths[f"finetune[{ROW}]"])
-    # One process, 2 clusters per step: the same global batches.
+    # One process, 32 pairs per step: the same global batches.
     single, _ = _run(
-        tmp_path, overrides=[*base, "finetune.clusters_per_batch=2"], until="finetune", rows=[ROW]
+        tmp_path, overrides=[*base, "finetune.pairs_per_batch=32"], until="finetune", rows=[ROW]
     )
     one = Path(single[f"finetune[{ROW}]"])
     a = load_file(str(distributed / "adapter" / "adapter_model.safetensors"))

@@ -1,9 +1,11 @@
 """Stage `finetune`: LoRA contrastive training on mined clusters (docs/method.md section 4).
 
-A batch is a set of whole clusters (SaHa's, or a baseline's from the `mine` stage): every
-pair's hard negatives are its cluster mates' positives, at no extra forward pass. The loss is
-InfoNCE over every query/positive pair of the global batch (embedder.training.contrastive),
-computed with GradCache unless turned off. Incomplete last batches are dropped.
+A batch is whole clusters (SaHa's, or a baseline's from the `mine` stage) filled up to a pair
+budget, `finetune.pairs_per_batch` per device (embedder.training.batches): every pair's hard
+negatives are its cluster mates' positives, at no extra forward pass, and every table row
+trains on the same number of pairs a step. The loss is InfoNCE over every query/positive pair
+of the global batch (embedder.training.contrastive), computed with GradCache unless turned
+off. An epoch's short tail batch is dropped.
 
 Resuming: which clusters make step s is a pure function of (seed, s), so a checkpoint needs
 only the adapter, the optimizer, the scheduler, the RNG states and s. Checkpoints are written
@@ -45,6 +47,7 @@ from embedder.model.prompts import Template
 from embedder.outputs import Adapter, Clusters, Generator, Tables
 from embedder.progress import Progress
 from embedder.training import adapters
+from embedder.training.batches import BatchPlan
 from embedder.training.contrastive import grad_cache_step, info_nce, plain_step, world
 
 log = logging.getLogger("gen2embed.finetune")
@@ -104,36 +107,26 @@ def training_clusters(
     ]
 
 
-def step_clusters(n_clusters: int, per_step: int, seed: int, step: int) -> list[int]:
-    """Cluster indices of global step `step`: epochs are seeded permutations, cut into
-    batches of `per_step` clusters, the incomplete last one dropped.
-
-    `step` counts from 0 over all epochs; the result depends on (seed, step) only, which is
-    what lets a resumed run draw the same batches. Raises ZeroDivisionError when
-    `n_clusters` < `per_step` (`train` refuses that first)."""
-    per_epoch = n_clusters // per_step
-    epoch, index = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n_clusters)
-    return order[index * per_step : (index + 1) * per_step].tolist()
-
-
 @dataclass
 class History:
     """Per-step training records, parallel lists: the step (1-based), the logged InfoNCE
-    loss (global batch mean), the learning rate the step used and pairs per second (wall
-    clock of the step, all ranks' pairs). Written as history.json."""
+    loss (global batch mean), the learning rate the step used, pairs per second (wall
+    clock of the step, all ranks' pairs) and the pairs of the step's global batch. Written
+    as history.json."""
 
     steps: list[int] = field(default_factory=list)
     loss: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     pairs_per_s: list[float] = field(default_factory=list)
+    pairs: list[int] = field(default_factory=list)
 
-    def add(self, step: int, loss: float, lr: float, pairs_per_s: float) -> None:
+    def add(self, step: int, loss: float, lr: float, pairs_per_s: float, pairs: int) -> None:
         """Append one step's record."""
         self.steps.append(step)
         self.loss.append(loss)
         self.lr.append(lr)
         self.pairs_per_s.append(pairs_per_s)
+        self.pairs.append(pairs)
 
     def until(self, step: int) -> History:
         """A new History of the records of steps up to and including `step`."""
@@ -273,7 +266,8 @@ def train(
     The recipe of `cfg` (docs/method.md section 4): AdamW at `cfg.lr`, linear warm-up then
     linear decay to 0 over `cfg.steps`, InfoNCE at `cfg.temperature` with equal contents
     masked (`info_nce`), GradCache in chunks of `cfg.chunk_size` inputs unless turned off.
-    Each step takes `cfg.clusters_per_batch` whole clusters per rank (`step_clusters`).
+    Each step takes whole clusters up to `cfg.pairs_per_batch` pairs per rank
+    (embedder.training.batches.BatchPlan).
     `backbone.model` is wrapped with LoRA in place (`adapters.attach`) and left in eval
     mode; `images_root` is where the pairs' image paths point; `settings` decode and size
     the images and pick the padding side (image_mode, image_side, padding_side, as
@@ -283,13 +277,13 @@ def train(
     UserError) from `attach`, and FloatingPointError when a step's loss is not finite (that
     step's update already applied, no checkpoint written)."""
     rank, size = world()
-    per_step = cfg.clusters_per_batch * size
-    if len(clusters) < per_step:
+    try:
+        plan = BatchPlan([len(c) for c in clusters], cfg.pairs_per_batch, cfg.seed, size)
+    except ValueError as exc:
         raise TrainingDataError(
-            f"{len(clusters)} clusters cannot fill one step of {per_step} "
-            f"(finetune.clusters_per_batch={cfg.clusters_per_batch} x {size} ranks): lower "
-            "finetune.clusters_per_batch or mine more data"
-        )
+            f"{exc} (finetune.pairs_per_batch={cfg.pairs_per_batch} x {size} ranks): "
+            "set finetune.pairs_per_batch to fit the mined clusters, or mine more data"
+        ) from None
     torch.manual_seed(cfg.seed)
     peft_model = adapters.attach(backbone, cfg)
     model = backbone.model
@@ -326,10 +320,8 @@ def train(
     pairs_per_step = 0
     for step in range(start, end):
         tic = time.perf_counter()
-        chosen = step_clusters(len(clusters), per_step, cfg.seed, step)
-        mine = chosen[rank * cfg.clusters_per_batch : (rank + 1) * cfg.clusters_per_batch]
-        pairs = [p for c in mine for p in clusters[c]]
-        pairs_per_step = len(pairs) * size
+        pairs = [p for c in plan.share(step, rank) for p in clusters[c]]
+        pairs_per_step = plan.pairs(step)
         queries = [p.query for p in pairs]
         targets = [p.target for p in pairs]
         # Equal positives (one class label in two clusters) are not each other's negatives,
@@ -354,10 +346,10 @@ def train(
         if not torch.isfinite(loss):
             raise FloatingPointError(f"finetune: loss is {loss.item()} at step {step + 1}")
         rate = pairs_per_step / (time.perf_counter() - tic)
-        history.add(step + 1, float(loss), lr, rate)
+        history.add(step + 1, float(loss), lr, rate, pairs_per_step)
         # Named as the curves the tracker logs (outputs.Adapter.curves), so a listener can
         # chart them live.
-        bar.update(1, train_loss=float(loss), lr=lr, pairs_per_s=rate)
+        bar.update(1, train_loss=float(loss), lr=lr, pairs_per_s=rate, pairs=pairs_per_step)
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == end:
             checkpoints.save(
@@ -411,7 +403,8 @@ def finetune_adapter(
     "pairs_per_s"}), loss.png, and with `cfg.merge` merged/ (the full merged model and
     processor, transformers' save_pretrained). checkpoints/ is used while training and
     removed at the end. Metrics: loss_first, loss_last_tenth (mean of the last tenth of
-    steps), pairs_per_step, pairs_per_s_median, resumed_from_step and lora_modules.<part>
+    steps), pairs_per_step (mean over steps) with pairs_per_step_min and _max,
+    pairs_per_s_median, resumed_from_step and lora_modules.<part>
     per component. Raises TrainingDataError (a UserError) when the ingest output has no
     pairs or the clusters are too few or do not match it, ValueError for backbone `tiny`
     without `generator`, and what `open_backbone` and `train` raise."""
@@ -442,13 +435,18 @@ def finetune_adapter(
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)  # the adapter is what remains
     h = result.history
     tail = h.loss[-max(1, len(h.loss) // 10) :]
+    pairs = f"{min(h.pairs)}-{max(h.pairs)}" if min(h.pairs) < max(h.pairs) else str(h.pairs[0])
     return output.model_copy(
         update={
             "rows": {"clusters": len(groups), "steps": cfg.steps},
             "metrics": {
                 "loss_first": h.loss[0],
                 "loss_last_tenth": float(np.mean(tail)),
-                "pairs_per_step": result.pairs_per_step,
+                # Over every step of the run (restored ones included); the budget is the
+                # most a step holds.
+                "pairs_per_step": float(np.mean(h.pairs)),
+                "pairs_per_step_min": min(h.pairs),
+                "pairs_per_step_max": max(h.pairs),
                 "pairs_per_s_median": float(np.median(h.pairs_per_s)),
                 "resumed_from_step": result.resumed_from,
                 # Where LoRA went (docs/method.md section 4: the language model only).
@@ -458,7 +456,7 @@ def finetune_adapter(
                 "strategy": clusters.strategy,
                 "summary": [
                     f"finetune ({clusters.strategy}, {cfg.template}): {cfg.steps} steps of "
-                    f"{result.pairs_per_step} pairs, loss {h.loss[0]:.3f} -> "
+                    f"{pairs} pairs, loss {h.loss[0]:.3f} -> "
                     f"{float(np.mean(tail)):.3f}"
                 ],
             },
