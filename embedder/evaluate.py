@@ -126,7 +126,12 @@ def subset_scores(
     between candidates of different content (keys), what the tie warning reads; and
     `queries`, their number.
     Candidate lists may differ in length across queries; `ckeys[i]` are row i's candidates,
-    correct first, keys of `vectors` (a duplicated candidate is one key, so one vector)."""
+    correct first, keys of `vectors` (a duplicated candidate is one key, so one vector).
+
+    Where a row has `tgt_category` (each candidate's category; gen2embed's column, see
+    `category_scores`), also `category_accuracy` and, over the queries that have a
+    same-category negative, `p1_same_category`, with `category_queries` and
+    `same_category_queries` counting them; a subset without categories has none of these."""
     hits: dict[str, list[dict[str, bool]]] = defaultdict(list)
     for row, qk, cks in zip(rows, qkeys, ckeys, strict=True):
         cand = np.stack([vectors[c] for c in cks])
@@ -136,9 +141,11 @@ def subset_scores(
         # A tie between candidates of different content is the model's; one between copies
         # of one item (a label listed twice) is the data's, which ingest counts.
         got["tie_distinct"] = len({cks[i] for i in top}) > 1
+        got.update(category_scores(scores, row.get("tgt_category")))
         hits[row["subset"]].append(got)
-    return {
-        s: {
+    out: dict[str, dict[str, float]] = {}
+    for s, hs in sorted(hits.items()):
+        out[s] = {
             "p1": float(np.mean([h["p1"] for h in hs])),
             "p1_strict": float(np.mean([h["p1_strict"] for h in hs])),
             "tie_rate": float(np.mean([h["tie"] for h in hs])),
@@ -146,8 +153,42 @@ def subset_scores(
             f"hit@{k}": float(np.mean([h["hit"] for h in hs])),
             "queries": len(hs),
         }
-        for s, hs in sorted(hits.items())
-    }
+        for score, count in CATEGORY_SCORES.items():
+            defined = [h[score] for h in hs if score in h]
+            if defined:
+                out[s][score] = float(np.mean(defined))
+                out[s][count] = len(defined)
+    return out
+
+
+# Category scores (`category_scores`) -> the per-subset count of queries each is defined for.
+CATEGORY_SCORES = {
+    "p1_same_category": "same_category_queries",
+    "category_accuracy": "category_queries",
+}
+
+
+def category_scores(scores: np.ndarray, categories: list[str | None] | None) -> dict[str, bool]:
+    """What one query's scores say at the two levels a world with categories has
+    (gen2embed's view, beside MMEB's P@1; docs/method.md section 5).
+
+    `scores`: (n,) the query's candidate scores, correct first; `categories`: each
+    candidate's category (None entries: unknown), or None. Returns, with MMEB's argmax
+    convention (first maximum wins):
+    - `category_accuracy`: the top candidate is of the correct one's category (what random
+      negatives teach: telling categories apart);
+    - `p1_same_category`: among the candidates of the correct one's category only, the
+      correct one is first (what same-category hard negatives teach: the details); only when
+      there is at least one such negative.
+    Neither when the correct candidate's category is unknown (an empty dict)."""
+    if not categories or categories[0] is None:
+        return {}
+    top = int(np.argmax(scores))
+    got = {"category_accuracy": categories[top] == categories[0]}
+    same = [j for j, c in enumerate(categories) if c == categories[0]]
+    if len(same) > 1:
+        got["p1_same_category"] = int(np.argmax(scores[same])) == 0
+    return got
 
 
 def aggregate(scores: dict[str, float], meta: dict[str, tuple[str, str]]) -> dict[str, Any]:
@@ -429,11 +470,13 @@ def evaluate_model(
     of (key: string, embedding: d float32, L2-normalised), embedder.model.encode, with an
     identity file naming what made them), `sanity/` (the order-independence check's two
     encodings) and `report.json` (per subset and aggregated: P@1 (argmax), strict P@1, tie
-    rates, hit@k, chance, next-token samples; scores are fractions in [0, 1]). Metrics:
-    `p1.*`, `p1_strict.*`, `tie_rate.*`, `hit<k>.*`, items/s. With `shard` (one fan-out
-    worker, tasks.scale) only that worker's shards of the embeddings are written (the first
-    worker also runs the sanity check) and nothing is scored: the whole call that follows
-    assembles and scores.
+    rates, hit@k, chance, next-token samples; with candidate categories, P@1 among the
+    same-category candidates and the category-level accuracy (`category_scores`); scores
+    are fractions in [0, 1]). Metrics: `p1.*`, `p1_strict.*`, `tie_rate.*`, `hit<k>.*`,
+    `p1_same_category.*` and `category_accuracy.*` (where defined), items/s. With `shard`
+    (one fan-out worker, tasks.scale) only that worker's shards of the embeddings are
+    written (the first worker also runs the sanity check) and nothing is scored: the whole
+    call that follows assembles and scores.
 
     Raises ValueError when both a fine-tuned and a released adapter are given;
     EvalDataError (a UserError) for an eval table that is missing or empty; the adapter
@@ -456,8 +499,16 @@ def evaluate_model(
         raise EvalDataError("the eval table is empty")
     meta = {r["subset"]: (r["meta_task"], r["distribution"]) for r in table}
     chance: dict[str, list[float]] = defaultdict(list)
+    # Random vectors' category scores: 1 / same-category candidates, their share of all.
+    chance_cat: dict[str, dict[str, list[float]]] = {k: defaultdict(list) for k in CATEGORY_SCORES}
     for r in table:
         chance[r["subset"]].append(1 / len(r["tgt_text"]))
+        cats = r.get("tgt_category")
+        if cats and cats[0] is not None:
+            same = sum(c == cats[0] for c in cats)
+            chance_cat["category_accuracy"][r["subset"]].append(same / len(cats))
+            if same > 1:
+                chance_cat["p1_same_category"][r["subset"]].append(1 / same)
     released = None
     if cfg.adapter is not None:  # the commit the stage's fingerprint holds, for a hub id
         released = adapter_identity(cfg.adapter, cfg.adapter_revision, workdir_cache())
@@ -503,6 +554,11 @@ def evaluate_model(
     per_subset = subset_scores(table, qkeys, ckeys, vectors, cfg.hit_k)
     means = {name: aggregate({s: v[name] for s, v in per_subset.items()}, meta) for name in SCORES}
     agg = means["p1"]
+    # Over the subsets that define them (none for real MMEB data, which has no categories).
+    cat_means = {
+        name: aggregate({s: v[name] for s, v in per_subset.items() if name in v}, meta)
+        for name in CATEGORY_SCORES
+    }
     # Ties between copies of one candidate are the data's (ingest counts them), not a sign of
     # a collapsed model: the warning reads ties between different candidates only.
     tied = {
@@ -534,6 +590,10 @@ def evaluate_model(
             f"{TIE_EPS:g}",
             f"hit@{cfg.hit_k}": f"strict: fewer than k other candidates score at least the "
             f"correct one's score minus {TIE_EPS:g}",
+            "p1_same_category": "P@1 (argmax) among the candidates of the correct one's "
+            "category only, over queries with at least one such negative (gen2embed's)",
+            "category_accuracy": "share of queries whose top candidate (argmax) is of the "
+            "correct one's category (gen2embed's)",
         },
         "chance": {s: float(np.mean(v)) for s, v in chance.items()},
         "subsets": per_subset,
@@ -541,6 +601,17 @@ def evaluate_model(
         "aggregate": agg,
         "aggregate_strict": {k: v for k, v in means["p1_strict"].items() if k != "outside_mmeb"},
         "aggregate_tie_rate": {k: v for k, v in means["tie_rate"].items() if k != "outside_mmeb"},
+        # gen2embed's view beside MMEB's (category_scores): empty without tgt_category.
+        "aggregate_same_category": {
+            k: v for k, v in cat_means["p1_same_category"].items() if k != "outside_mmeb"
+        },
+        "aggregate_category": {
+            k: v for k, v in cat_means["category_accuracy"].items() if k != "outside_mmeb"
+        },
+        "chance_categories": {
+            name: {s: float(np.mean(v)) for s, v in sorted(by.items())}
+            for name, by in chance_cat.items()
+        },
         "tie_warning": {"threshold": cfg.tie_warning, "subsets": sorted(tied)},
         "next_tokens": next_tokens(backbone, sample, images_root, settings),
     }
@@ -550,6 +621,12 @@ def evaluate_model(
         values = {**{s: v[name] for s, v in per_subset.items()}, **means[name]}
         metrics.update({f"{name}.{k}": v for k, v in values.items() if isinstance(v, float)})
     metrics.update({f"hit{cfg.hit_k}.{s}": v[f"hit@{cfg.hit_k}"] for s, v in per_subset.items()})
+    for name in CATEGORY_SCORES:  # p1_same_category.<...>, category_accuracy.<...>
+        values = {
+            **{s: v[name] for s, v in per_subset.items() if name in v},
+            **cat_means[name],
+        }
+        metrics.update({f"{name}.{k}": v for k, v in values.items() if isinstance(v, float)})
     # Timings go to metrics only: the report holds results, equal for equal runs.
     metrics["items_per_s"] = stats.metrics()["items_per_s"]
     metrics["reused_items"] = len(reused)

@@ -35,6 +35,12 @@ SHORT = {
 }
 # Beside the headline columns: (header, report key of the means, which mean).
 BESIDE = (("strict", "aggregate_strict", "overall"), ("ties", "aggregate_tie_rate", "overall"))
+# What negatives teach, where the eval set has candidate categories (the miniature world):
+# (header, report key of the means, the score's key in chance_categories).
+CATEGORY_COLUMNS = (
+    ("samecat", "aggregate_same_category", "p1_same_category"),
+    ("cat", "aggregate_category", "category_accuracy"),
+)
 LEGEND = [
     "{columns}: P@1 (MMEB argmax) as the reference toolkit computes it, mean over subsets:",
     "  numpy argmax over cosine scores, first maximum wins (a tie with the correct candidate "
@@ -42,6 +48,11 @@ LEGEND = [
     f"strict: P@1 overall with a tie within {TIE_EPS:g} of the correct score as a miss.",
     f"ties: tie rate overall, share of queries whose best score another candidate reaches "
     f"within {TIE_EPS:g}.",
+    "samecat: P@1 (argmax) overall among the correct candidate's same-category candidates "
+    "only (what hard negatives teach); cat: share of queries whose top candidate is of the "
+    "correct category (what random negatives teach); both gen2embed's, over the subsets with "
+    "candidate categories, '-' without them.",
+    "pairs: pairs per fine-tuning step (the global batch), mean over steps.",
 ]
 
 
@@ -67,12 +78,13 @@ def _tuned(result: RowResult) -> str:
     return "no"
 
 
-def _chance(report: dict[str, Any]) -> dict[str, float]:
+def _chance(report: dict[str, Any], per_subset: dict[str, float] | None = None) -> dict[str, float]:
     """Expected P@1 of a random embedding (1 / candidates, either convention: random vectors
-    do not tie), averaged like the scores."""
+    do not tie), averaged like the scores; or, with `per_subset`, those chance values
+    averaged the same way."""
     outside = set(report["aggregate"].get("outside_mmeb", []))
     groups: dict[str, list[float]] = {}
-    for subset, value in report["chance"].items():
+    for subset, value in (report["chance"] if per_subset is None else per_subset).items():
         if subset in outside:
             continue
         task, dist = report["meta"][subset]
@@ -81,10 +93,25 @@ def _chance(report: dict[str, Any]) -> dict[str, float]:
     return {k: float(np.mean(v)) for k, v in groups.items()}
 
 
+def pairs_per_step(result: RowResult) -> float | None:
+    """Mean pairs per fine-tuning step of the row's adapter (its history.json); None for a
+    row that fine-tuned nothing or an adapter trained before steps recorded their pairs."""
+    if result.adapter is None or not result.adapter.history.is_file():
+        return None
+    pairs = json.loads(result.adapter.history.read_text()).get("pairs")
+    return float(np.mean(pairs)) if pairs else None
+
+
+def _cell(value: float | None, digits: int = 3) -> str:
+    return f"{'-':>9s}" if value is None else f"{value:9.{digits}f}"
+
+
 def table_lines(results: list[RowResult], reports: list[dict[str, Any]]) -> list[str]:
     """The table as text: a header, the chance row, one row per result (P@1 means, then
-    strict P@1 and the tie rate overall), then, after a blank line, what each column is and
-    which rows have subsets tied above the warning threshold.
+    strict P@1 and the tie rate overall, P@1 among same-category candidates and the
+    category-level accuracy overall, and pairs per fine-tuning step), then, after a blank
+    line, what each column is and which rows have subsets tied above the warning threshold.
+    A cell with nothing to show (no candidate categories, no fine-tuning) is "-".
 
     `reports[i]`: the parsed report.json of `results[i]` (same length; all on the same eval
     set, the first one's columns and chance used for all). Scores print with 3 decimals, in
@@ -93,17 +120,30 @@ def table_lines(results: list[RowResult], reports: list[dict[str, Any]]) -> list
     columns = [c for c in COLUMNS if c in reports[0]["aggregate"]]
     width = max(len(r.row.name) for r in results) + 2
     head = f"{'row':{width}s}" + "".join(f"{SHORT[c]:>9s}" for c in columns)
-    lines = [head + "".join(f"{name:>9s}" for name, _, _ in BESIDE)]
+    extra = [name for name, _, _ in (*BESIDE, *CATEGORY_COLUMNS)] + ["pairs"]
+    lines = [head + "".join(f"{name:>9s}" for name in extra)]
     chance = _chance(reports[0])
+    by_category = reports[0].get("chance_categories", {})
     # Random vectors never tie: strict P@1 has P@1's chance, the tie rate 0.
     lines.append(
         f"{'(chance)':{width}s}"
         + "".join(f"{chance.get(c, 0):9.3f}" for c in columns)
         + f"{chance.get('overall', 0):9.3f}{0:9.3f}"
+        + "".join(
+            _cell(_chance(reports[0], by_category[score]).get("overall"))
+            if by_category.get(score)
+            else _cell(None)
+            for _, _, score in CATEGORY_COLUMNS
+        )
+        + _cell(None)
     )
     for result, report in zip(results, reports, strict=True):
         cells = "".join(f"{report['aggregate'][c]:9.3f}" for c in columns)
         cells += "".join(f"{report[key][mean]:9.3f}" for _, key, mean in BESIDE)
+        cells += "".join(
+            _cell(report.get(key, {}).get("overall")) for _, key, _ in CATEGORY_COLUMNS
+        )
+        cells += _cell(pairs_per_step(result), 1)
         lines.append(f"{result.row.name:{width}s}{cells}")
     lines += ["", LEGEND[0].format(columns="/".join(SHORT[c] for c in columns)), *LEGEND[1:]]
     for result, report in zip(results, reports, strict=True):
@@ -240,6 +280,9 @@ def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
                 "aggregate": {k: v for k, v in rep["aggregate"].items() if isinstance(v, float)},
                 "aggregate_strict": rep["aggregate_strict"],
                 "aggregate_tie_rate": rep["aggregate_tie_rate"],
+                "aggregate_same_category": rep.get("aggregate_same_category", {}),
+                "aggregate_category": rep.get("aggregate_category", {}),
+                "pairs_per_step": pairs_per_step(r),
                 "subsets": {s: v["p1"] for s, v in rep["subsets"].items()},
                 "subsets_strict": {s: v["p1_strict"] for s, v in rep["subsets"].items()},
                 "subsets_tie_rate": {s: v["tie_rate"] for s, v in rep["subsets"].items()},

@@ -493,6 +493,7 @@ def _eval_rows(name: str, cfg: WorldConfig, writer: _Writer, style: str) -> list
                     "qry_img_path": path,
                     "tgt_text": texts,
                     "tgt_img_path": [""] * len(texts),
+                    "tgt_category": texts,  # a label is its category's name
                 }
             )
     elif meta == "vqa":
@@ -530,8 +531,9 @@ def _eval_rows(name: str, cfg: WorldConfig, writer: _Writer, style: str) -> list
                 for j in range(cfg.same_category_negatives)
             ]
             easy_idx = [j for j in range(n) if scenes[j].category != s.category]
-            easy = [targets[j] for j in rng.sample(easy_idx, min(len(easy_idx), k - 1 - len(hard)))]
-            cands = [targets[i], *hard, *easy]
+            easy_j = rng.sample(easy_idx, min(len(easy_idx), k - 1 - len(hard)))
+            cands = [targets[i], *hard, *(targets[j] for j in easy_j)]
+            cats = [s.cat.name] * (1 + len(hard)) + [scenes[j].cat.name for j in easy_j]
             if t2i:
                 rows.append(
                     {
@@ -539,6 +541,7 @@ def _eval_rows(name: str, cfg: WorldConfig, writer: _Writer, style: str) -> list
                         "qry_img_path": "",
                         "tgt_text": [T2I_TARGET] * len(cands),
                         "tgt_img_path": cands,
+                        "tgt_category": cats,
                     }
                 )
             else:
@@ -549,6 +552,7 @@ def _eval_rows(name: str, cfg: WorldConfig, writer: _Writer, style: str) -> list
                         "qry_img_path": writer.save(qimg, f"{i:05d}q"),
                         "tgt_text": cands,
                         "tgt_img_path": [""] * len(cands),
+                        "tgt_category": cats,
                     }
                 )
     else:  # grounding
@@ -570,8 +574,8 @@ def _eval_rows(name: str, cfg: WorldConfig, writer: _Writer, style: str) -> list
             opath = save(rc if target_left else lc, f"{i:05d}_o")
             crops.append(tpath)
             target = replace(s, position=0 if target_left else 2)
-            pending.append((i, s, qpath, tpath, opath, target))
-        for i, s, qpath, tpath, opath, target in pending:
+            pending.append((i, s, qpath, tpath, opath, target, other))
+        for i, s, qpath, tpath, opath, target, other in pending:
             hard = []
             for j in range(cfg.same_category_negatives):
                 v = _same_category_variant(s, rng)
@@ -584,14 +588,18 @@ def _eval_rows(name: str, cfg: WorldConfig, writer: _Writer, style: str) -> list
                 )
                 hard.append(save(lc, f"{i:05d}_h{j}"))
             easy_idx = [j for j in range(n) if scenes[j].category != s.category]
-            easy = [crops[j] for j in rng.sample(easy_idx, min(len(easy_idx), k - 2 - len(hard)))]
-            cands = [tpath, opath, *hard, *easy]
+            easy_j = rng.sample(easy_idx, min(len(easy_idx), k - 2 - len(hard)))
+            cands = [tpath, opath, *hard, *(crops[j] for j in easy_j)]
+            # The crop of the scene's other object is of another category (_other_scene).
+            cats = [s.cat.name, other.cat.name, *[s.cat.name] * len(hard)]
+            cats += [scenes[j].cat.name for j in easy_j]
             rows.append(
                 {
                     "qry_text": REF_QUERY.format(r=referring_expression(target)),
                     "qry_img_path": qpath,
                     "tgt_text": [REF_TARGET] * len(cands),
                     "tgt_img_path": cands,
+                    "tgt_category": cats,
                 }
             )
     return rows
@@ -614,7 +622,9 @@ def build_world(config: WorldConfig, out: Path) -> World:
     columns plus `fn_group` (planted false-negative groups, null elsewhere),
     `config.train_pairs` rows each; eval subsets Shape* (IND) and Outline* (OOD) have MMEB-eval's
     columns, `config.eval_queries` rows each, the correct candidate at index 0 (12 labels
-    for classification; up to `config.eval_candidates` elsewhere). Images are PNGs of
+    for classification; up to `config.eval_candidates` elsewhere), plus `tgt_category` (each
+    candidate's category name, parallel to `tgt_text`) in every eval subset but the VQA
+    ones, whose answers have none. Images are PNGs of
     `config.image_size` px squares; paths in the tables are relative to the images roots.
     Deterministic for a given config (`config.seed`). Rows per table and the images count
     are the output's rows and metrics. Raises OSError when a file cannot be

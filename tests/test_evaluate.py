@@ -341,9 +341,21 @@ def test_a_collapsed_model_scores_1_by_argmax_and_the_run_and_report_say_why(
     assert block == "\n".join(lines)
     table, legend = block.split("\n\n")
     head, chance, *cells = table.splitlines()
-    assert head.split()[-3:] == ["overall", "strict", "ties"]
+    beside = ["strict", "ties", "samecat", "cat", "pairs"]
+    assert head.split()[-6:] == ["overall", *beside]
     assert chance.startswith("(chance)")
-    assert cells[1].split() == ["flat", *["1.000"] * (len(head.split()) - 3), "0.000", "1.000"]
+    # Every tie goes to index 0, so the collapsed model is "right" at both category levels
+    # too; it fine-tuned nothing (pairs: "-").
+    columns = len(head.split()) - 1 - len(beside)
+    assert cells[1].split() == [
+        "flat",
+        *["1.000"] * columns,
+        "0.000",
+        "1.000",
+        "1.000",
+        "1.000",
+        "-",
+    ]
     assert "MMEB argmax" in legend and "first maximum wins" in legend
     assert "strict:" in legend and "ties:" in legend
     assert "WARNING flat: tie rate above 0.05" in legend and "WARNING honest" not in legend
@@ -530,3 +542,50 @@ def test_ties_between_copies_of_one_candidate_are_the_data_s_not_a_warning() -> 
     assert got["tie_rate_distinct"] == 0.0
     flat = dict.fromkeys(vectors, ONE)  # a collapsed model: ties between different labels
     assert subset_scores(rows, ["q"] * 3, ckeys, flat)["Fruit"]["tie_rate_distinct"] == 1.0
+
+
+# (scores, correct first; categories; expected category scores): the two levels a world
+# with categories has, MMEB's argmax convention (first maximum wins) at each.
+CATEGORY_CASES = [
+    # The top is a same-category negative: the category is right, the detail wrong.
+    ([0.5, 0.9, 0.1], ["a", "a", "b"], {"category_accuracy": True, "p1_same_category": False}),
+    # The top is another category; among "a" alone the correct one leads.
+    ([0.8, 0.1, 0.9], ["a", "a", "b"], {"category_accuracy": False, "p1_same_category": True}),
+    ([0.9, 0.1, 0.2], ["a", "a", "b"], {"category_accuracy": True, "p1_same_category": True}),
+    # No same-category negative: only the category level is defined.
+    ([0.2, 0.9, 0.1], ["a", "b", "c"], {"category_accuracy": False}),
+    # A tie with the correct candidate counts for it, as P@1's argmax does.
+    ([0.7, 0.7, 0.1], ["a", "a", "b"], {"category_accuracy": True, "p1_same_category": True}),
+    # A tie won by an earlier other-category candidate.
+    ([0.1, 0.7, 0.7], ["a", "b", "a"], {"category_accuracy": False, "p1_same_category": False}),
+    # Unknown categories: nothing.
+    ([0.9, 0.1], None, {}),
+    ([0.9, 0.1], [None, "a"], {}),
+    ([0.9, 0.1, 0.5], ["a", None, "a"], {"category_accuracy": True, "p1_same_category": True}),
+]
+
+
+@pytest.mark.parametrize(("scores", "categories", "expected"), CATEGORY_CASES)
+def test_category_scores_at_the_two_levels(
+    scores: list[float], categories: list[str | None] | None, expected: dict[str, bool]
+) -> None:
+    from embedder.evaluate import category_scores
+
+    assert category_scores(np.array(scores, dtype=np.float32), categories) == expected
+
+
+def test_subset_means_of_category_scores_count_only_where_defined() -> None:
+    vectors = {"q": _unit(1, 0, 0), "x": _unit(1, 0, 0), "y": _unit(0, 1, 0), "z": _unit(1, 1, 0)}
+    rows = [
+        {"subset": "A", "tgt_category": ["a", "a", "b"]},  # x first: both right
+        {"subset": "A", "tgt_category": ["a", "b", "c"]},  # y, z: no same-category negative
+        {"subset": "A", "tgt_category": None},  # counted by P@1 only
+        {"subset": "B"},  # no column at all (MMEB data)
+    ]
+    ckeys = [["x", "y", "z"], ["y", "x", "z"], ["x", "y"], ["x", "y"]]
+    got = subset_scores(rows, ["q"] * 4, ckeys, vectors)
+    a = got["A"]
+    assert a["queries"] == 3 and a["category_queries"] == 2 and a["same_category_queries"] == 1
+    assert a["p1_same_category"] == 1.0
+    assert a["category_accuracy"] == 0.5  # row 2's top is x, category "b" (not "a")
+    assert "category_accuracy" not in got["B"] and "p1_same_category" not in got["B"]

@@ -548,3 +548,37 @@ def test_a_malformed_sidecar_is_one_clear_error(tmp_path: Path, content: bytes, 
     with pytest.raises(UnknownSubsetError, match=error) as caught:
         read_sidecar(tmp_path)
     assert str(tmp_path / SIDECAR) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("category", "reason"),
+    [
+        (lambda cats: cats[:-1], "tgt_category has 11 entries but tgt_text 12"),
+        (lambda cats: [*cats, "extra"], "tgt_category has 13 entries but tgt_text 12"),
+        (lambda cats: None, None),  # no categories for this row: fine, scored by P@1 only
+        (lambda cats: [None, *cats[1:]], None),  # an unknown entry: fine
+    ],
+)
+def test_candidate_categories_are_carried_and_checked(
+    world_dir: Path, tmp_path: Path, category: object, reason: str | None
+) -> None:
+    world = tmp_path / "w"
+    shutil.copytree(world_dir, world)
+    path = world / "eval" / "ShapeClass" / "test-00000-of-00001.parquet"
+    rows = pq.read_table(path).to_pylist()
+    rows[1]["tgt_category"] = category(rows[1]["tgt_category"])  # type: ignore[operator]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    out = tmp_path / "out"
+    out.mkdir()
+    ingest(_world_config(world, on_bad_rows="skip"), None, out)
+    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    evals = pq.read_table(out / "eval.parquet").to_pylist()
+    if reason is None:
+        assert not rejects
+        carried = [r["tgt_category"] for r in evals if r["subset"] == "ShapeClass"]
+        assert carried[1] == rows[1]["tgt_category"] and carried[0] == rows[0]["tgt_category"]
+        vqa = [r["tgt_category"] for r in evals if r["subset"] == "ShapeVQA"]
+        assert vqa and all(c is None for c in vqa), "a subset without the column: null"
+        return
+    assert [r["row"] for r in rejects if r["table"] == "eval"][:1] == [1]
+    assert reason in rejects[0]["reason"]

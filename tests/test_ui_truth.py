@@ -89,12 +89,17 @@ def test_the_scores_card_has_the_table_s_columns_in_its_order() -> None:
                 "aggregate": aggregate,
                 "aggregate_strict": {"overall": 0.11111},
                 "aggregate_tie_rate": {"overall": 0.05},
+                "aggregate_same_category": {"overall": 0.33333},
+                "aggregate_category": {},  # none defined
+                "pairs_per_step": 95.25,
             }
         }
     }
     (row,) = score_rows(table)
-    assert list(row) == ["row", *(SHORT[c] for c in COLUMNS), "strict", "ties"]
+    beside = ["strict", "ties", "samecat", "cat", "pairs"]
+    assert list(row) == ["row", *(SHORT[c] for c in COLUMNS), *beside]
     assert row["overall"] == round(aggregate["overall"], 3) and row["strict"] == 0.111
+    assert row["samecat"] == 0.333 and row["cat"] is None and row["pairs"] == 95.2
     json.dumps(row)  # a Prefect table artifact is JSON
 
 
@@ -124,3 +129,27 @@ def test_live_values_reach_mlflow_once_per_step() -> None:
         listener(50.0, "finetune: ...", step, {"train_loss": float(step)})
     listener(100.0, "finetune: done", 4, {})  # no values: nothing to log
     assert [s for s, _ in logged] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    ("history", "shown"),
+    [
+        ({"steps": [1, 2, 3], "pairs": [96, 94, 95]}, 95.0),
+        ({"steps": [1], "loss": [1.0]}, None),  # trained before steps recorded their pairs
+        (None, None),  # no history.json
+    ],
+)
+def test_the_table_shows_pairs_per_step_from_the_adapter_history(
+    tmp_path: Path, history: dict | None, shown: float | None
+) -> None:
+    from embedder.config import TableRow
+    from embedder.outputs import Adapter, EvalReport
+    from embedder.report import RowResult, pairs_per_step
+
+    adapter = Adapter(folder=tmp_path)
+    if history is not None:
+        adapter.history.write_text(json.dumps(history))
+    row = TableRow(name="r", template="hierarchical", negatives="saha")
+    tuned = RowResult(row, EvalReport(folder=tmp_path), adapter)
+    assert pairs_per_step(tuned) == shown
+    assert pairs_per_step(RowResult(row, EvalReport(folder=tmp_path), None)) is None

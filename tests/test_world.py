@@ -49,7 +49,9 @@ def test_layout_and_coverage(world_dir: Path) -> None:
         assert (world_dir / "train" / name / "original-00000-of-00001.parquet").is_file()
     for name in evals:
         t = pq.read_table(world_dir / "eval" / name / "test-00000-of-00001.parquet")
-        assert t.column_names == ["qry_text", "qry_img_path", "tgt_text", "tgt_img_path"]
+        columns = ["qry_text", "qry_img_path", "tgt_text", "tgt_img_path"]
+        # gen2embed's own column, beside MMEB's: each candidate's category (answers have none).
+        assert t.column_names == columns + ([] if "VQA" in name else ["tgt_category"])
         assert t.num_rows == SMALL_WORLD["eval_queries"]
 
 
@@ -96,3 +98,27 @@ def test_captions_open_with_filler_and_render_is_deterministic() -> None:
     assert a.tobytes() == b.tobytes()
     assert render(s, 64, seed=6).tobytes() != a.tobytes()
     assert len(world.all_scenes()) == 12 * 2 * 3 * (1 + 3 * 6)
+
+
+def test_eval_candidates_name_their_categories(world_dir: Path) -> None:
+    names = [c.name for c in CATEGORIES]
+
+    def named(text: str) -> str:
+        (name,) = [n for n in names if f" {n}" in f" {text} ".replace(".", " ")]
+        return name
+
+    for subset in ("ShapeClass", "ShapeCaps_i2t", "ShapeCaps_t2i", "ShapeRef", "OutlineRef"):
+        table = pq.read_table(world_dir / "eval" / subset / "test-00000-of-00001.parquet")
+        for row in table.to_pylist():
+            cats = row["tgt_category"]
+            assert len(cats) == len(row["tgt_text"])
+            if subset == "ShapeClass":
+                assert cats == row["tgt_text"], "a label is its category"
+            elif subset == "ShapeCaps_i2t":
+                assert cats == [named(t) for t in row["tgt_text"]], "each caption's own object"
+            else:  # image candidates: the query names the correct one's category
+                assert cats[0] == named(row["qry_text"])
+                hard = SMALL_WORLD["same_category_negatives"]
+                assert cats[1:].count(cats[0]) == hard, "its same-category negatives only"
+    vqa = pq.read_table(world_dir / "eval" / "ShapeVQA" / "test-00000-of-00001.parquet")
+    assert "tgt_category" not in vqa.column_names, "answers have no category"

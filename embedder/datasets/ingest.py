@@ -204,6 +204,12 @@ def _convert_eval(
                 problems.append(f"tgt_img_path[{j}]: {images[p]}")
     if isinstance(qimg, str) and qimg and images.get(qimg):
         problems.append(f"qry_img_path: {images[qimg]}")
+    cats = row.get("tgt_category")
+    if cats is not None:
+        if not isinstance(cats, list) or not all(c is None or isinstance(c, str) for c in cats):
+            problems.append("tgt_category must be a list of strings (or nulls)")
+        elif isinstance(texts, list) and len(cats) != len(texts):
+            problems.append(f"tgt_category has {len(cats)} entries but tgt_text {len(texts)}")
     if not problems and not qry and not qimg:
         problems.append("query has neither text nor image")
     if problems:
@@ -225,6 +231,7 @@ def _convert_eval(
             "qry_image": qimg or "",
             "tgt_text": texts,
             "tgt_image": [p or "" for p in imgs],
+            "tgt_category": cats,
         },
         None,
     )

@@ -50,6 +50,10 @@ EVAL_SCHEMA = pa.schema(
         # Parallel candidate lists; the correct candidate is index 0 (MMEB convention).
         pa.field("tgt_text", pa.list_(pa.string()), nullable=False),
         pa.field("tgt_image", pa.list_(pa.string()), nullable=False),
+        # Optional (gen2embed's, not MMEB's): each candidate's category, parallel to tgt_text,
+        # for the same-category and category-level accuracies (embedder.evaluate); null
+        # where the source has none.
+        pa.field("tgt_category", pa.list_(pa.string()), nullable=True),
     ],
     metadata={"table": "eval"},
 )

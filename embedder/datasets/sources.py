@@ -28,8 +28,9 @@ TRAIN_COLUMNS = (
     "neg_image_path",
 )
 EVAL_COLUMNS = ("qry_text", "qry_img_path", "tgt_text", "tgt_img_path")
-# Carried through when present: the miniature world's false-negative ground truth.
-OPTIONAL_COLUMNS = ("fn_group",)
+# Carried through when present, gen2embed's own (not MMEB's): the miniature world's planted
+# false-negative groups (train) and each eval candidate's category (eval).
+OPTIONAL_COLUMNS = ("fn_group", "tgt_category")
 EVAL_SPLIT = "test"
 
 
