@@ -39,12 +39,17 @@ import polars as pl
 import pyarrow as pa
 
 from embedder.artifacts import json_text
-from embedder.config import STRATEGIES, MineConfig, Strategy
+from embedder.config import COMPARED, MineConfig, Strategy
 from embedder.datasets import schema
+from embedder.errors import UserError
 from embedder.model.shards import load_embeddings
 from embedder.outputs import Candidates, Clusters, Embeddings
 
 log = logging.getLogger("gen2embed.mining")
+
+
+class MiningError(UserError, ValueError):
+    """A strategy that cannot apply to these pairs (saha_oracle without planted groups)."""
 
 
 @dataclass
@@ -226,6 +231,32 @@ def mine_subset(
     return clusters
 
 
+def oracle_filter(
+    pool: SubsetPool, clusters: list[Cluster], fn_groups: list[str | None]
+) -> list[Cluster]:
+    """The clusters without their planted false negatives: a member whose row shares an
+    `fn_group` with the anchor's row or an earlier kept member's is dropped (and trains in no
+    cluster). What a perfect false-negative filter would leave of SaHa's clusters: the bound
+    `saha_oracle` measures, not a method (real data has no ground truth).
+
+    `fn_groups`: each row's group (None or "" for none), in the pool's row order. Clusters
+    keep their order, anchor and phase; none is dropped (the anchor stays)."""
+    out = []
+    for c in clusters:
+        rows = c.rows(pool)
+        seen = {fn_groups[rows[0]]} - {None, ""}
+        kept = []
+        for member, row in zip(c.members, rows[1:], strict=True):
+            group = fn_groups[row]
+            if group and group in seen:
+                continue
+            if group:
+                seen.add(group)
+            kept.append(member)
+        out.append(Cluster(c.anchor, kept, c.phase, c.anchor_row))
+    return out
+
+
 @dataclass
 class Diagnostics:
     """What `diagnose` measured for one subset: `coverage` (share of rows in some cluster,
@@ -354,8 +385,8 @@ def _score_plot(traces: dict[str, MineTrace], path: Path) -> None:
 
 def mine_clusters(cfg: MineConfig, cands: Candidates, emb: Embeddings, out: Path) -> Clusters:
     """Clusters for `cfg.strategy` (clusters.parquet), diagnostics for it and, with
-    `cfg.compare_strategies`, for every strategy (the planted false-negative rate side by
-    side).
+    `cfg.compare_strategies`, for every method (COMPARED: the planted false-negative rate
+    side by side). `saha_oracle` is SaHa's clusters through `oracle_filter`.
 
     The `mine` stage (docs/method.md section 3). Writes under `out`:
 
@@ -372,10 +403,18 @@ def mine_clusters(cfg: MineConfig, cands: Candidates, emb: Embeddings, out: Path
     Metrics: coverage, clusters and phase2_share of the chosen strategy, coverage.<name>
     and planted_fn_rate.<name> of each strategy mined. Raises
     embedder.datasets.schema.SchemaError (a UserError) when an input table does not match
-    its schema."""
+    its schema, and MiningError (a UserError) for saha_oracle on pairs with no fn_group."""
     pools = load_pools(cands, emb)
     strategy = cfg.strategy
-    strategies = list(STRATEGIES) if cfg.compare_strategies else [strategy]
+    if strategy == "saha_oracle" and not any(
+        rows["fn_group"].drop_nulls().str.len_chars().gt(0).any() for _, rows in pools
+    ):
+        raise MiningError(
+            "mine.strategy=saha_oracle removes the planted false negatives by their ground "
+            "truth (the fn_group column), and these pairs have none: it is a bound for the "
+            "miniature world (ingest.source=world), not a method for real data"
+        )
+    strategies = list(COMPARED) if cfg.compare_strategies else [strategy]
     if strategy in strategies:
         strategies.remove(strategy)
     strategies.insert(0, strategy)
@@ -395,8 +434,12 @@ def mine_clusters(cfg: MineConfig, cands: Candidates, emb: Embeddings, out: Path
         }
         next_id = 0
         for pool, rows in pools:
-            clusters = mine_subset(pool, name, cfg, trace)  # type: ignore[arg-type]
-            diag = diagnose(pool, clusters, rows["fn_group"].to_list())
+            fn_groups = rows["fn_group"].to_list()
+            if name == "saha_oracle":
+                clusters = oracle_filter(pool, mine_subset(pool, "saha", cfg, trace), fn_groups)
+            else:
+                clusters = mine_subset(pool, name, cfg, trace)  # type: ignore[arg-type]
+            diag = diagnose(pool, clusters, fn_groups)
             per_subset[pool.name] = diag.__dict__
             n = len(pool.row_query)
             totals["rows"] += n

@@ -10,7 +10,16 @@ import polars as pl
 import pytest
 
 from embedder.config import MineConfig, RetrieveConfig
-from embedder.mining import SubsetPool, diagnose, load_pools, mine_clusters, mine_subset
+from embedder.mining import (
+    Cluster,
+    MiningError,
+    SubsetPool,
+    diagnose,
+    load_pools,
+    mine_clusters,
+    mine_subset,
+    oracle_filter,
+)
 from embedder.outputs import Embeddings
 from embedder.retrieval import (
     approximate_search,
@@ -342,3 +351,36 @@ def test_mining_data_without_planted_pairs_writes_strict_json(tmp_path: Path) ->
     for path in published.rglob("*.json"):
         _strict_json(path.read_text())
     assert not any(k.startswith("planted_fn_rate") for k in manifest.metrics)
+
+
+@pytest.mark.parametrize(
+    ("groups", "kept"),
+    [
+        (["g", "g", None, None, None], [2, 3, 4]),  # the anchor's own false negative
+        ([None, "g", "g", None, None], [1, 3, 4]),  # two members: the first stays
+        ([None, "g", "h", "g", "h"], [1, 2]),
+        (["g", "h", "g", "h", "g"], [1]),
+        ([None, "", "", None, None], [1, 2, 3, 4]),  # "" and None: no group
+        (["g"] * 5, []),  # the anchor alone remains
+    ],
+)
+def test_the_oracle_filter_removes_exactly_the_planted_false_negatives(
+    groups: list[str | None], kept: list[int]
+) -> None:
+    q = [unit(1, i / 10) for i in range(5)]
+    pool = make_pool(q, q, [(i, i) for i in range(5)], r=5)
+    cluster = Cluster(0, [1, 2, 3, 4], 1, 0)
+    (got,) = oracle_filter(pool, [cluster], groups)
+    assert got.members == kept and got.anchor == 0 and got.phase == 1 and got.anchor_row == 0
+    rate = diagnose(pool, [got], groups).planted_fn_rate
+    assert rate in (0.0, None), "no planted pair left together"
+
+
+def test_the_oracle_bound_needs_planted_groups(tmp_path: Path) -> None:
+    emb, _ = _star_files(tmp_path)
+    for name in ("retrieve", "mine"):
+        (tmp_path / name).mkdir()
+    cands = retrieve_candidates(RetrieveConfig(top_r=8, device="cpu"), emb, tmp_path / "retrieve")
+    cfg = MineConfig(k=2, m=3, strategy="saha_oracle")
+    with pytest.raises(MiningError, match=r"saha_oracle.*fn_group.*miniature world"):
+        mine_clusters(cfg, cands, emb, tmp_path / "mine")
