@@ -225,6 +225,12 @@ class PretrainConfig(_Section):
     vision_depth: int = 2
     vision_dim: int = 64
     patch: int = 8
+    rope_theta: float = Field(
+        10000.0,
+        gt=0,
+        description="The language model's rotary base. M-RoPE gives an image token's width "
+        "position the lowest frequencies; over a 4-token-wide grid they barely turn at 10,000.",
+    )
     exact_system_prompt: bool = Field(
         False,
         description="Train with the exact hierarchical system prompt too. Off by default so "

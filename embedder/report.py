@@ -268,9 +268,16 @@ def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
     if loss:
         md.append(f"![loss curves]({loss})")
     (out / "report.md").write_text("\n".join(md) + "\n")
+    by_category = reports[0].get("chance_categories", {})
     table = {
         "conventions": reports[0]["conventions"],
         "chance": _chance(reports[0]),
+        # Chance of the samecat and cat columns, averaged as they are; {} without categories.
+        "chance_categories": {
+            header: _chance(reports[0], by_category[score])
+            for header, _, score in CATEGORY_COLUMNS
+            if by_category.get(score)
+        },
         "rows": {
             r.row.name: {
                 "template": r.row.template,

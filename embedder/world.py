@@ -8,10 +8,12 @@ same readers as real data.
 Design (docs/miniature.md): the main object is a *category with a fixed look* (an apple is always
 a red circle), large and with a distinct silhouette, so a one-word summary is a category
 name. Details (size, position, small dots) vary and are mentioned by captions and answers,
-which open with the content-free "The image shows ...". Eval lists hold negatives of the same
-category that differ only in details. Train holds planted false negatives: groups of pairs
-drawn from one scene spec, phrased differently, so each positive also fits the others'
-queries; the group id is in the `fn_group` column so mining can be scored.
+which open with the content-free "The image shows ...". The background's blue channel ramps
+from left to right, so a patch's own pixels say where it is (POSITION_CUE). Eval lists hold
+negatives of the same category that differ only in details. Train holds planted false
+negatives: groups of pairs drawn from one scene spec, phrased differently, so each positive
+also fits the others' queries; the group id is in the `fn_group` column so mining can be
+scored.
 
 Subsets (train = IND eval): ShapeClass (classification), ShapeVQA (vqa), ShapeCaps_t2i and
 ShapeCaps_i2t (retrieval), ShapeRef (grounding: referring expression -> crop). OOD eval
@@ -73,6 +75,15 @@ MARK_COLOURS: dict[str, tuple[int, int, int]] = {
     "black": (0, 0, 0),
 }
 NUMBER_WORDS = ("no", "one", "two", "three")
+# The main object's centre for each of POSITIONS, as a share of the image side.
+POSITION_X = (0.3, 0.5, 0.7)
+# What in the background tells a patch where it is. "blue_ramp" (the world's): the blue
+# channel runs from 30 at the left edge to 230 at the right, whatever the tint, so every
+# patch's own pixels say its x. Without it (None) the tiny generator never learned position
+# (held-out .28, chance .33: a uniform noisy background and relative position encodings leave
+# nothing that says where a patch is); "gradient" (a brightness ramp on the random tint, only
+# relative) reached .38 and "frame" (a dark border) .58. bench/generator_readiness.py.
+POSITION_CUE: str | None = "blue_ramp"
 
 
 @dataclass(frozen=True)
@@ -235,6 +246,15 @@ def _background(size_px: int, rng: np.random.Generator, style: str) -> np.ndarra
     else:
         img = np.broadcast_to(tint, (size_px, size_px, 3)).astype(np.float32)
     img += rng.normal(0, 10, size=img.shape)
+    if POSITION_CUE == "gradient":
+        # Darker to the left, lighter to the right: every patch's own pixels say where it is.
+        img += np.linspace(-30, 30, size_px, dtype=np.float32)[None, :, None]
+    elif POSITION_CUE == "blue_ramp":
+        # The background's blue channel alone says x, whatever the tint: absolute per patch.
+        img[..., 2] = np.linspace(30, 230, size_px, dtype=np.float32)[None, :]
+    elif POSITION_CUE == "frame":
+        edge = max(2, size_px // 32)
+        img[:edge], img[-edge:], img[:, :edge], img[:, -edge:] = 40, 40, 40, 40
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -252,7 +272,7 @@ def _object_geometry(
 ) -> tuple[float, float, float]:
     scale = size_px / 64
     r = (rng.uniform(14, 15.5) if s.size == 0 else rng.uniform(18.5, 20)) * scale
-    cx = centre_x if centre_x is not None else (0.3, 0.5, 0.7)[s.position] * size_px
+    cx = centre_x if centre_x is not None else POSITION_X[s.position] * size_px
     cx += rng.uniform(-1.5, 1.5) * scale
     cy = size_px / 2 + rng.uniform(-2, 2) * scale
     return cx, cy, r
@@ -275,9 +295,10 @@ def render(s: Scene, size_px: int, seed: int, style: str = "filled") -> Image.Im
     """Draw one scene. Same scene and seed -> the same pixels.
 
     A `size_px` x `size_px` RGB image (8 bits a channel): a noisy tinted background (striped
-    for `style="outline"`), the main object (radius about 14-20 px at 64 px, scaled with the
-    side), filled or, for "outline", as a band at its edge, and its dots. Raises ValueError
-    for a category shape `_shape_mask` does not know."""
+    for `style="outline"`) whose blue channel ramps from left to right (POSITION_CUE), the
+    main object (radius about 14-20 px at 64 px, scaled with the side), filled or, for
+    "outline", as a band at its edge, and its dots. Raises ValueError for a category shape
+    `_shape_mask` does not know."""
     rng = random.Random(seed)
     img = Image.fromarray(_background(size_px, np.random.default_rng(seed), style))
     cx, cy, r = _object_geometry(s, size_px, rng)

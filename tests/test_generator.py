@@ -55,3 +55,10 @@ def test_loss_falls_and_model_reloads_offline(
     np.testing.assert_allclose(
         load_embeddings(tmp_path / "a")[1], load_embeddings(tmp_path / "b")[1], atol=1e-5
     )
+
+
+@pytest.mark.parametrize("theta", [10000.0, 100.0])
+def test_the_rotary_base_is_the_configured_one(theta: float) -> None:
+    spec = PretrainConfig(rope_theta=theta, layers=1, hidden=32, heads=2, kv_heads=1)
+    backbone = build_tiny(["an apple"], spec, image_size=32)
+    assert backbone.model.config.text_config.rope_parameters["rope_theta"] == theta

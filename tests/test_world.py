@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from embedder import world
 from embedder.config import WorldConfig
@@ -122,3 +123,18 @@ def test_eval_candidates_name_their_categories(world_dir: Path) -> None:
                 assert cats[1:].count(cats[0]) == hard, "its same-category negatives only"
     vqa = pq.read_table(world_dir / "eval" / "ShapeVQA" / "test-00000-of-00001.parquet")
     assert "tgt_category" not in vqa.column_names, "answers have no category"
+
+
+@pytest.mark.parametrize("style", ["filled", "outline"])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_every_background_says_where_a_patch_is_whatever_the_tint(style: str, seed: int) -> None:
+    """The blue channel ramps left to right, the same in every image (docs/miniature.md:
+    without an absolute cue the tiny generator never learned position)."""
+    import numpy as np
+
+    top = np.asarray(render(Scene(seed % 12, 1, seed % 3), 64, seed=seed, style=style))[0]
+    ramp = np.linspace(30, 230, 64).astype(np.uint8)
+    assert (top[:, 2] == ramp).all(), "row 0 holds no object and no dot"
+    # The other channels keep the image's own tint and noise.
+    other = np.asarray(render(Scene(0, 1, 0), 64, seed=seed + 100, style=style))[0]
+    assert (top[:, :2] != other[:, :2]).any()

@@ -375,7 +375,7 @@ def build_tiny(texts: Iterable[str], spec: PretrainConfig, *, image_size: int) -
             "rope_parameters": {
                 "rope_type": "default",
                 "mrope_section": mrope,
-                "rope_theta": 10000.0,
+                "rope_theta": spec.rope_theta,
             },
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
