@@ -7,13 +7,21 @@ more than the demo's: `saha-oracle`, SaHa's clusters without the planted false n
 each run's `table.json` and the mining diagnostics, and prints:
 
 - P@1 (MMEB argmax) mean +- standard error per row and column, with chance and the
-  category-only ceiling (an embedding that knows the main category and nothing else:
-  classification 1.0; retrieval and grounding 1/(1 + same-category negatives); VQA has none);
+  category-only ceiling (an embedding that knows the main category and nothing else, its
+  ties among same-category candidates broken at random: classification 1.0; retrieval and
+  grounding 1/(1 + same-category negatives); VQA has none. MMEB's argmax would credit every
+  exact tie to the correct candidate, listed first: a perfectly collapsed category embedding
+  would score 1.0, which the strict column and the tie rate of the demo table expose);
 - per row, overall P@1, P@1 among same-category candidates (samecat: what hard negatives
   should teach), category-level accuracy (cat: what random negatives teach) and pairs per
   fine-tuning step (equal for every fine-tuned row since batches are a pair budget);
 - the planted false-negative rate (share of planted pairs that became negatives of each
-  other) of SaHa, top-k, top-k with margin, random clusters and the oracle;
+  other) of SaHa, top-k, top-k with margin, random clusters and the oracle (zero by
+  construction within clusters; planted pairs in two clusters of one step still meet in
+  the global batch, and the removed pairs train nowhere, so the oracle row bounds a perfect
+  in-cluster filter, not a perfect loss);
+
+Each workdir holds one configuration: the newest report and mine outputs are read.
 - which orderings of docs/method.md hold on every seed, on average, or not.
 
     .venv/bin/python bench/paper_table.py [--seeds 0,1,2] [--workdir bench/.paper_table]
@@ -137,7 +145,7 @@ def main() -> None:
     print(f"{'row':{width}s}" + "".join(f"{SHORT[c]:>14s}" for c in COLUMNS))
     print(f"{'(chance)':{width}s}" + "".join(f"{chance[c]:14.3f}" for c in COLUMNS))
     print(
-        f"{'(category only)':{width}s}"
+        f"{'(category, ties random)':{width}s}"
         + "".join(f"{ceil[c]:14.3f}" if ceil.get(c) is not None else f"{'-':>14s}" for c in COLUMNS)
     )
     values: dict[str, dict[str, np.ndarray]] = {}
@@ -150,7 +158,12 @@ def main() -> None:
         print(f"{row:{width}s}" + "".join(f"{mean_se(values[row][c]):>14s}" for c in COLUMNS))
         out["rows"][row] = {k: v.tolist() for k, v in values[row].items()}
     cat_chance = {
-        name: np.mean([t["chance_categories"][name]["overall"] for t in tables.values()])
+        name: np.mean(
+            [
+                t.get("chance_categories", {}).get(name, {}).get("overall", np.nan)
+                for t in tables.values()
+            ]
+        )
         for name in ("samecat", "cat")
     }
     print(

@@ -180,8 +180,9 @@ def category_scores(scores: np.ndarray, categories: list[str | None] | None) -> 
     - `p1_same_category`: among the candidates of the correct one's category only, the
       correct one is first (what same-category hard negatives teach: the details); only when
       there is at least one such negative.
-    Neither when the correct candidate's category is unknown (an empty dict)."""
-    if not categories or categories[0] is None:
+    Neither when the correct candidate's category is unknown (None or "", as for fn_group;
+    an empty dict)."""
+    if not categories or not categories[0]:
         return {}
     top = int(np.argmax(scores))
     got = {"category_accuracy": categories[top] == categories[0]}
@@ -504,7 +505,7 @@ def evaluate_model(
     for r in table:
         chance[r["subset"]].append(1 / len(r["tgt_text"]))
         cats = r.get("tgt_category")
-        if cats and cats[0] is not None:
+        if cats and cats[0]:
             same = sum(c == cats[0] for c in cats)
             chance_cat["category_accuracy"][r["subset"]].append(same / len(cats))
             if same > 1:

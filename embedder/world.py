@@ -598,16 +598,19 @@ def _eval_rows(name: str, cfg: WorldConfig, writer: _Writer, style: str) -> list
             pending.append((i, s, qpath, tpath, opath, target, other))
         for i, s, qpath, tpath, opath, target, other in pending:
             hard = []
+            # A hard negative is the same category at the other size (pair scenes draw no dots,
+            # so size is the one detail a crop shows), cropped from the target's side of its
+            # own pair scene: a crop keeps its side's background (POSITION_CUE), which must
+            # not be what tells them apart.
+            side = target.position
             for j in range(cfg.same_category_negatives):
-                v = _same_category_variant(s, rng)
-                _, (lc, _) = render_pair_scene(
-                    replace(v, position=0),
-                    replace(_other_scene(v, rng), position=2),
-                    cfg.image_size,
-                    rng.randrange(1 << 30),
-                    style,
+                v = replace(target, size=1 - target.size, marks=0, mark_colour="blue")
+                partner = replace(_other_scene(v, rng), position=2 - side)
+                pair = (v, partner) if side == 0 else (partner, v)
+                _, crops_of_pair = render_pair_scene(
+                    *pair, cfg.image_size, rng.randrange(1 << 30), style
                 )
-                hard.append(save(lc, f"{i:05d}_h{j}"))
+                hard.append(save(crops_of_pair[0 if side == 0 else 1], f"{i:05d}_h{j}"))
             easy_idx = [j for j in range(n) if scenes[j].category != s.category]
             easy_j = rng.sample(easy_idx, min(len(easy_idx), k - 2 - len(hard)))
             cands = [tpath, opath, *hard, *(crops[j] for j in easy_j)]

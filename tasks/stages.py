@@ -36,9 +36,12 @@ def scores(report: EvalReport) -> dict[str, float]:
     """P@1 overall, IND, OOD and per meta-task as MMEB's reference computes it (`p1.*`, argmax:
     a tie with the correct candidate counts), strict P@1 beside it (`p1_strict.*`), and the
     overall tie rate (`tie_rate.overall`), so a collapsed model's high `p1` shows for what it
-    is. Conventions: embedder.evaluate."""
+    is, and where the eval set names candidate categories P@1 among same-category candidates
+    and the category-level accuracy overall (`p1_same_category.overall`,
+    `category_accuracy.overall`). Conventions: embedder.evaluate."""
     wanted = [f"{name}.{k}" for name in ("p1", "p1_strict") for k in AGGREGATES]
-    return {k: report.metrics[k] for k in [*wanted, "tie_rate.overall"] if k in report.metrics}
+    beside = ["tie_rate.overall", "p1_same_category.overall", "category_accuracy.overall"]
+    return {k: report.metrics[k] for k in [*wanted, *beside] if k in report.metrics}
 
 
 def planted_fn_rate(clusters: Clusters) -> dict[str, float]:

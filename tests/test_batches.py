@@ -85,6 +85,8 @@ def test_ranks_share_the_global_batch_of_one_process(
     for step in range(12):
         shares = [split.share(step, r) for r in range(ranks)]
         assert all(shares), "every rank gets a cluster"
+        loads = [sum(sizes[c] for c in s) for s in shares]
+        assert max(loads) < budget + max(sizes), "over the budget by less than one cluster"
         assert sorted(c for s in shares for c in s) == sorted(whole.step(step))
         assert split.pairs(step) == whole.pairs(step)
 
@@ -103,3 +105,10 @@ def test_clusters_that_cannot_make_a_step_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         BatchPlan(sizes, budget, seed=0, ranks=ranks)
+
+
+def test_a_share_that_can_fit_the_budget_does() -> None:
+    # Dealt in batch order, 5 and 5 would split and 10 overfill one rank (15 pairs).
+    plan = BatchPlan([5, 5, 10], 10, seed=1, ranks=2)
+    loads = sorted(sum(plan.sizes[c] for c in plan.share(0, r)) for r in range(2))
+    assert loads == [10, 10]

@@ -561,6 +561,7 @@ CATEGORY_CASES = [
     # Unknown categories: nothing.
     ([0.9, 0.1], None, {}),
     ([0.9, 0.1], [None, "a"], {}),
+    ([0.9, 0.1], ["", "a"], {}),  # "" is no category, as for fn_group
     ([0.9, 0.1, 0.5], ["a", None, "a"], {"category_accuracy": True, "p1_same_category": True}),
 ]
 

@@ -157,3 +157,15 @@ def test_too_few_clusters_for_one_step_is_a_clear_error(
         rf"\(finetune.pairs_per_batch={3 * n + 1} x 1 ranks\)",
     ):
         finetune_adapter(ModelConfig(), EMBED, cfg, tables, clusters, generator, tmp_path / "ft")
+
+
+def test_a_cluster_larger_than_a_device_s_budget_says_what_to_raise(
+    tables: Tables, generator: Generator, tmp_path: Path
+) -> None:
+    clusters = make_clusters(tables, tmp_path / "mine", size=3)
+    cfg = FAST.model_copy(update={"pairs_per_batch": 2})
+    with pytest.raises(
+        TrainingDataError,
+        match=r"largest cluster holds 3 pairs.*raise finetune.pairs_per_batch or lower mine.k",
+    ):
+        finetune_adapter(ModelConfig(), EMBED, cfg, tables, clusters, generator, tmp_path / "ft")

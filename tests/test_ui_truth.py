@@ -153,3 +153,21 @@ def test_the_table_shows_pairs_per_step_from_the_adapter_history(
     tuned = RowResult(row, EvalReport(folder=tmp_path), adapter)
     assert pairs_per_step(tuned) == shown
     assert pairs_per_step(RowResult(row, EvalReport(folder=tmp_path), None)) is None
+
+
+@pytest.mark.parametrize("with_categories", [True, False])
+def test_the_parent_run_s_headline_carries_the_category_columns_where_defined(
+    tmp_path: Path, with_categories: bool
+) -> None:
+    from embedder.outputs import EvalReport
+    from tasks.stages import scores
+
+    metrics = {"p1.overall": 0.5, "p1_strict.overall": 0.4, "tie_rate.overall": 0.01}
+    if with_categories:
+        metrics |= {"p1_same_category.overall": 0.3, "category_accuracy.overall": 0.9}
+    metrics["p1_same_category.ShapeRef"] = 0.2  # per subset: on the row run only
+    got = scores(EvalReport(folder=tmp_path, metrics=metrics))
+    expected = {"p1.overall", "p1_strict.overall", "tie_rate.overall"}
+    if with_categories:
+        expected |= {"p1_same_category.overall", "category_accuracy.overall"}
+    assert set(got) == expected

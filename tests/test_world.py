@@ -138,3 +138,28 @@ def test_every_background_says_where_a_patch_is_whatever_the_tint(style: str, se
     # The other channels keep the image's own tint and noise.
     other = np.asarray(render(Scene(0, 1, 0), 64, seed=seed + 100, style=style))[0]
     assert (top[:, :2] != other[:, :2]).any()
+
+
+def test_grounding_hard_negatives_differ_in_the_object_not_in_where_they_were_cut(
+    world_dir: Path,
+) -> None:
+    """A crop keeps its side's background ramp: a hard negative cut from the other side would
+    be told apart by that alone. They come from the target's side; the other object's crop
+    (the opposite side) shows the cue does separate sides."""
+    import numpy as np
+    from PIL import Image
+
+    hard = SMALL_WORLD["same_category_negatives"]
+    for subset in ("ShapeRef", "OutlineRef"):
+        table = pq.read_table(world_dir / "eval" / subset / "test-00000-of-00001.parquet")
+        for row in table.to_pylist():
+            paths = row["tgt_img_path"]
+
+            def top_blue(path: str) -> float:
+                image = np.asarray(Image.open(world_dir / "eval_images" / path))
+                return float(image[0, :, 2].mean())  # the crop's top row: background only
+
+            target, other = top_blue(paths[0]), top_blue(paths[1])
+            assert abs(target - other) > 50, "the two sides' crops differ in the cue"
+            for p in paths[2 : 2 + hard]:
+                assert abs(top_blue(p) - target) < 15, (subset, row["qry_text"], p)

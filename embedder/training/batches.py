@@ -15,8 +15,9 @@ batches of step s are therefore a pure function of (cluster sizes, budget, seed,
 resumed run, or another number of ranks over the same global budget, draws the same ones.
 
 Several ranks: a global batch of `pairs_per_batch x ranks` pairs is packed once and its
-clusters are dealt to the ranks, each next cluster to the rank holding the fewest pairs
-(the loss gathers the global batch, so how the clusters are dealt changes no number).
+clusters are dealt to the ranks, largest first, each to the rank holding the fewest pairs
+(the loss gathers the global batch, so how the clusters are dealt changes no number; a rank
+may hold up to one cluster more than `pairs_per_batch`).
 """
 
 from __future__ import annotations
@@ -114,18 +115,25 @@ class BatchPlan:
         return sum(self.sizes[c] for c in self.step(step))
 
     def share(self, step: int, rank: int) -> list[int]:
-        """Rank `rank`'s clusters of step `step`: dealt in batch order, each to the rank
-        holding the fewest pairs so far (the lowest rank on a tie). Every rank gets at least
-        one cluster: a kept batch is full or passed a cluster over, so it holds more than
-        (ranks - 1) x the per-rank budget (any cluster fits the rest), and no cluster is
-        larger than that budget."""
+        """Rank `rank`'s clusters of step `step`, in batch order: dealt largest first (batch
+        order among equals), each to the rank holding the fewest pairs so far (the lowest
+        rank on a tie).
+
+        Every rank gets at least one cluster: a kept batch is full or passed a cluster over,
+        so it holds more than (ranks - 1) x the per-rank budget (any cluster fits the rest),
+        and no cluster is larger than that budget. A rank's share may exceed the per-rank
+        budget by less than one cluster (a cluster joins the least-loaded rank, which holds
+        at most the global batch's mean), so with GradCache off the per-device memory is
+        sized for `budget` plus one cluster."""
         if not 0 <= rank < self.ranks:
             raise ValueError(f"rank {rank} outside 0..{self.ranks - 1}")
+        batch = self.step(step)
         held = [0] * self.ranks
         mine: list[int] = []
-        for cluster in self.step(step):
+        for cluster in sorted(batch, key=lambda c: -self.sizes[c]):
             to = held.index(min(held))
             held[to] += self.sizes[cluster]
             if to == rank:
                 mine.append(cluster)
-        return mine
+        position = {c: i for i, c in enumerate(batch)}
+        return sorted(mine, key=position.__getitem__)

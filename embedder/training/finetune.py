@@ -273,16 +273,22 @@ def train(
     the images and pick the padding side (image_mode, image_side, padding_side, as
     embedder.model.encode.process_items reads them). Checkpoints (see `Checkpoints.save`)
     every `cfg.checkpoint_every` steps and at the end. Raises TrainingDataError (a
-    UserError) when there are fewer clusters than one step takes, AdapterError (a
+    UserError) when the clusters hold fewer pairs than one step takes or one is larger than
+    a device's `cfg.pairs_per_batch`, AdapterError (a
     UserError) from `attach`, and FloatingPointError when a step's loss is not finite (that
     step's update already applied, no checkpoint written)."""
     rank, size = world()
+    sizes = [len(c) for c in clusters]
     try:
-        plan = BatchPlan([len(c) for c in clusters], cfg.pairs_per_batch, cfg.seed, size)
+        plan = BatchPlan(sizes, cfg.pairs_per_batch, cfg.seed, size)
     except ValueError as exc:
+        advice = (
+            "raise finetune.pairs_per_batch or lower mine.k"
+            if max(sizes, default=0) > cfg.pairs_per_batch
+            else "lower finetune.pairs_per_batch or mine more data"
+        )
         raise TrainingDataError(
-            f"{exc} (finetune.pairs_per_batch={cfg.pairs_per_batch} x {size} ranks): "
-            "set finetune.pairs_per_batch to fit the mined clusters, or mine more data"
+            f"{exc} (finetune.pairs_per_batch={cfg.pairs_per_batch} x {size} ranks): {advice}"
         ) from None
     torch.manual_seed(cfg.seed)
     peft_model = adapters.attach(backbone, cfg)
@@ -400,7 +406,7 @@ def finetune_adapter(
     adapter/ (peft's format, `adapters.save_adapter`: adapter_model.safetensors and
     adapter_config.json, plus gen2embed.json, the TrainedWith record of template, prompt
     strings and image-token form), history.json (`History` as {"steps", "loss", "lr",
-    "pairs_per_s"}), loss.png, and with `cfg.merge` merged/ (the full merged model and
+    "pairs_per_s", "pairs"}), loss.png, and with `cfg.merge` merged/ (the full merged model and
     processor, transformers' save_pretrained). checkpoints/ is used while training and
     removed at the end. Metrics: loss_first, loss_last_tenth (mean of the last tenth of
     steps), pairs_per_step (mean over steps) with pairs_per_step_min and _max,
