@@ -11,7 +11,7 @@ from typing import get_args
 
 import pytest
 
-from embedder.config import STRATEGIES, EmbedConfig, MineConfig, Negatives, TableRow
+from embedder.config import COMPARED, STRATEGIES, EmbedConfig, MineConfig, Negatives, TableRow
 from embedder.embed import ItemBuilder, make_item
 from embedder.inference import Embedder
 from embedder.model.encode import item_key
@@ -435,7 +435,8 @@ def test_names_are_defined_once_and_read_everywhere() -> None:
     section's prompt strings are `PromptStrings`' (same names, same defaults)."""
     assert TEMPLATES == ("hierarchical", "plain", "chat")
     assert ROLES == ("query", "target")
-    assert STRATEGIES == ("saha", "topk", "topk_margin", "in_batch")
+    assert STRATEGIES == ("saha", "topk", "topk_margin", "in_batch", "saha_oracle")
+    assert STRATEGIES[:-1] == COMPARED, "the oracle bound is not a method to compare"
     assert get_args(Negatives) == ("none", *STRATEGIES)
     for name in PROMPT_STRINGS:
         assert EmbedConfig.model_fields[name].default == getattr(DEFAULT_STRINGS, name)
@@ -446,5 +447,5 @@ def test_names_are_defined_once_and_read_everywhere() -> None:
         TableRow(name="r", template="plain", negatives=strategy)
     with pytest.raises(ValueError, match="'hierarchical', 'plain' or 'chat'"):
         EmbedConfig(template="fancy")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="'none', 'saha', 'topk', 'topk_margin' or 'in_batch'"):
+    with pytest.raises(ValueError, match="'topk', 'topk_margin', 'in_batch' or 'saha_oracle'"):
         TableRow(name="r", template="plain", negatives="hard")  # type: ignore[arg-type]
