@@ -93,6 +93,17 @@ def _chance(report: dict[str, Any], per_subset: dict[str, float] | None = None) 
     return {k: float(np.mean(v)) for k, v in groups.items()}
 
 
+def _category_chance(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Chance of the samecat and cat columns (by header), averaged like the scores; a
+    column is absent when the eval set names no candidate categories for it."""
+    by_category = report.get("chance_categories", {})
+    return {
+        header: _chance(report, by_category[score])
+        for header, _, score in CATEGORY_COLUMNS
+        if by_category.get(score)
+    }
+
+
 def pairs_per_step(result: RowResult) -> float | None:
     """Mean pairs per fine-tuning step of the row's adapter (its history.json); None for a
     row that fine-tuned nothing or an adapter trained before steps recorded their pairs."""
@@ -123,17 +134,15 @@ def table_lines(results: list[RowResult], reports: list[dict[str, Any]]) -> list
     extra = [name for name, _, _ in (*BESIDE, *CATEGORY_COLUMNS)] + ["pairs"]
     lines = [head + "".join(f"{name:>9s}" for name in extra)]
     chance = _chance(reports[0])
-    by_category = reports[0].get("chance_categories", {})
+    category_chance = _category_chance(reports[0])
     # Random vectors never tie: strict P@1 has P@1's chance, the tie rate 0.
     lines.append(
         f"{'(chance)':{width}s}"
         + "".join(f"{chance.get(c, 0):9.3f}" for c in columns)
         + f"{chance.get('overall', 0):9.3f}{0:9.3f}"
         + "".join(
-            _cell(_chance(reports[0], by_category[score]).get("overall"))
-            if by_category.get(score)
-            else _cell(None)
-            for _, _, score in CATEGORY_COLUMNS
+            _cell(category_chance.get(header, {}).get("overall"))
+            for header, _, _ in CATEGORY_COLUMNS
         )
         + _cell(None)
     )
@@ -268,16 +277,11 @@ def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
     if loss:
         md.append(f"![loss curves]({loss})")
     (out / "report.md").write_text("\n".join(md) + "\n")
-    by_category = reports[0].get("chance_categories", {})
     table = {
         "conventions": reports[0]["conventions"],
         "chance": _chance(reports[0]),
         # Chance of the samecat and cat columns, averaged as they are; {} without categories.
-        "chance_categories": {
-            header: _chance(reports[0], by_category[score])
-            for header, _, score in CATEGORY_COLUMNS
-            if by_category.get(score)
-        },
+        "chance_categories": _category_chance(reports[0]),
         "rows": {
             r.row.name: {
                 "template": r.row.template,
