@@ -80,6 +80,11 @@ class WorldConfig(_Section):
         description="Share of train pairs planted in false-negative groups (pairs whose "
         "positives also fit each other's queries).",
     )
+    compositional_rows: int = Field(
+        16,
+        ge=0,
+        description="Rows per category of the world's own SugarCrepe / SugarCrepe++ set (0: none).",
+    )
 
     @model_validator(mode="after")
     def _room_for_the_hard_negatives(self) -> WorldConfig:
@@ -120,6 +125,19 @@ class IngestConfig(_Section):
         None, description="Train subsets to keep (None: all); for JSONL, file names without .jsonl."
     )
     eval_subsets: list[str] | None = Field(None, description="Eval subsets to keep (None: all).")
+    sugarcrepe_dir: Path | None = Field(
+        None,
+        description="SugarCrepe's data folder (add_att.json, ..., swap_obj.json); "
+        "scored beside MMEB when set.",
+    )
+    sugarcrepe_pp_dir: Path | None = Field(
+        None,
+        description="SugarCrepe++'s data folder (replace_att.json, ..., swap_obj.json); "
+        "scored beside MMEB when set.",
+    )
+    compositional_images: Path | None = Field(
+        None, description="Images root of both (COCO val2017: the folder of the .jpg files)."
+    )
     on_bad_rows: Literal["error", "skip"] = Field(
         "error",
         description="error: fail naming the bad rows; skip: drop them into the rejects table.",
@@ -142,6 +160,17 @@ class IngestConfig(_Section):
         if self.eval_dir is not None and self.eval_images is None:
             raise ValueError("ingest.eval_dir is set but ingest.eval_images is not")
         self._every_setting_applies()
+        benchmarks = [k for k in ("sugarcrepe_dir", "sugarcrepe_pp_dir") if getattr(self, k)]
+        if benchmarks and self.compositional_images is None:
+            raise ValueError(
+                f"ingest.{benchmarks[0]} is set but ingest.compositional_images is not (the "
+                "folder of the COCO val2017 images their file names point at)"
+            )
+        if self.compositional_images is not None and not benchmarks:
+            raise ValueError(
+                "ingest.compositional_images is set but neither ingest.sugarcrepe_dir nor "
+                "ingest.sugarcrepe_pp_dir is: there is no compositional table for it to apply to"
+            )
         return self
 
     def _every_setting_applies(self) -> None:
@@ -184,6 +213,10 @@ INGEST_SETTING_SOURCES: dict[str, tuple[str, ...]] = {
     "hub_train": ("hub",),
     "hub_eval": ("hub",),
     "train_splits": ("world", "mmeb", "hub"),
+    # The world scores its own compositional set (world.compositional_rows).
+    "sugarcrepe_dir": ("mmeb", "jsonl", "hub"),
+    "sugarcrepe_pp_dir": ("mmeb", "jsonl", "hub"),
+    "compositional_images": ("mmeb", "jsonl", "hub"),
 }
 
 

@@ -14,7 +14,7 @@ from embedder.datasets.schema import PAIR_KEYS_SCHEMA, PAIRS_SCHEMA, read_table,
 from embedder.model.backbone import Backbone, load_backbone
 from embedder.model.encode import EmbedItem, encode
 from embedder.model.identity import resolve_hub_commit
-from embedder.model.prompts import PromptStrings, Role, Template, render
+from embedder.model.prompts import CAPTION_PROMPT, PromptStrings, Role, Template, render
 from embedder.model.shards import ShardSlice
 from embedder.outputs import Embeddings, Generator, Tables
 
@@ -105,6 +105,38 @@ class ItemBuilder:
             qkeys.append(query.key)
             ckeys.append([c.key for c in cands])
         return items, qkeys, ckeys
+
+    def compositional_row(self, row: Mapping[str, Any]) -> dict[str, EmbedItem | None]:
+        """A compositional-table row (`image`, `caption`, `caption2`, `negative`) as its items,
+        as the authors' SugarCrepe and SugarCrepe++ scripts embed them (docs/method.md
+        section 8): the image as a target with no text, every caption as a query behind
+        `CAPTION_PROMPT`. Keys "image", "caption", "negative" and "caption2" (None when the
+        row has no second caption)."""
+
+        def caption(text: str) -> EmbedItem:
+            return self.item(CAPTION_PROMPT + text, "", "query")
+
+        second = row.get("caption2")
+        return {
+            "image": self.item("", row["image"], "target"),
+            "caption": caption(row["caption"]),
+            "negative": caption(row["negative"]),
+            "caption2": None if second is None else caption(second),
+        }
+
+    def compositional_table(
+        self, rows: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[EmbedItem], list[dict[str, str | None]]]:
+        """Every row's items (`compositional_row`), in table order, and each row's item keys
+        by role (what embedder.compositional.benchmark_scores reads). A caption or image two
+        rows share is one key, so it is embedded once."""
+        items: list[EmbedItem] = []
+        keys: list[dict[str, str | None]] = []
+        for row in rows:
+            found = self.compositional_row(row)
+            items += [it for it in found.values() if it is not None]
+            keys.append({k: None if it is None else it.key for k, it in found.items()})
+        return items, keys
 
 
 def make_item(

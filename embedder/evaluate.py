@@ -41,11 +41,12 @@ from typing import Any
 
 import numpy as np
 
+from embedder import compositional
 from embedder.artifacts import json_text, sha256_file
 from embedder.config import EmbedConfig, EvaluateConfig, ModelConfig
 from embedder.datasets.catalog import MMEB_SUBSETS, normalise
 from embedder.datasets.ingest import images_digest
-from embedder.datasets.schema import EVAL_SCHEMA, read_table
+from embedder.datasets.schema import COMPOSITIONAL_SCHEMA, EVAL_SCHEMA, read_table
 from embedder.embed import ItemBuilder, open_backbone
 from embedder.errors import UserError
 from embedder.model.backbone import Backbone
@@ -381,17 +382,24 @@ def vectors_identity(
     backbone_loaded: Backbone,
     data: Tables,
     released: ModelIdentity | None = None,
+    table: str = "eval",
 ) -> str:
     """What an embedding depends on besides its item key (which hashes the rendered prompt
     and the image path *relative to its root*): the weights (backbone content or commit,
     generator, adapter: fine-tuned, or `released` as a table row names it), the dtype and
     device they ran in (as loaded: `auto` means bfloat16 on a GPU), the attention kernel, the
-    image rules, and the images the paths point at (the root and the `stat` of every file in
-    it: another root holding other pictures under the same names must not lend its vectors:
-    the digest ingest recorded, else a fresh walk)."""
-    root = data.eval_images
+    image rules, and the images the paths point at (the root of `table`'s images, "eval" or
+    "compositional", and the `stat` of every file in it: another root holding other pictures
+    under the same names must not lend its vectors: the digest ingest recorded, else a fresh
+    walk)."""
+    root, digest = (
+        (data.eval_images, data.eval_images_digest)
+        if table == "eval"
+        else (data.compositional_images, data.compositional_images_digest)
+    )
     if root is None:
-        raise EvalDataError("the ingest output holds no eval table (set ingest.eval_dir)")
+        where = " (set ingest.eval_dir)" if table == "eval" else ""
+        raise EvalDataError(f"the ingest output holds no {table} table{where}")
     if generator is not None:
         backbone, revision = f"tiny:{generator.fingerprint}", None
     else:  # the content or resolved commit: a replaced weights file is another model
@@ -403,7 +411,7 @@ def vectors_identity(
         "dtype": str(backbone_loaded.dtype),
         "device": backbone_loaded.device.type,
         "attn": getattr(backbone_loaded.model.config, "_attn_implementation", model.attn),
-        "images": [str(root), data.eval_images_digest or images_digest(root)],
+        "images": [str(root), digest or images_digest(root)],
         "adapter": _adapter_name(adapter, released),
         "image": [settings.image_mode, settings.image_side, settings.max_pixels],
         "out_dtype": settings.out_dtype,
@@ -424,19 +432,22 @@ def _write_identity(folder: Path, identity: str) -> None:
     (folder / IDENTITY_FILE).write_text(json_text({"identity": identity}))
 
 
-def reusable_vectors(out: Path, identity: str, wanted: set[str]) -> dict[str, np.ndarray]:
+def reusable_vectors(
+    out: Path, identity: str, wanted: set[str], folder: str = "embeddings"
+) -> dict[str, np.ndarray]:
     """Embeddings another published evaluation of the same model and image rules already
-    holds (the stage's sibling folders): a re-evaluation with more queries, another subset
-    selection or the same candidates under another row embeds only what is new."""
+    holds (the stage's sibling folders' `folder`: "embeddings", or "compositional" for the
+    compositional table's): a re-evaluation with more queries, another subset selection or
+    the same candidates under another row embeds only what is new."""
     found: dict[str, np.ndarray] = {}
     for sibling in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
-        marker = sibling / "embeddings" / IDENTITY_FILE
+        marker = sibling / folder / IDENTITY_FILE
         if sibling == out or sibling.suffix or not marker.is_file():  # .partial, .lock, ...
             continue
         try:
             if json.loads(marker.read_text()).get("identity") != identity:
                 continue
-            keys, matrix = load_embeddings(sibling / "embeddings")
+            keys, matrix = load_embeddings(sibling / folder)
         except (OSError, ValueError) as exc:  # a damaged sibling is not a cache
             log.info("evaluate: not reusing %s (%s)", sibling, exc)
             continue
@@ -469,12 +480,16 @@ def evaluate_model(
 
     Writes under `out`: `embeddings/` (every distinct query and candidate, resumable shards
     of (key: string, embedding: d float32, L2-normalised), embedder.model.encode, with an
-    identity file naming what made them), `sanity/` (the order-independence check's two
-    encodings) and `report.json` (per subset and aggregated: P@1 (argmax), strict P@1, tie
-    rates, hit@k, chance, next-token samples; with candidate categories, P@1 among the
-    same-category candidates and the category-level accuracy (`category_scores`); scores
-    are fractions in [0, 1]). Metrics: `p1.*`, `p1_strict.*`, `tie_rate.*`, `hit<k>.*`,
-    `p1_same_category.*` and `category_accuracy.*` (where defined), items/s. With `shard`
+    identity file naming what made them), `compositional/` (the same for the compositional
+    table's images and captions, when ingest wrote one), `sanity/` (the order-independence
+    check's two encodings) and `report.json` (per subset and aggregated: P@1 (argmax), strict
+    P@1, tie rates, hit@k, chance, next-token samples; with candidate categories, P@1 among
+    the same-category candidates and the category-level accuracy (`category_scores`); under
+    `compositional`, SugarCrepe's and SugarCrepe++'s accuracies per category, group and
+    benchmark (embedder.compositional); scores are fractions in [0, 1]). Metrics: `p1.*`,
+    `p1_strict.*`, `tie_rate.*`, `hit<k>.*`, `p1_same_category.*` and
+    `category_accuracy.*` (where defined), `sugarcrepe.*` and `sugarcrepe_pp.*`
+    (`compositional.metrics`), items/s. With `shard`
     (one fan-out worker, tasks.scale) only that worker's shards of the embeddings are
     written (the first worker also runs the sanity check) and nothing is scored: the whole
     call that follows assembles and scores.
@@ -498,6 +513,7 @@ def evaluate_model(
         table = rows
     if not table:
         raise EvalDataError("the eval table is empty")
+    comp_rows = compositional_rows(data, cfg.max_queries)
     meta = {r["subset"]: (r["meta_task"], r["distribution"]) for r in table}
     chance: dict[str, list[float]] = defaultdict(list)
     # Random vectors' category scores: 1 / same-category candidates, their share of all.
@@ -547,11 +563,36 @@ def evaluate_model(
         if todo
         else EncodeStats()
     )
+    # SugarCrepe / SugarCrepe++ (docs/method.md section 8): their own images root, so their
+    # own folder of vectors, reused across evaluations the same way.
+    comp_items, comp_keys = build.compositional_table(comp_rows)
+    comp_folder = out / COMPOSITIONAL_FOLDER
+    comp_reused: dict[str, np.ndarray] = {}
+    comp_identity = ""
+    if comp_rows:
+        assert data.compositional_images is not None  # compositional_rows checked it
+        comp_identity = vectors_identity(
+            model, generator, adapter, settings, backbone, data, released, "compositional"
+        )
+        comp_reused = reusable_vectors(
+            out, comp_identity, {it.key for it in comp_items}, COMPOSITIONAL_FOLDER
+        )
+        comp_todo = [it for it in comp_items if it.key not in comp_reused]
+        if comp_todo:
+            encode(
+                backbone, comp_todo, data.compositional_images, comp_folder, settings, share=shard
+            )
     if shard is not None:
         return output
     _write_identity(folder, identity)
     keys, matrix = load_embeddings(folder)
     vectors = {**reused, **dict(zip(keys, matrix, strict=True))}
+    comp_scores: dict[str, dict[str, Any]] = {}
+    if comp_rows:
+        _write_identity(comp_folder, comp_identity)
+        comp_keys_found, comp_matrix = load_embeddings(comp_folder)
+        comp_vectors = {**comp_reused, **dict(zip(comp_keys_found, comp_matrix, strict=True))}
+        comp_scores = compositional.benchmark_scores(comp_rows, comp_keys, comp_vectors, TIE_EPS)
     per_subset = subset_scores(table, qkeys, ckeys, vectors, cfg.hit_k)
     means = {name: aggregate({s: v[name] for s, v in per_subset.items()}, meta) for name in SCORES}
     agg = means["p1"]
@@ -615,6 +656,9 @@ def evaluate_model(
         },
         "tie_warning": {"threshold": cfg.tie_warning, "subsets": sorted(tied)},
         "next_tokens": next_tokens(backbone, sample, images_root, settings),
+        # SugarCrepe / SugarCrepe++ per benchmark (embedder.compositional.benchmark_scores);
+        # {} without a compositional table.
+        "compositional": comp_scores,
     }
     output.report.write_text(json_text(report, indent=2))
     metrics: dict[str, float] = {}
@@ -629,6 +673,7 @@ def evaluate_model(
         }
         metrics.update({f"{name}.{k}": v for k, v in values.items() if isinstance(v, float)})
     # Timings go to metrics only: the report holds results, equal for equal runs.
+    metrics.update(compositional.metrics(comp_scores))
     metrics["items_per_s"] = stats.metrics()["items_per_s"]
     metrics["reused_items"] = len(reused)
     metrics.update(checks)
@@ -638,11 +683,20 @@ def evaluate_model(
         f"strict P@1 {_means_line(means['p1_strict'])}; "
         f"tie rate overall {means['tie_rate']['overall']:.3f}"
     )
+    for bench, found in comp_scores.items():
+        summary += f"; {compositional.TITLES[bench]} " + " ".join(
+            f"{score} {found['mean'][score]:.3f} (strict {found['mean'][score + '_strict']:.3f})"
+            for score in compositional.SCORES[bench]
+        )
     if tied:
         summary += f" - WARNING: tie rate above {cfg.tie_warning:g} in {', '.join(tied)}"
     return output.model_copy(
         update={
-            "rows": {"queries": len(table), "unique_items": stats.unique},
+            "rows": {
+                "queries": len(table),
+                "unique_items": stats.unique,
+                "compositional_rows": len(comp_rows),
+            },
             "metrics": metrics,
             "info": {
                 "summary": [summary],
@@ -651,6 +705,26 @@ def evaluate_model(
             },
         }
     )
+
+
+COMPOSITIONAL_FOLDER = "compositional"
+
+
+def compositional_rows(data: Tables, max_queries: int | None) -> list[dict[str, Any]]:
+    """The compositional table's rows (COMPOSITIONAL_SCHEMA), the first `max_queries` of
+    each category (all: None or 0), in table order; [] when ingest wrote none."""
+    if data.compositional_images is None or not data.compositional.is_file():
+        return []
+    rows = read_table(data.compositional, COMPOSITIONAL_SCHEMA).to_pylist()
+    if not max_queries:
+        return rows
+    kept: dict[str, int] = defaultdict(int)
+    out = []
+    for r in rows:
+        if kept[r["subset"]] < max_queries:
+            kept[r["subset"]] += 1
+            out.append(r)
+    return out
 
 
 def _means_line(means: dict[str, Any]) -> str:

@@ -80,6 +80,11 @@ class World(StageOutput):
     train_images = file("train_images")
     eval_dir = file("eval")
     eval_images = file("eval_images")
+    # The compositional set (absent when world.compositional_rows is 0): SugarCrepe's and
+    # SugarCrepe++'s layouts, one images root for both (embedder.datasets.compositional).
+    sugarcrepe_dir = file("compositional/sugarcrepe")
+    sugarcrepe_pp_dir = file("compositional/sugarcrepe_pp")
+    compositional_images = file("compositional/images")
 
 
 class Tables(StageOutput):
@@ -91,10 +96,16 @@ class Tables(StageOutput):
     # The eval images root as ingest saw it (embedder.datasets.ingest.images_digest): which
     # pictures the relative paths of the eval table point at. None: not recorded.
     eval_images_digest: str | None = None
+    # The compositional table's images root and its digest; None without that table.
+    compositional_images: Path | None = None
+    compositional_images_digest: str | None = None
 
     pairs = file("pairs.parquet")
     eval = file("eval.parquet")
     rejects = file("rejects.parquet")
+    compositional = file(
+        "compositional.parquet", "SugarCrepe / SugarCrepe++ rows (COMPOSITIONAL_SCHEMA), if any"
+    )
 
 
 class Generator(StageOutput):

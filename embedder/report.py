@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from embedder import compositional
 from embedder.artifacts import json_text
 from embedder.config import TableRow
 from embedder.evaluate import AGGREGATES, TIE_EPS
@@ -40,6 +41,18 @@ BESIDE = (("strict", "aggregate_strict", "overall"), ("ties", "aggregate_tie_rat
 CATEGORY_COLUMNS = (
     ("samecat", "aggregate_same_category", "p1_same_category"),
     ("cat", "aggregate_category", "category_accuracy"),
+)
+# SugarCrepe / SugarCrepe++ (embedder.compositional), where the eval set has them:
+# (header, benchmark, score), each the mean over the benchmark's categories.
+COMPOSITIONAL_COLUMNS = (
+    ("SC", compositional.SUGARCREPE, "itt"),
+    ("SC++itt", compositional.SUGARCREPE_PP, "itt"),
+    ("SC++tot", compositional.SUGARCREPE_PP, "tot"),
+)
+COMPOSITIONAL_LEGEND = (
+    "SC: SugarCrepe image-to-text accuracy, SC++itt / SC++tot: SugarCrepe++ image-to-text "
+    "and text-only accuracies; means over their categories, ties counted as correct as MMEB "
+    "counts them (strict views in report.md and table.json)."
 )
 LEGEND = [
     "{columns}: P@1 (MMEB argmax) as the reference toolkit computes it, mean over subsets:",
@@ -117,11 +130,19 @@ def _cell(value: float | None, digits: int = 3) -> str:
     return f"{'-':>9s}" if value is None else f"{value:9.{digits}f}"
 
 
+def compositional_columns(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The compositional columns a report has scores for (COMPOSITIONAL_COLUMNS' entries
+    whose benchmark it holds), in table order; [] without a compositional table."""
+    found = report.get("compositional", {})
+    return [c for c in COMPOSITIONAL_COLUMNS if c[1] in found]
+
+
 def table_lines(results: list[RowResult], reports: list[dict[str, Any]]) -> list[str]:
     """The table as text: a header, the chance row, one row per result (P@1 means, then
     strict P@1 and the tie rate overall, P@1 among same-category candidates and the
     category-level accuracy overall, and pairs per fine-tuning step), then, after a blank
     line, what each column is and which rows have subsets tied above the warning threshold.
+    With a compositional table, its columns (`compositional_columns`) come before pairs.
     A cell with nothing to show (no candidate categories, no fine-tuning) is "-".
 
     `reports[i]`: the parsed report.json of `results[i]` (same length; all on the same eval
@@ -129,9 +150,10 @@ def table_lines(results: list[RowResult], reports: list[dict[str, Any]]) -> list
     0..1. Raises IndexError or ValueError for empty lists and KeyError for a report without
     the keys embedder.evaluate writes."""
     columns = [c for c in COLUMNS if c in reports[0]["aggregate"]]
+    comp = compositional_columns(reports[0])
     width = max(len(r.row.name) for r in results) + 2
     head = f"{'row':{width}s}" + "".join(f"{SHORT[c]:>9s}" for c in columns)
-    extra = [name for name, _, _ in (*BESIDE, *CATEGORY_COLUMNS)] + ["pairs"]
+    extra = [name for name, _, _ in (*BESIDE, *CATEGORY_COLUMNS, *comp)] + ["pairs"]
     lines = [head + "".join(f"{name:>9s}" for name in extra)]
     chance = _chance(reports[0])
     category_chance = _category_chance(reports[0])
@@ -144,6 +166,7 @@ def table_lines(results: list[RowResult], reports: list[dict[str, Any]]) -> list
             _cell(category_chance.get(header, {}).get("overall"))
             for header, _, _ in CATEGORY_COLUMNS
         )
+        + "".join(_cell(compositional.CHANCE[bench][score]) for _, bench, score in comp)
         + _cell(None)
     )
     for result, report in zip(results, reports, strict=True):
@@ -152,9 +175,16 @@ def table_lines(results: list[RowResult], reports: list[dict[str, Any]]) -> list
         cells += "".join(
             _cell(report.get(key, {}).get("overall")) for _, key, _ in CATEGORY_COLUMNS
         )
+        found = report.get("compositional", {})
+        cells += "".join(
+            _cell(found[bench]["mean"][score] if bench in found else None)
+            for _, bench, score in comp
+        )
         cells += _cell(pairs_per_step(result), 1)
         lines.append(f"{result.row.name:{width}s}{cells}")
     lines += ["", LEGEND[0].format(columns="/".join(SHORT[c] for c in columns)), *LEGEND[1:]]
+    if comp:
+        lines.append(COMPOSITIONAL_LEGEND)
     for result, report in zip(results, reports, strict=True):
         warn = report["tie_warning"]
         if warn["subsets"]:
@@ -163,6 +193,44 @@ def table_lines(results: list[RowResult], reports: list[dict[str, Any]]) -> list
                 f"{', '.join(warn['subsets'])}: its P@1 rests on ties, see strict."
             )
     return lines
+
+
+def _compositional_appendix(results: list[RowResult], reports: list[dict[str, Any]]) -> list[str]:
+    """report.md's compositional section: per benchmark, one line per category, group and
+    mean, each cell the score by MMEB's tie convention with the strict view beside."""
+    md: list[str] = []
+    for bench in compositional.BENCHMARKS:
+        if bench not in reports[0].get("compositional", {}):
+            continue
+        first = reports[0]["compositional"][bench]
+        scores = compositional.SCORES[bench]
+        md += [
+            "",
+            f"## Appendix: {compositional.TITLES[bench]}",
+            "",
+            "Each cell: "
+            + ", ".join(f"{s} (strict)" for s in scores)
+            + "; chance "
+            + ", ".join(f"{s} {first['chance'][s]:.3f}" for s in scores)
+            + ".",
+            "",
+            "| category | rows | " + " | ".join(r.row.name for r in results) + " |",
+            "|---|---:|" + "---:|" * len(results),
+        ]
+        lines = [(c, first["categories"][c]["rows"], "categories") for c in first["categories"]]
+        lines += [(g, "", "groups") for g in first["groups"]] + [("mean", "", "mean")]
+        for name, rows, part in lines:
+            cells = []
+            for rep in reports:
+                found = rep.get("compositional", {}).get(bench)
+                if found is None:
+                    cells.append("-")
+                    continue
+                v = found["mean"] if part == "mean" else found[part][name]
+                cells.append(" ".join(f"{v[s]:.3f} ({v[s + '_strict']:.3f})" for s in scores))
+            label = f"**{name}**" if part != "categories" else name
+            md.append(f"| {label} | {rows} | " + " | ".join(cells) + " |")
+    return md
 
 
 def _bar_charts(results: list[RowResult], reports: list[dict[str, Any]], out: Path) -> list[str]:
@@ -267,6 +335,7 @@ def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
             beside = f"(strict {v['p1_strict']:.3f}, ties {v['tie_rate']:.3f})"
             cells.append(f"{v['p1']:.3f} {beside}, {hit} {v[hit]:.3f}")
         md.append(f"| {s} | {reports[0]['chance'][s]:.3f} | " + " | ".join(cells) + " |")
+    md += _compositional_appendix(results, reports)
     md += ["", "Next token predicted at the final position (share of sampled queries):", ""]
     for r, rep in zip(results, reports, strict=True):
         shares = ", ".join(f"`{tok}` {v:.2f}" for tok, v in rep["next_tokens"].items())
@@ -298,6 +367,8 @@ def write_report(results: list[RowResult], out: Path, title: str) -> list[str]:
                 "subsets_strict": {s: v["p1_strict"] for s, v in rep["subsets"].items()},
                 "subsets_tie_rate": {s: v["tie_rate"] for s, v in rep["subsets"].items()},
                 "tie_warning": rep["tie_warning"]["subsets"],
+                # Per benchmark: categories, groups, mean (with strict views) and chance.
+                "compositional": rep.get("compositional", {}),
             }
             for r, rep in zip(results, reports, strict=True)
         },

@@ -629,6 +629,131 @@ def _eval_rows(name: str, cfg: WorldConfig, writer: _Writer, style: str) -> list
     return rows
 
 
+# ------------------------------------------------------------------ compositional set
+
+# The second wording of sizes and positions (SugarCrepe++'s second caption).
+_SIZE_WORDS = (SIZES, ("little", "big"))
+_WHERE = (
+    ("on the left", "in the centre", "on the right"),
+    ("to the left", "at the centre", "to the right"),
+)
+
+
+def _object_phrase(size: int | None, category: Category, where: str, wording: int = 0) -> str:
+    """ "a small red apple on the left"; `size` None leaves the size out, `wording` 1 takes
+    the second size words ("little", "big")."""
+    words = [category.colour, category.name]
+    if size is not None:
+        words.insert(0, _SIZE_WORDS[wording][size])
+    return f"{article(words[0])} {' '.join(words)} {where}"
+
+
+def compositional_entry(
+    category: str, index: int, rng: random.Random
+) -> tuple[list[Scene], dict[str, str]]:
+    """One row of the world's compositional set: the scenes its image shows (one object, or
+    the left and right objects of a pair scene for the swap categories; no dots) and its
+    texts: `caption`, `caption2` (another wording of it, SugarCrepe++'s second caption) and
+    `negative_caption`, which differs from the caption in what `category` names
+    (embedder.compositional.CATEGORIES): another object name with the colour kept
+    (replace_obj), another colour or the other size (replace_att, alternating with `index`),
+    another position (replace_rel), another object added (add_obj), the wrong size added to a
+    caption that names none (add_att), the two objects or their two sizes swapped (swap_obj,
+    swap_att). Raises ValueError for another category."""
+    if category in ("swap_obj", "swap_att"):
+        left = Scene(rng.randrange(len(CATEGORIES)), rng.randrange(2), 0)
+        right = replace(_other_scene(left, rng), position=2)
+        if category == "swap_att":
+            right = replace(right, size=1 - left.size)  # two sizes to swap
+
+        def pair(a: Category, b: Category, size_a: int, size_b: int) -> str:
+            return (
+                f"The image shows {_object_phrase(size_a, a, 'on the left')} and "
+                f"{_object_phrase(size_b, b, 'on the right')}."
+            )
+
+        texts = {
+            "caption": pair(left.cat, right.cat, left.size, right.size),
+            # Right first, other words: a lexically different caption that still fits.
+            "caption2": "The image shows "
+            f"{_object_phrase(right.size, right.cat, 'to the right', 1)} and "
+            f"{_object_phrase(left.size, left.cat, 'to the left', 1)}.",
+            "negative_caption": pair(right.cat, left.cat, left.size, right.size)
+            if category == "swap_obj"
+            else pair(left.cat, right.cat, right.size, left.size),
+        }
+        return [left, right], texts
+    s = Scene(rng.randrange(len(CATEGORIES)), rng.randrange(2), rng.randrange(3))
+    where = _WHERE[0][s.position]
+    caption_text = f"The image shows {_object_phrase(s.size, s.cat, where)}."
+    other = _other_scene(s, rng).cat
+    if category == "replace_obj":
+        negative = _object_phrase(s.size, replace(other, colour=s.cat.colour), where)
+    elif category == "replace_att" and index % 2 == 0:
+        negative = _object_phrase(s.size, replace(s.cat, colour=other.colour), where)
+    elif category in ("replace_att", "add_att"):
+        negative = _object_phrase(1 - s.size, s.cat, where)
+        if category == "add_att":
+            caption_text = f"The image shows {_object_phrase(None, s.cat, where)}."
+    elif category == "replace_rel":
+        moved = rng.choice([p for p in range(len(POSITIONS)) if p != s.position])
+        negative = _object_phrase(s.size, s.cat, _WHERE[0][moved])
+    elif category == "add_obj":
+        added = f"{article(other.colour)} {other.colour} {other.name}"
+        negative = f"{_object_phrase(s.size, s.cat, where)} and {added}"
+    else:
+        raise ValueError(f"unknown compositional category {category!r}")
+    texts = {
+        "caption": caption_text,
+        "caption2": f"The image shows {_object_phrase(s.size, s.cat, _WHERE[1][s.position], 1)}.",
+        "negative_caption": f"The image shows {negative}.",
+    }
+    return [s], texts
+
+
+def _write_compositional(config: WorldConfig, out: Path) -> int:
+    """The world's compositional set under `out` in SugarCrepe's and SugarCrepe++'s published
+    layouts (embedder.datasets.compositional): `sugarcrepe/<category>.json` (an object of
+    entries), `sugarcrepe_pp/<category>.json` (a list) and `images/` (one PNG a row, the
+    COCO val2017 stand-in). A category both benchmarks have shares its rows: the same image,
+    caption and negative, SugarCrepe++ adding the second caption, as the real SugarCrepe++ was
+    built from SugarCrepe's. Returns the number of images written."""
+    from embedder.compositional import CATEGORIES as BENCHMARK_CATEGORIES
+
+    images = out / "images"
+    images.mkdir(parents=True)
+    files: dict[str, dict[str, Any]] = {b: {} for b in BENCHMARK_CATEGORIES}
+    count = 0
+    for category in sorted({c for cats in BENCHMARK_CATEGORIES.values() for c in cats}):
+        rng = random.Random(_subset_seed(config.seed, f"compositional/{category}"))
+        entries = []
+        for i in range(config.compositional_rows):
+            scenes, texts = compositional_entry(category, i, rng)
+            seed = rng.randrange(1 << 30)
+            if len(scenes) == 2:
+                img, _ = render_pair_scene(scenes[0], scenes[1], config.image_size, seed)
+            else:
+                img = render(scenes[0], config.image_size, seed)
+            name = f"{category}_{i:04d}.png"
+            img.save(images / name, optimize=False)
+            count += 1
+            entries.append({"filename": name, **texts})
+        for bench, cats in BENCHMARK_CATEGORIES.items():
+            if category in cats:
+                files[bench][category] = entries
+    for bench, by_category in files.items():
+        folder = out / bench
+        folder.mkdir(parents=True)
+        for category, entries in by_category.items():
+            if bench == "sugarcrepe":
+                keep = ("filename", "caption", "negative_caption")
+                data: Any = {str(i): {k: e[k] for k in keep} for i, e in enumerate(entries)}
+            else:
+                data = [{"id": i, **e} for i, e in enumerate(entries)]
+            (folder / f"{category}.json").write_text(json_text(data, indent=1))
+    return count
+
+
 def _write_table(folder: Path, file_name: str, rows: list[dict[str, Any]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     # Row groups of 1,024 rows, like the hub's Parquet exports, so readers stream them.
@@ -640,7 +765,9 @@ def build_world(config: WorldConfig, out: Path) -> World:
 
     train/<Subset>/original-00000-of-00001.parquet, train_images/<Subset>/*.png,
     eval/<Subset>/test-00000-of-00001.parquet, eval_images/<Subset>/*.png,
-    and train/subsets.json, eval/subsets.json describing meta-task and IND/OOD.
+    and train/subsets.json, eval/subsets.json describing meta-task and IND/OOD; with
+    `config.compositional_rows`, compositional/ holds the world's SugarCrepe and
+    SugarCrepe++ set (`_write_compositional`, `compositional_entry`).
 
     The `world` stage (docs/miniature.md). Train subsets (TRAIN_SUBSETS) have MMEB-train's
     columns plus `fn_group` (planted false-negative groups, null elsewhere),
@@ -680,6 +807,8 @@ def build_world(config: WorldConfig, out: Path) -> World:
             eval_meta[eval_name] = {"meta_task": meta, "distribution": dist}
     (out / "train" / "subsets.json").write_text(json_text(train_meta, indent=2))
     (out / "eval" / "subsets.json").write_text(json_text(eval_meta, indent=2))
+    if config.compositional_rows:
+        images += _write_compositional(config, out / "compositional")
     return World(
         folder=out, rows=rows, metrics={"images": images}, info={"categories": len(CATEGORIES)}
     )

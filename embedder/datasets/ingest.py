@@ -3,6 +3,8 @@
 Writes into the stage's output folder:
 - `pairs.parquet` (PAIRS_SCHEMA): one row per training pair,
 - `eval.parquet` (EVAL_SCHEMA): one row per eval query with its candidate list,
+- `compositional.parquet` (COMPOSITIONAL_SCHEMA): SugarCrepe / SugarCrepe++ rows, when a
+  compositional source is set (or the world has its own set),
 - `rejects.parquet` (REJECTS_SCHEMA): every bad row with its reason.
 
 Rows stream through in record batches (memory does not grow with the data); images are
@@ -26,11 +28,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.artifacts import stat_key
+from embedder.compositional import BENCHMARKS
 from embedder.config import IngestConfig
-from embedder.datasets import sources
+from embedder.datasets import compositional, sources
 from embedder.datasets.catalog import SIDECAR, SubsetInfo, read_sidecar, subset_info
 from embedder.datasets.images import ImageChecker
-from embedder.datasets.schema import EVAL_SCHEMA, PAIRS_SCHEMA, REJECTS_SCHEMA, row_id
+from embedder.datasets.schema import (
+    COMPOSITIONAL_SCHEMA,
+    EVAL_SCHEMA,
+    PAIRS_SCHEMA,
+    REJECTS_SCHEMA,
+    row_id,
+)
 from embedder.errors import UserError
 from embedder.outputs import Tables, World
 
@@ -239,6 +248,13 @@ def _convert_eval(
 
 PAIRS = _Table("pairs", PAIRS_SCHEMA, sources.TRAIN_COLUMNS, _convert_pair, _pair_images)
 EVAL = _Table("eval", EVAL_SCHEMA, sources.EVAL_COLUMNS, _convert_eval, _eval_images)
+COMPOSITIONAL = _Table(
+    "compositional",
+    COMPOSITIONAL_SCHEMA,
+    compositional.COLUMNS,
+    compositional.convert,
+    compositional.image_paths,
+)
 
 
 @dataclass(frozen=True)
@@ -261,6 +277,7 @@ def resolve_sources(config: IngestConfig, world: World | None = None) -> IngestC
         return config
     if world is None:
         raise ValueError("ingest.source=world needs the world stage's output")
+    own = world.compositional_images.is_dir()  # world.compositional_rows > 0
     return config.model_copy(
         update={
             "source": "mmeb",
@@ -268,8 +285,32 @@ def resolve_sources(config: IngestConfig, world: World | None = None) -> IngestC
             "train_images": world.train_images,
             "eval_dir": world.eval_dir,
             "eval_images": world.eval_images,
+            "sugarcrepe_dir": world.sugarcrepe_dir if own else None,
+            "sugarcrepe_pp_dir": world.sugarcrepe_pp_dir if own else None,
+            "compositional_images": world.compositional_images if own else None,
         }
     )
+
+
+def compositional_dirs(config: IngestConfig) -> dict[str, Path]:
+    """The compositional benchmarks' folders the config sets, by benchmark id."""
+    dirs = dict(zip(BENCHMARKS, (config.sugarcrepe_dir, config.sugarcrepe_pp_dir), strict=True))
+    return {b: Path(d) for b, d in dirs.items() if d is not None}
+
+
+def _compositional_sources(
+    config: IngestConfig,
+) -> tuple[list[sources.SubsetSource], dict[str, list[str]]]:
+    """Every category file of the configured benchmarks, and per benchmark the categories
+    without one (raises as `compositional.discover`)."""
+    found: list[sources.SubsetSource] = []
+    missing: dict[str, list[str]] = {}
+    for bench, folder in compositional_dirs(config).items():
+        subsets, absent = compositional.discover(folder, bench)
+        found += subsets
+        if absent:
+            missing[bench] = absent
+    return found, missing
 
 
 def _hub_sidecar(repo: str) -> dict[str, SubsetInfo]:
@@ -339,6 +380,17 @@ def _plans(config: IngestConfig) -> list[_Plan]:
                 sources.read_source,
             )
         )
+    if config.compositional_images is not None:
+        subsets, _ = _compositional_sources(config)
+        plans.append(
+            _Plan(
+                COMPOSITIONAL,
+                subsets,
+                config.compositional_images,
+                compositional.sidecar(subsets),
+                compositional.read_json,
+            )
+        )
     return plans
 
 
@@ -356,6 +408,9 @@ def check_sources(config: IngestConfig) -> None:
     remote_hub = config.source == "hub" and not Path(config.hub_train).is_dir()
     plans = [] if remote_hub else _plans(config)
     roots = {p.images_root for p in plans} or {config.train_images}
+    if remote_hub and config.compositional_images is not None:
+        _compositional_sources(config)  # local folders even when the tables are remote
+        roots.add(config.compositional_images)
     for root in roots:
         if root is not None and not Path(root).is_dir():
             raise sources.SourceError(f"images root {root} does not exist")
@@ -417,7 +472,8 @@ def source_inputs(config: IngestConfig) -> dict[str, str]:
     if config.source == "world":
         return {}
     files: list[Path] = []
-    for root in (config.train_dir, config.eval_dir):
+    folders = (config.train_dir, config.eval_dir, *compositional_dirs(config).values())
+    for root in folders:
         if root is not None and Path(root).is_dir():
             files.extend(p for p in sorted(Path(root).rglob("*")) if p.is_file())
     for f in config.jsonl_files:
@@ -436,7 +492,12 @@ def source_inputs(config: IngestConfig) -> dict[str, str]:
                 from huggingface_hub import HfApi
 
                 out[f"hub:{repo}"] = HfApi().dataset_info(repo).sha or "unknown"
-    roots = {config.train_images, config.eval_images, config.jsonl_images} - {None}
+    roots = {
+        config.train_images,
+        config.eval_images,
+        config.jsonl_images,
+        config.compositional_images,
+    } - {None}
     for root in sorted(Path(r).resolve() for r in roots if r is not None):
         if root.is_dir():
             out[f"images:{root}"] = images_digest(root)
@@ -449,12 +510,16 @@ def ingest(config: IngestConfig, world: World | None, out: Path) -> Tables:
     The `ingest` stage. Writes under `out`: pairs.parquet (PAIRS_SCHEMA, one row per valid
     training pair, source order), eval.parquet (EVAL_SCHEMA, one row per valid eval query
     with its candidates, correct at index 0; only with an eval source: `eval_dir`, the
-    world, or the hub) and rejects.parquet (REJECTS_SCHEMA, every bad row and why,
-    always). Ids are `row_id`s (content hashes). `world` is the world stage's output, needed
-    only for source=world. The returned Tables carries the resolved images roots (None
-    without that table), the eval root's `images_digest`, rows (per table, and rejects),
+    world, or the hub), compositional.parquet (COMPOSITIONAL_SCHEMA, one row per valid
+    SugarCrepe / SugarCrepe++ entry, category files in order; only with
+    `compositional_images`, or the world's own set) and rejects.parquet (REJECTS_SCHEMA,
+    every bad row and why, always). Ids are `row_id`s (content hashes). `world` is the
+    world stage's output, needed only for source=world. The returned Tables carries the
+    resolved images roots (None without that table), the eval and compositional roots'
+    `images_digest`s, rows (per table, and rejects),
     metrics (rows, rejected_rows, images_checked, seconds, rows_per_s) and info (per-subset
-    counts, empty subsets, eval queries whose correct candidate is listed twice).
+    counts, empty subsets, eval queries whose correct candidate is listed twice, and the
+    compositional categories that have no file, `compositional_missing`).
 
     Raises BadRowsError (a UserError) with `on_bad_rows: error` when any row is bad or a
     subset has no usable row (after scanning everything, naming up to 20 rows), and with
@@ -510,11 +575,21 @@ def ingest(config: IngestConfig, world: World | None, out: Path) -> Tables:
         log.warning("ingest: skipped %d bad row(s); see rejects.parquet", rejects.total)
     rows["rejects"] = rejects.total
     eval_root = images_roots.get(EVAL.name)
+    comp_root = images_roots.get(COMPOSITIONAL.name)
+    missing = _compositional_sources(config)[1] if comp_root is not None else {}
+    for bench, categories in missing.items():
+        log.warning(
+            "ingest: %s has no file for %s; its means are over the others",
+            bench,
+            ", ".join(categories),
+        )
     return Tables(
         folder=out,
         pairs_images=images_roots.get(PAIRS.name),
         eval_images=eval_root,
         eval_images_digest=None if eval_root is None else images_digest(eval_root),
+        compositional_images=comp_root,
+        compositional_images_digest=None if comp_root is None else images_digest(comp_root),
         rows=rows,
         metrics={
             "rows": total_rows,
@@ -532,6 +607,8 @@ def ingest(config: IngestConfig, world: World | None, out: Path) -> Tables:
                 for k, v in subsets_info.items()
                 if v.get("correct_duplicated")
             },
+            # Compositional categories without a file, per benchmark ({}: none missing).
+            "compositional_missing": missing,
         },
     )
 

@@ -58,6 +58,24 @@ EVAL_SCHEMA = pa.schema(
     metadata={"table": "eval"},
 )
 
+# SugarCrepe and SugarCrepe++ rows (embedder.datasets.compositional): an image, the caption
+# that fits it, SugarCrepe++'s second caption (null in SugarCrepe) and the negative caption.
+COMPOSITIONAL_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("subset", pa.string(), nullable=False),  # "SugarCrepe/swap_att", ...
+        pa.field("benchmark", pa.string(), nullable=False),  # sugarcrepe | sugarcrepe_pp
+        pa.field("category", pa.string(), nullable=False),  # swap_att, ...
+        pa.field("group", pa.string(), nullable=False),  # add | replace | swap
+        pa.field("row", pa.int64(), nullable=False),  # the entry's position in its file
+        pa.field("image", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("caption2", pa.string(), nullable=True),
+        pa.field("negative", pa.string(), nullable=False),
+    ],
+    metadata={"table": "compositional"},
+)
+
 REJECTS_SCHEMA = pa.schema(
     [
         pa.field("table", pa.string(), nullable=False),

@@ -77,6 +77,8 @@ class Chunk:
     # 1-based line numbers of the rows in a text file (JSONL skips blank lines, so the row
     # index is not the line a person opens in an editor); None for tables.
     lines: list[int] | None = None
+    # The rows' names in a JSON file of named entries (a key, or an entry's "id"); None else.
+    names: list[str] | None = None
 
     def __len__(self) -> int:
         return len(next(iter(self.columns.values()))) if self.columns else 0
@@ -86,8 +88,13 @@ class Chunk:
         return self.lines[i] if self.lines is not None else self.start_row + i
 
     def where(self, i: int) -> str:
-        """Row `i` as a person finds it: `line 7` in a JSONL file, `row 6` in a table."""
-        return f"line {self.lines[i]}" if self.lines is not None else f"row {self.start_row + i}"
+        """Row `i` as a person finds it: `line 7` in a JSONL file, `entry '12'` in a JSON
+        file of named entries, `row 6` in a table."""
+        if self.lines is not None:
+            return f"line {self.lines[i]}"
+        if self.names is not None:
+            return f"entry {self.names[i]!r}"
+        return f"row {self.start_row + i}"
 
 
 def _is_hidden(name: str) -> bool:

@@ -28,6 +28,10 @@ HIERARCHICAL_SYSTEM = (
 QUERY_SUFFIX_IMAGE = "\nRepresent the given text/image in one word."
 QUERY_SUFFIX_TEXT = "\nRepresent the given text in one word."
 GENERIC_SYSTEM = "You are a helpful assistant."
+# What a caption reads before it in SugarCrepe and SugarCrepe++ (the authors' evaluation
+# scripts; docs/method.md section 8): data-side text, like MMEB's instructions, whatever the
+# template. The image side has no text.
+CAPTION_PROMPT = "Find me an image that matches the given caption: "
 
 # typing.Literal aliases, so pydantic validates them and Prefect's forms show them as enums;
 # the tuples (argparse choices, messages) are read off the aliases.

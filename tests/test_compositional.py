@@ -1,0 +1,334 @@
+"""SugarCrepe and SugarCrepe++: the scores as their papers define them, MMEB's tie convention
+with the strict view beside, and the published layouts read through ingest's rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from embedder.compositional import (
+    CATEGORIES,
+    CHANCE,
+    SUGARCREPE,
+    SUGARCREPE_PP,
+    benchmark_scores,
+    group_of,
+    metrics,
+    row_scores,
+)
+from embedder.config import IngestConfig
+from embedder.datasets.ingest import BadRowsError, ingest
+from embedder.datasets.schema import COMPOSITIONAL_SCHEMA
+from embedder.datasets.sources import SourceError
+from embedder.evaluate import TIE_EPS
+from embedder.model.prompts import CAPTION_PROMPT
+
+
+def unit(*xs: float) -> np.ndarray:
+    v = np.array(xs, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+# Vectors whose cosines with IMG are known: IMG = e0; a vector at angle t from it has cos t.
+IMG = unit(1, 0, 0)
+
+
+def at(cos: float, side: float = 1.0) -> np.ndarray:
+    """A unit vector with cosine `cos` to IMG, on the `side` of the second axis."""
+    return unit(cos, side * float(np.sqrt(max(0.0, 1 - cos * cos))), 0)
+
+
+# (caption cos, negative cos) -> (itt by argmax, itt strict)
+SUGARCREPE_CASES = [
+    ((0.9, 0.5), (True, True)),  # the caption wins
+    ((0.5, 0.9), (False, False)),  # the negative wins
+    ((0.7, 0.7), (True, False)),  # an exact tie: argmax with the caption first, not strict
+    ((0.7 + TIE_EPS / 4, 0.7), (True, False)),  # within the tie margin
+    ((0.7 + 20 * TIE_EPS, 0.7), (True, True)),  # beyond it
+]
+
+
+@pytest.mark.parametrize(("cosines", "expected"), SUGARCREPE_CASES)
+def test_sugarcrepe_image_to_text(
+    cosines: tuple[float, float], expected: tuple[bool, bool]
+) -> None:
+    got = row_scores(SUGARCREPE, IMG, at(cosines[0]), at(cosines[1], -1), None, TIE_EPS)
+    assert (got["itt"], got["itt_strict"]) == expected
+    assert set(got) == {"itt", "itt_strict"}
+
+
+def _pp(c1: np.ndarray, c2: np.ndarray, neg: np.ndarray) -> dict[str, bool]:
+    return row_scores(SUGARCREPE_PP, IMG, c1, neg, c2, TIE_EPS)
+
+
+# Text vectors in 3-d (image e0): (caption, caption2, negative) -> itt, tot (argmax; strict).
+PP_CASES = [
+    # both captions above the negative for the image, and closer to each other: all correct
+    (unit(1, 0.1, 0), unit(1, -0.1, 0), unit(0, 1, 1), (True, True, True, True)),
+    # both captions below the negative for the image, yet close to each other: tot holds
+    (unit(0.2, 1, 0), unit(0.3, 1, 0.1), unit(0.5, -1, 1), (False, False, True, True)),
+    # one caption below the negative for the image: itt fails, whatever the other
+    (unit(1, 0, 0.1), unit(0.2, 1, 0), unit(0.5, -1, 1), (False, False, False, False)),
+    # the captions far apart, the negative close to the first: tot fails, itt holds
+    (unit(1, 1, 0), unit(1, -1, 0), unit(0.2, 1, 0.2), (True, True, False, False)),
+    # the negative the second caption's mirror image about the first (and the image): exact
+    # ties with it, for the image and for the first caption; argmax counts them, strict not
+    (unit(1, 0, 0), unit(0.6, 0.8, 0), unit(0.6, -0.8, 0), (True, False, True, False)),
+    # the negative equal to the second caption: tot fails (they are closer than the captions)
+    (unit(1, 0.2, 0), unit(1, -0.3, 0.1), unit(1, -0.3, 0.1), (True, False, False, False)),
+]
+
+
+@pytest.mark.parametrize(("c1", "c2", "neg", "expected"), PP_CASES)
+def test_sugarcrepe_pp_image_to_text_and_text_only(
+    c1: np.ndarray, c2: np.ndarray, neg: np.ndarray, expected: tuple[bool, ...]
+) -> None:
+    got = _pp(c1, c2, neg)
+    assert (got["itt"], got["itt_strict"], got["tot"], got["tot_strict"]) == expected
+
+
+def test_the_scores_match_the_definitions_on_random_vectors() -> None:
+    """The benchmarks' own definitions, written out with strict comparisons, agree with
+    ours wherever nothing ties (random vectors never do)."""
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        img, c1, c2, neg = (unit(*rng.normal(size=8)) for _ in range(4))
+        got = row_scores(SUGARCREPE_PP, img, c1, neg, c2, TIE_EPS)
+        assert got["itt"] == got["itt_strict"] == (img @ c1 > img @ neg and img @ c2 > img @ neg)
+        tot = c1 @ c2 > c1 @ neg and c1 @ c2 > c2 @ neg
+        assert got["tot"] == got["tot_strict"] == tot
+        one = row_scores(SUGARCREPE, img, c1, neg, None, TIE_EPS)
+        assert one["itt"] == one["itt_strict"] == (img @ c1 > img @ neg)
+
+
+def test_random_vectors_score_near_chance() -> None:
+    rng = np.random.default_rng(1)
+    rows, keys, vectors = [], [], {}
+    for i in range(3000):
+        for name in ("i", "c", "c2", "n"):
+            vectors[f"{name}{i}"] = unit(*rng.normal(size=64))
+        rows.append({"benchmark": SUGARCREPE_PP, "category": "swap_att"})
+        keys.append(
+            {"image": f"i{i}", "caption": f"c{i}", "caption2": f"c2{i}", "negative": f"n{i}"}
+        )
+        rows.append({"benchmark": SUGARCREPE, "category": "add_obj"})
+        keys.append({"image": f"i{i}", "caption": f"c{i}", "caption2": None, "negative": f"n{i}"})
+    got = benchmark_scores(rows, keys, vectors, TIE_EPS)
+    for bench in (SUGARCREPE, SUGARCREPE_PP):
+        for score, chance in CHANCE[bench].items():
+            assert abs(got[bench]["mean"][score] - chance) < 0.035, (bench, score)
+
+
+def test_means_per_category_group_and_benchmark_count_each_category_once() -> None:
+    good = {"image": "img", "caption": "pos", "caption2": None, "negative": "neg"}
+    bad = {"image": "img", "caption": "neg", "caption2": None, "negative": "pos"}
+    vectors = {"img": IMG, "pos": at(0.9), "neg": at(0.1, -1)}
+    # swap_att: 3 rows, all right; swap_obj: 1 row, wrong; add_obj: 2 rows, one right.
+    layout = [("swap_att", good)] * 3 + [("swap_obj", bad), ("add_obj", good), ("add_obj", bad)]
+    rows = [{"benchmark": SUGARCREPE, "category": c} for c, _ in layout]
+    got = benchmark_scores(rows, [k for _, k in layout], vectors, TIE_EPS)[SUGARCREPE]
+    assert got["categories"]["swap_att"] == {"itt": 1.0, "itt_strict": 1.0, "rows": 3}
+    assert got["categories"]["swap_obj"]["itt"] == 0.0
+    assert got["groups"] == {
+        "swap": {"itt": 0.5, "itt_strict": 0.5},  # (1 + 0) / 2, not 3 of 4 rows
+        "add": {"itt": 0.5, "itt_strict": 0.5},
+    }
+    assert got["mean"]["itt"] == pytest.approx((1 + 0 + 0.5) / 3)
+    assert got["chance"] == {"itt": 0.5}
+    flat = metrics({SUGARCREPE: got})
+    assert flat["sugarcrepe.itt.swap_att"] == 1.0
+    assert flat["sugarcrepe.itt_strict.swap"] == 0.5
+    assert flat["sugarcrepe.itt.mean"] == pytest.approx(0.5)
+    assert not any(k.endswith(".rows") or "+" in k for k in flat)
+
+
+@pytest.mark.parametrize(
+    ("category", "group"),
+    [(c, c.split("_")[0]) for b in CATEGORIES.values() for c in b],
+)
+def test_every_published_category_has_its_group(category: str, group: str) -> None:
+    assert group_of(category) == group
+
+
+def test_an_unknown_category_or_benchmark_is_refused() -> None:
+    with pytest.raises(ValueError, match="not in a group"):
+        group_of("negate_obj")
+    with pytest.raises(ValueError, match="unknown compositional benchmark"):
+        row_scores("winoground", IMG, IMG, IMG, None, TIE_EPS)
+    with pytest.raises(ValueError, match="second caption"):
+        row_scores(SUGARCREPE_PP, IMG, IMG, IMG, None, TIE_EPS)
+
+
+def test_the_caption_prompt_is_the_authors_string() -> None:
+    assert CAPTION_PROMPT == "Find me an image that matches the given caption: "
+
+
+# ------------------------------------------------------------------ the published layouts
+
+
+def _png(path: Path, colour: str = "red") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), colour).save(path)
+
+
+def write_fixture(root: Path, images: int = 4) -> tuple[Path, Path, Path]:
+    """A SugarCrepe folder (one object per category file, keyed "0", "1", ...), a
+    SugarCrepe++ folder (a list per file) and a COCO-like images root, in the published
+    layouts. Returns (sugarcrepe folder, sugarcrepe++ folder, images root)."""
+    coco, sc, pp = root / "val2017", root / "sugar-crepe" / "data", root / "scpp" / "data"
+    for i in range(images):
+        _png(coco / f"{i:012d}.jpg", ("red", "blue", "green", "white")[i % 4])
+    sc.mkdir(parents=True)
+    pp.mkdir(parents=True)
+    for cat in CATEGORIES[SUGARCREPE]:
+        entries = {
+            str(i): {
+                "filename": f"{i:012d}.jpg",
+                "caption": f"A photo number {i} for {cat}.",
+                "negative_caption": f"A photo not number {i} for {cat}.",
+            }
+            for i in range(images)
+        }
+        (sc / f"{cat}.json").write_text(json.dumps(entries))
+    for cat in CATEGORIES[SUGARCREPE_PP]:
+        items = [
+            {
+                "id": i,
+                "filename": f"{i:012d}.jpg",
+                "caption": f"A photo number {i} for {cat}.",  # shared with SugarCrepe
+                "caption2": f"Number {i}, photographed, for {cat}.",
+                "negative_caption": f"A photo not number {i} for {cat}.",
+            }
+            for i in range(images)
+        ]
+        (pp / f"{cat}.json").write_text(json.dumps(items))
+    return sc, pp, coco
+
+
+def _config(world: Path, sc: Path | None, pp: Path | None, coco: Path, **kw: Any) -> IngestConfig:
+    return IngestConfig(
+        source="mmeb",
+        train_dir=world / "train",
+        train_images=world / "train_images",
+        train_subsets=["ShapeClass"],
+        sugarcrepe_dir=sc,
+        sugarcrepe_pp_dir=pp,
+        compositional_images=coco,
+        **kw,
+    )
+
+
+def test_both_layouts_ingest_into_one_table(world_dir: Path, tmp_path: Path) -> None:
+    sc, pp, coco = write_fixture(tmp_path / "data")
+    out = ingest(_config(world_dir, sc, pp, coco), None, tmp_path / "out")
+    table = pq.read_table(out.compositional)
+    assert table.schema.equals(COMPOSITIONAL_SCHEMA, check_metadata=False)
+    rows = table.to_pylist()
+    assert len(rows) == 4 * (7 + 5) == out.rows["compositional"]
+    assert out.compositional_images == coco.resolve()
+    by = {(r["benchmark"], r["category"], r["row"]): r for r in rows}
+    first = by[(SUGARCREPE, "swap_att", 0)]
+    assert (first["image"], first["group"], first["caption2"]) == (
+        "000000000000.jpg",
+        "swap",
+        None,
+    )
+    assert first["caption"] == "A photo number 0 for swap_att."
+    assert first["negative"] == "A photo not number 0 for swap_att."
+    assert first["subset"] == "SugarCrepe/swap_att"
+    second = by[(SUGARCREPE_PP, "replace_rel", 3)]
+    assert second["caption2"] == "Number 3, photographed, for replace_rel."
+    assert second["subset"] == "SugarCrepe++/replace_rel"
+    assert {r["group"] for r in rows if r["benchmark"] == SUGARCREPE_PP} == {"replace", "swap"}
+    # File order within a category; ids are content hashes, stable across ingests.
+    again = ingest(_config(world_dir, sc, pp, coco), None, tmp_path / "again")
+    assert pq.read_table(again.compositional)["id"].to_pylist() == table["id"].to_pylist()
+
+
+def test_one_benchmark_alone_and_missing_categories_are_reported(
+    world_dir: Path, tmp_path: Path
+) -> None:
+    sc, _, coco = write_fixture(tmp_path / "data")
+    (sc / "add_att.json").unlink()
+    out = ingest(_config(world_dir, sc, None, coco), None, tmp_path / "out")
+    rows = pq.read_table(out.compositional).to_pylist()
+    assert {r["benchmark"] for r in rows} == {SUGARCREPE}
+    assert out.info["compositional_missing"] == {SUGARCREPE: ["add_att"]}
+
+
+# Bad entries of every kind: (benchmark, category, entry index, replacement) -> the reason.
+BAD_ENTRIES = [
+    (SUGARCREPE, "swap_obj", 1, {"filename": "nope.jpg"}, "does not exist"),
+    (SUGARCREPE, "add_att", 2, {"filename": "../val2017/000000000001.jpg"}, "'..'"),
+    (SUGARCREPE, "add_att", 0, {"filename": "/etc/passwd"}, "absolute path"),
+    (SUGARCREPE, "replace_rel", 3, {"caption": ""}, "caption is empty"),
+    (SUGARCREPE, "replace_rel", 0, {"negative_caption": None}, "negative_caption is missing"),
+    (SUGARCREPE, "swap_att", 0, {"caption": 7}, "caption is int"),
+    (SUGARCREPE_PP, "replace_obj", 2, {"caption2": None}, "caption2 is missing"),
+    (SUGARCREPE_PP, "swap_att", 1, {"caption2": "   "}, "caption2 is empty"),
+    (SUGARCREPE_PP, "replace_att", 0, {"filename": ""}, "filename is empty"),
+]
+
+
+@pytest.mark.parametrize(("bench", "category", "index", "change", "reason"), BAD_ENTRIES)
+def test_a_bad_entry_is_named_by_file_and_entry_and_nothing_is_published(
+    world_dir: Path,
+    tmp_path: Path,
+    bench: str,
+    category: str,
+    index: int,
+    change: dict[str, Any],
+    reason: str,
+) -> None:
+    sc, pp, coco = write_fixture(tmp_path / "data")
+    path = (sc if bench == SUGARCREPE else pp) / f"{category}.json"
+    data = json.loads(path.read_text())
+    entry = data[str(index)] if bench == SUGARCREPE else data[index]
+    for key, value in change.items():
+        if value is None:
+            entry.pop(key)
+        else:
+            entry[key] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(BadRowsError) as err:
+        ingest(_config(world_dir, sc, pp, coco), None, tmp_path / "out")
+    message = str(err.value)
+    assert f"{category}.json" in message and f"entry '{index}'" in message
+    assert reason in message and "1 bad row" in message
+    skipped = ingest(_config(world_dir, sc, pp, coco, on_bad_rows="skip"), None, tmp_path / "skip")
+    assert skipped.rows["compositional"] == 4 * 12 - 1
+    rejects = pq.read_table(skipped.rejects).to_pylist()
+    assert [r["table"] for r in rejects] == ["compositional"]
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        (b"{not json", "is not a JSON file"),
+        (b'"a string"', "found str"),
+        (b"[1, 2]", "not a JSON object"),
+    ],
+)
+def test_a_file_that_is_not_the_layout_is_one_clear_error(
+    world_dir: Path, tmp_path: Path, content: bytes, error: str
+) -> None:
+    sc, pp, coco = write_fixture(tmp_path / "data")
+    (sc / "swap_obj.json").write_bytes(content)
+    with pytest.raises((SourceError, BadRowsError), match=error):
+        ingest(_config(world_dir, sc, pp, coco), None, tmp_path / "out")
+
+
+def test_a_folder_without_the_benchmark_files_is_refused(world_dir: Path, tmp_path: Path) -> None:
+    _, pp, coco = write_fixture(tmp_path / "data")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceError, match=r"expected one or more of add_att\.json"):
+        ingest(_config(world_dir, empty, pp, coco), None, tmp_path / "out")
+    with pytest.raises(SourceError, match="does not exist"):
+        ingest(_config(world_dir, tmp_path / "absent", pp, coco), None, tmp_path / "out2")
