@@ -676,6 +676,8 @@ def evaluate_model(
     metrics.update(compositional.metrics(comp_scores))
     metrics["items_per_s"] = stats.metrics()["items_per_s"]
     metrics["reused_items"] = len(reused)
+    if comp_rows:
+        metrics["reused_compositional_items"] = len(comp_reused)
     metrics.update(checks)
     model_name = "zero-shot" if adapter is None else f"adapter {adapter.fingerprint[:8]}"
     summary = (

@@ -26,7 +26,7 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 
 from embedder.artifacts import Manifest
-from embedder.report import CATEGORY_COLUMNS, COLUMNS, SHORT
+from embedder.report import CATEGORY_COLUMNS, COLUMNS, COMPOSITIONAL_COLUMNS, SHORT
 from tasks.tracking import Tracker
 
 log = logging.getLogger("gen2embed.stage")
@@ -155,8 +155,9 @@ def score_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
     """The `scores` artifact's rows from report table.json: the row's name, then the table's
     columns in its order (embedder.report.COLUMNS), strict P@1 and the tie rate overall, P@1
     among same-category candidates and the category-level accuracy overall (None without
-    candidate categories), each rounded to the table's 3 decimals, and pairs per fine-tuning
-    step (None for a row that fine-tuned nothing)."""
+    candidate categories), with a compositional table its means (SC, SC++itt, SC++tot), each
+    rounded to the table's 3 decimals, and pairs per fine-tuning step (None for a row that
+    fine-tuned nothing)."""
     out = []
     for name, row in table["rows"].items():
         cells: dict[str, Any] = {"row": name}
@@ -168,6 +169,10 @@ def score_rows(table: dict[str, Any]) -> list[dict[str, Any]]:
         for header, key, _ in CATEGORY_COLUMNS:
             value = row.get(key, {}).get("overall")
             cells[header] = None if value is None else round(value, 3)
+        found = row.get("compositional", {})
+        for header, bench, score in COMPOSITIONAL_COLUMNS:
+            if bench in found:
+                cells[header] = round(found[bench]["mean"][score], 3)
         pairs = row.get("pairs_per_step")
         cells["pairs"] = None if pairs is None else round(pairs, 1)
         out.append(cells)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from embedder import compositional
 from embedder.config import EvaluateConfig, ModelConfig
 from embedder.datasets.ingest import ingest as ingest_tables
 from embedder.datasets.ingest import source_inputs
@@ -38,9 +39,18 @@ def scores(report: EvalReport) -> dict[str, float]:
     overall tie rate (`tie_rate.overall`), so a collapsed model's high `p1` shows for what it
     is, and where the eval set names candidate categories P@1 among same-category candidates
     and the category-level accuracy overall (`p1_same_category.overall`,
-    `category_accuracy.overall`). Conventions: embedder.evaluate."""
+    `category_accuracy.overall`), and with a compositional table SugarCrepe's and
+    SugarCrepe++'s means (`sugarcrepe.itt.mean`, `sugarcrepe_pp.itt.mean`,
+    `sugarcrepe_pp.tot.mean`, strict views beside). Conventions: embedder.evaluate,
+    embedder.compositional."""
     wanted = [f"{name}.{k}" for name in ("p1", "p1_strict") for k in AGGREGATES]
     beside = ["tie_rate.overall", "p1_same_category.overall", "category_accuracy.overall"]
+    beside += [
+        f"{bench}.{s}{view}.mean"
+        for bench, found in compositional.SCORES.items()
+        for s in found
+        for view in ("", "_strict")
+    ]
     return {k: report.metrics[k] for k in [*wanted, *beside] if k in report.metrics}
 
 

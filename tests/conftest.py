@@ -32,6 +32,7 @@ SMALL_WORLD = {
     "eval_queries": 8,
     "eval_candidates": 6,
     "same_category_negatives": 2,
+    "compositional_rows": 3,
 }
 SMALL_WORLD_OVERRIDES = [f"world.{k}={v}" for k, v in SMALL_WORLD.items()]
 # Seconds-long model stages: enough to exercise every code path, not to learn anything.

@@ -28,6 +28,7 @@ from embedder.datasets.schema import COMPOSITIONAL_SCHEMA
 from embedder.datasets.sources import SourceError
 from embedder.evaluate import TIE_EPS
 from embedder.model.prompts import CAPTION_PROMPT
+from embedder.outputs import Tables
 
 
 def unit(*xs: float) -> np.ndarray:
@@ -224,9 +225,14 @@ def _config(world: Path, sc: Path | None, pp: Path | None, coco: Path, **kw: Any
     )
 
 
+def _run(config: IngestConfig, out: Path) -> Tables:
+    out.mkdir(parents=True)
+    return ingest(config, None, out)
+
+
 def test_both_layouts_ingest_into_one_table(world_dir: Path, tmp_path: Path) -> None:
     sc, pp, coco = write_fixture(tmp_path / "data")
-    out = ingest(_config(world_dir, sc, pp, coco), None, tmp_path / "out")
+    out = _run(_config(world_dir, sc, pp, coco), tmp_path / "out")
     table = pq.read_table(out.compositional)
     assert table.schema.equals(COMPOSITIONAL_SCHEMA, check_metadata=False)
     rows = table.to_pylist()
@@ -247,7 +253,7 @@ def test_both_layouts_ingest_into_one_table(world_dir: Path, tmp_path: Path) -> 
     assert second["subset"] == "SugarCrepe++/replace_rel"
     assert {r["group"] for r in rows if r["benchmark"] == SUGARCREPE_PP} == {"replace", "swap"}
     # File order within a category; ids are content hashes, stable across ingests.
-    again = ingest(_config(world_dir, sc, pp, coco), None, tmp_path / "again")
+    again = _run(_config(world_dir, sc, pp, coco), tmp_path / "again")
     assert pq.read_table(again.compositional)["id"].to_pylist() == table["id"].to_pylist()
 
 
@@ -256,7 +262,7 @@ def test_one_benchmark_alone_and_missing_categories_are_reported(
 ) -> None:
     sc, _, coco = write_fixture(tmp_path / "data")
     (sc / "add_att.json").unlink()
-    out = ingest(_config(world_dir, sc, None, coco), None, tmp_path / "out")
+    out = _run(_config(world_dir, sc, None, coco), tmp_path / "out")
     rows = pq.read_table(out.compositional).to_pylist()
     assert {r["benchmark"] for r in rows} == {SUGARCREPE}
     assert out.info["compositional_missing"] == {SUGARCREPE: ["add_att"]}
@@ -264,7 +270,7 @@ def test_one_benchmark_alone_and_missing_categories_are_reported(
 
 # Bad entries of every kind: (benchmark, category, entry index, replacement) -> the reason.
 BAD_ENTRIES = [
-    (SUGARCREPE, "swap_obj", 1, {"filename": "nope.jpg"}, "does not exist"),
+    (SUGARCREPE, "swap_obj", 1, {"filename": "nope.jpg"}, "not found"),
     (SUGARCREPE, "add_att", 2, {"filename": "../val2017/000000000001.jpg"}, "'..'"),
     (SUGARCREPE, "add_att", 0, {"filename": "/etc/passwd"}, "absolute path"),
     (SUGARCREPE, "replace_rel", 3, {"caption": ""}, "caption is empty"),
@@ -297,11 +303,11 @@ def test_a_bad_entry_is_named_by_file_and_entry_and_nothing_is_published(
             entry[key] = value
     path.write_text(json.dumps(data))
     with pytest.raises(BadRowsError) as err:
-        ingest(_config(world_dir, sc, pp, coco), None, tmp_path / "out")
+        _run(_config(world_dir, sc, pp, coco), tmp_path / "out")
     message = str(err.value)
     assert f"{category}.json" in message and f"entry '{index}'" in message
     assert reason in message and "1 bad row" in message
-    skipped = ingest(_config(world_dir, sc, pp, coco, on_bad_rows="skip"), None, tmp_path / "skip")
+    skipped = _run(_config(world_dir, sc, pp, coco, on_bad_rows="skip"), tmp_path / "skip")
     assert skipped.rows["compositional"] == 4 * 12 - 1
     rejects = pq.read_table(skipped.rejects).to_pylist()
     assert [r["table"] for r in rejects] == ["compositional"]
@@ -321,7 +327,7 @@ def test_a_file_that_is_not_the_layout_is_one_clear_error(
     sc, pp, coco = write_fixture(tmp_path / "data")
     (sc / "swap_obj.json").write_bytes(content)
     with pytest.raises((SourceError, BadRowsError), match=error):
-        ingest(_config(world_dir, sc, pp, coco), None, tmp_path / "out")
+        _run(_config(world_dir, sc, pp, coco), tmp_path / "out")
 
 
 def test_a_folder_without_the_benchmark_files_is_refused(world_dir: Path, tmp_path: Path) -> None:
@@ -329,6 +335,125 @@ def test_a_folder_without_the_benchmark_files_is_refused(world_dir: Path, tmp_pa
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SourceError, match=r"expected one or more of add_att\.json"):
-        ingest(_config(world_dir, empty, pp, coco), None, tmp_path / "out")
+        _run(_config(world_dir, empty, pp, coco), tmp_path / "out")
     with pytest.raises(SourceError, match="does not exist"):
-        ingest(_config(world_dir, tmp_path / "absent", pp, coco), None, tmp_path / "out2")
+        _run(_config(world_dir, tmp_path / "absent", pp, coco), tmp_path / "out2")
+
+
+# ------------------------------------------------------------------- prompts and evaluation
+
+SYSTEM = (
+    "Given an image, summarize the provided image in one word. "
+    "Given only text, describe the text in one word."
+)
+IMAGE_INPUT = (
+    "<|im_start|>system\n" + SYSTEM + "<|im_end|>\n"
+    "<|im_start|>user\n<|image_pad|><|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+CAPTION_INPUT = (
+    "<|im_start|>system\n" + SYSTEM + "<|im_end|>\n"
+    "<|im_start|>user\nFind me an image that matches the given caption: A dog sits on a bench."
+    "\nRepresent the given text in one word.<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
+def test_the_authors_prompts_character_for_character_and_as_documented() -> None:
+    from embedder.embed import ItemBuilder
+    from embedder.model.prompts import DEFAULT_STRINGS
+
+    build = ItemBuilder("hierarchical", "<|image_pad|>", DEFAULT_STRINGS)
+    row = {
+        "image": "000000000001.jpg",
+        "caption": "A dog sits on a bench.",
+        "caption2": "A bench with a dog sitting on it.",
+        "negative": "A cat sits on a bench.",
+    }
+    items = build.compositional_row(row)
+    assert items["image"] is not None and items["caption"] is not None
+    assert (items["image"].text, items["image"].image) == (IMAGE_INPUT, row["image"])
+    assert (items["caption"].text, items["caption"].image) == (CAPTION_INPUT, "")
+    assert items["negative"].text == CAPTION_INPUT.replace("A dog", "A cat")  # type: ignore[union-attr]
+    assert items["caption2"].text.count(CAPTION_PROMPT + row["caption2"] + "\n") == 1  # type: ignore[union-attr]
+    assert build.compositional_row({**row, "caption2": None})["caption2"] is None
+    # docs/method.md section 8 shows the same two inputs.
+    docs = (Path(__file__).parents[1] / "docs" / "method.md").read_text()
+    assert IMAGE_INPUT in docs and CAPTION_INPUT in docs
+
+
+def _world_tables(world_dir: Path, out: Path) -> Tables:
+    root = world_dir / "compositional"
+    cfg = IngestConfig(
+        source="mmeb",
+        train_dir=world_dir / "train",
+        train_images=world_dir / "train_images",
+        eval_dir=world_dir / "eval",
+        eval_images=world_dir / "eval_images",
+        train_subsets=["ShapeClass"],
+        eval_subsets=["ShapeClass"],
+        sugarcrepe_dir=root / "sugarcrepe",
+        sugarcrepe_pp_dir=root / "sugarcrepe_pp",
+        compositional_images=root / "images",
+    )
+    return _run(cfg, out)
+
+
+def test_evaluation_scores_each_row_from_its_own_vectors_embedding_shared_items_once(
+    world_dir: Path, generator: Any, tmp_path: Path
+) -> None:
+    from embedder.config import EmbedConfig, EvaluateConfig, ModelConfig
+    from embedder.embed import ItemBuilder
+    from embedder.evaluate import compositional_rows, evaluate_model
+    from embedder.model.shards import load_embeddings
+
+    tables = _world_tables(world_dir, tmp_path / "ingest")
+    embed = EmbedConfig(num_workers=0, image_side=64)
+    cfg = EvaluateConfig(max_queries=2, image_mode="fixed", image_side=64)
+    stage = tmp_path / "evaluate"
+    first = evaluate_model(ModelConfig(), embed, cfg, tables, generator, None, stage / "a")
+    report = json.loads(first.report.read_text())["compositional"]
+    rows = compositional_rows(tables, cfg.max_queries)
+    assert len(rows) == 2 * 12 == first.rows["compositional_rows"]
+    # Recompute every row's judgement from the stored vectors, the benchmarks' way (`>`).
+    keys, matrix = load_embeddings(first.folder / "compositional")
+    vec = dict(zip(keys, matrix, strict=True))
+    build = ItemBuilder("hierarchical", "<|image_pad|>", embed)
+    expected: dict[tuple[str, str], list[bool]] = {}
+    for row in rows:
+        items = build.compositional_row(row)
+        img, cap, neg = (vec[items[k].key] for k in ("image", "caption", "negative"))  # type: ignore[union-attr]
+        ok = bool(img @ cap > img @ neg)
+        if row["benchmark"] == SUGARCREPE_PP:
+            cap2 = vec[items["caption2"].key]  # type: ignore[union-attr]
+            ok = ok and bool(img @ cap2 > img @ neg)
+        expected.setdefault((row["benchmark"], row["category"]), []).append(ok)
+    for (bench, category), oks in expected.items():
+        got = report[bench]["categories"][category]
+        assert got["rows"] == len(oks)
+        assert got["itt_strict"] == pytest.approx(np.mean(oks), abs=1e-9)
+    assert set(report) == {SUGARCREPE, SUGARCREPE_PP}
+    assert set(report[SUGARCREPE]["groups"]) == {"add", "replace", "swap"}
+    assert first.metrics["sugarcrepe.itt.mean"] == report[SUGARCREPE]["mean"]["itt"]
+    assert "sugarcrepe_pp.tot_strict.swap_att" in first.metrics
+    # SugarCrepe++ shares its images, captions and negatives with SugarCrepe: embedded once.
+    items, _ = build.compositional_table(rows)
+    assert len(vec) == len({it.key for it in items}) < len(items)
+    # Another evaluation of the same model reuses them all; the scores are the same.
+    again = evaluate_model(ModelConfig(), embed, cfg, tables, generator, None, stage / "b")
+    assert again.metrics["reused_compositional_items"] == len(vec)
+    assert json.loads(again.report.read_text())["compositional"] == report
+
+
+def test_without_a_compositional_table_the_report_has_none(
+    tables: Tables, generator: Any, tmp_path: Path
+) -> None:
+    from embedder.config import EmbedConfig, EvaluateConfig, ModelConfig
+    from embedder.evaluate import evaluate_model
+
+    embed = EmbedConfig(num_workers=0, image_side=64)
+    cfg = EvaluateConfig(max_queries=2, image_mode="fixed", image_side=64)
+    out = evaluate_model(ModelConfig(), embed, cfg, tables, generator, None, tmp_path / "a")
+    assert json.loads(out.report.read_text())["compositional"] == {}
+    assert not any(k.startswith("sugarcrepe") for k in out.metrics)
+    assert not (out.folder / "compositional").exists()

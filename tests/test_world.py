@@ -163,3 +163,100 @@ def test_grounding_hard_negatives_differ_in_the_object_not_in_where_they_were_cu
             assert abs(target - other) > 50, "the two sides' crops differ in the cue"
             for p in paths[2 : 2 + hard]:
                 assert abs(top_blue(p) - target) < 15, (subset, row["qry_text"], p)
+
+
+COLOURS = {c.colour for c in CATEGORIES}
+NAMES = {c.name for c in CATEGORIES}
+WHERE = {"left", "centre", "right"}
+
+
+def _changed(a: str, b: str) -> tuple[list[str], list[str]]:
+    """The words of `a` and of `b` that are not at the same place in the other."""
+    wa, wb = a.rstrip(".").split(), b.rstrip(".").split()
+    if len(wa) != len(wb):
+        return wa, wb
+    pairs = [(x, y) for x, y in zip(wa, wb, strict=True) if x != y]
+    return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def _differs_as_named(category: str, caption_text: str, negative: str) -> bool:
+    """Whether the negative differs from the caption in what `category` names, and only
+    there (the world's compositional set, embedder.world.compositional_entry)."""
+    old, new = _changed(caption_text, negative)
+    if category == "replace_obj":
+        return len(old) == 1 and {old[0], new[0]} <= NAMES
+    if category == "replace_att":
+        return len(old) == 1 and (
+            {old[0], new[0]} <= COLOURS or {old[0], new[0]} <= {"small", "large"}
+        )
+    if category == "replace_rel":
+        return (
+            len(old) >= 1
+            and (set(old) | set(new)) & WHERE
+            and set(caption_text.split()) != set(negative.split())
+        )
+    if category == "add_obj":
+        added = negative.rstrip(".")[len(caption_text.rstrip(".")) :].split()
+        return (
+            negative.startswith(caption_text.rstrip("."))
+            and added[0] == "and"
+            and added[-1] in NAMES
+        )
+    if category == "add_att":
+        # One size word more ("an orange star" -> "a small orange star": the article follows).
+        extra = set(negative.split()) - set(caption_text.split())
+        sizes = extra & {"small", "large"}
+        longer = len(negative.split()) == len(caption_text.split()) + 1
+        return longer and len(sizes) == 1 and extra - sizes <= {"a", "an"}
+    # swaps: the same words, in another order
+    return sorted(caption_text.split()) == sorted(negative.split()) and caption_text != negative
+
+
+def test_the_compositional_set_in_both_published_layouts(world_dir: Path) -> None:
+    from embedder.compositional import CATEGORIES as BENCH
+
+    root = world_dir / "compositional"
+    n = SMALL_WORLD["compositional_rows"]
+    sc = {
+        c: json.loads((root / "sugarcrepe" / f"{c}.json").read_text()) for c in BENCH["sugarcrepe"]
+    }
+    pp = {
+        c: json.loads((root / "sugarcrepe_pp" / f"{c}.json").read_text())
+        for c in BENCH["sugarcrepe_pp"]
+    }
+    for category, entries in sc.items():
+        assert list(entries) == [str(i) for i in range(n)]  # an object keyed "0", "1", ...
+        for e in entries.values():
+            assert set(e) == {"filename", "caption", "negative_caption"}
+            assert (root / "images" / e["filename"]).is_file()
+            assert _differs_as_named(category, e["caption"], e["negative_caption"]), e
+    for category, items in pp.items():
+        assert [e["id"] for e in items] == list(range(n))  # a list
+        for e, same in zip(items, sc[category].values(), strict=True):
+            assert set(e) == {"id", "filename", "caption", "caption2", "negative_caption"}
+            # One row for both benchmarks, as SugarCrepe++ was built from SugarCrepe.
+            assert {k: e[k] for k in same} == same
+            assert e["caption2"] != e["caption"]
+            # The second caption fits the image: the same objects, sizes and sides.
+            words = set(e["caption2"].rstrip(".").split())
+            assert words & NAMES == set(e["caption"].rstrip(".").split()) & NAMES
+
+
+@pytest.mark.parametrize(
+    "category",
+    ["add_att", "add_obj", "replace_att", "replace_obj", "replace_rel", "swap_att", "swap_obj"],
+)
+def test_each_kind_of_negative_over_many_rows(category: str) -> None:
+    import random
+
+    rng = random.Random(category)
+    kinds = set()
+    for i in range(60):
+        scenes, texts = world.compositional_entry(category, i, rng)
+        assert len(scenes) == (2 if category.startswith("swap") else 1)
+        assert _differs_as_named(category, texts["caption"], texts["negative_caption"]), texts
+        kinds.add(tuple(_changed(texts["caption"], texts["negative_caption"])[0][:1]))
+    if category == "replace_att":  # colours and sizes both
+        assert any(k and k[0] in COLOURS for k in kinds) and any(
+            k and k[0] in {"small", "large"} for k in kinds
+        )
