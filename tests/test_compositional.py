@@ -379,7 +379,7 @@ def test_the_authors_prompts_character_for_character_and_as_documented() -> None
     assert build.compositional_row({**row, "caption2": None})["caption2"] is None
     # docs/method.md section 8 shows the same two inputs.
     docs = (Path(__file__).parents[1] / "docs" / "method.md").read_text()
-    assert IMAGE_INPUT in docs and CAPTION_INPUT in docs
+    assert IMAGE_INPUT + "```" in docs and CAPTION_INPUT + "```" in docs
 
 
 def _world_tables(world_dir: Path, out: Path) -> Tables:
@@ -457,3 +457,124 @@ def test_without_a_compositional_table_the_report_has_none(
     assert json.loads(out.report.read_text())["compositional"] == {}
     assert not any(k.startswith("sugarcrepe") for k in out.metrics)
     assert not (out.folder / "compositional").exists()
+
+
+# ------------------------------------------------------------------ settings and fingerprint
+
+PAPER = ["ingest.train_dir=/d/train", "ingest.train_images=/d/img"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        (["ingest.sugarcrepe_dir=/d/sc"], "ingest.compositional_images is not"),
+        (["ingest.sugarcrepe_pp_dir=/d/pp"], "ingest.compositional_images is not"),
+        (["ingest.compositional_images=/d/coco"], "neither ingest.sugarcrepe_dir"),
+    ],
+)
+def test_settings_that_cannot_apply_are_errors_naming_both_keys(
+    overrides: list[str], error: str
+) -> None:
+    from embedder.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=error):
+        load_config("qwen2vl-2b", overrides=PAPER + overrides)
+    # The world has its own set: pointing it at SugarCrepe's files does nothing, so it is refused.
+    with pytest.raises(ConfigError, match=r"sugarcrepe_dir does nothing with ingest.source=world"):
+        load_config("tiny", overrides=["ingest.sugarcrepe_dir=/d/sc"])
+
+
+def test_off_by_default_in_the_paper_presets_on_in_the_world() -> None:
+    from embedder.config import load_config
+
+    paper = load_config("qwen2vl-2b", overrides=PAPER)
+    assert paper.ingest.sugarcrepe_dir is None and paper.ingest.compositional_images is None
+    both = load_config(
+        "qwen2vl-2b",
+        overrides=[
+            *PAPER,
+            "ingest.sugarcrepe_dir=/d/sc",
+            "ingest.sugarcrepe_pp_dir=/d/pp",
+            "ingest.compositional_images=/d/coco",
+        ],
+    )
+    assert both.ingest.sugarcrepe_pp_dir == Path("/d/pp")
+    assert load_config("tiny").world.compositional_rows > 0
+    assert (
+        load_config("tiny", overrides=["world.compositional_rows=0"]).world.compositional_rows == 0
+    )
+
+
+def test_new_or_changed_benchmark_files_change_ingest_s_inputs(
+    world_dir: Path, tmp_path: Path
+) -> None:
+    import os
+
+    from embedder.datasets.ingest import check_sources, source_inputs
+
+    sc, pp, coco = write_fixture(tmp_path / "data")
+    cfg = _config(world_dir, sc, pp, coco)
+    check_sources(cfg)
+    before = source_inputs(cfg)
+    assert str((sc / "swap_att.json").resolve()) in before
+    assert f"images:{coco.resolve()}" in before
+    path = pp / "replace_rel.json"
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    changed = source_inputs(cfg)
+    assert changed != before and changed[str(path.resolve())] != before[str(path.resolve())]
+    _png(coco / "000000000099.jpg")
+    assert source_inputs(cfg)[f"images:{coco.resolve()}"] != changed[f"images:{coco.resolve()}"]
+    with pytest.raises(SourceError, match="does not exist"):
+        check_sources(_config(world_dir, sc, pp, tmp_path / "no-coco"))
+    with pytest.raises(SourceError, match="SugarCrepe\\+\\+ folder"):
+        check_sources(_config(world_dir, sc, tmp_path / "no-pp", coco))
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def _report(comp: dict[str, Any]) -> dict[str, Any]:
+    agg = {"classification": 0.5, "ind": 0.5, "overall": 0.5, "outside_mmeb": []}
+    return {
+        "aggregate": agg,
+        "aggregate_strict": {"overall": 0.5},
+        "aggregate_tie_rate": {"overall": 0.0},
+        "chance": {"A": 0.25},
+        "meta": {"A": ["classification", "ind"]},
+        "tie_warning": {"threshold": 0.5, "subsets": []},
+        "compositional": comp,
+    }
+
+
+def _found(bench: str, **means: float) -> dict[str, Any]:
+    mean = {k: v for s, v in means.items() for k in (s, f"{s}_strict")}
+    return {"categories": {}, "groups": {}, "mean": mean, "chance": CHANCE[bench]}
+
+
+def test_the_table_shows_the_compositional_columns_only_with_a_compositional_table() -> None:
+    from embedder.config import TableRow
+    from embedder.outputs import EvalReport
+    from embedder.report import RowResult, table_lines
+
+    rows = [
+        RowResult(
+            TableRow(name=n, template="hierarchical", negatives="none"),
+            EvalReport(folder=Path(n)),
+            None,
+        )
+        for n in ("a", "b")
+    ]
+    both = {
+        SUGARCREPE: _found(SUGARCREPE, itt=0.75),
+        SUGARCREPE_PP: _found(SUGARCREPE_PP, itt=0.625, tot=0.875),
+    }
+    lines = table_lines(rows, [_report(both), _report({SUGARCREPE: _found(SUGARCREPE, itt=0.5)})])
+    head = lines[0].split()
+    assert head[-4:] == ["SC", "SC++itt", "SC++tot", "pairs"]
+    chance = lines[1].split()
+    assert chance[-4:] == ["0.500", "0.333", "0.333", "-"]
+    assert lines[2].split()[-4:] == ["0.750", "0.625", "0.875", "-"]
+    assert lines[3].split()[-4:] == ["0.500", "-", "-", "-"]  # a row without SugarCrepe++
+    assert any(line.startswith("SC: SugarCrepe image-to-text") for line in lines)
+    plain = table_lines(rows[:1], [_report({})])
+    assert "SC" not in plain[0].split() and not any(line.startswith("SC:") for line in plain)
