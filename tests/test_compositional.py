@@ -273,6 +273,8 @@ BAD_ENTRIES = [
     (SUGARCREPE, "swap_obj", 1, {"filename": "nope.jpg"}, "not found"),
     (SUGARCREPE, "add_att", 2, {"filename": "../val2017/000000000001.jpg"}, "'..'"),
     (SUGARCREPE, "add_att", 0, {"filename": "/etc/passwd"}, "absolute path"),
+    (SUGARCREPE, "add_obj", 1, {"filename": "._000000000001.jpg"}, "macOS '._' metadata file"),
+    (SUGARCREPE_PP, "swap_obj", 3, {"filename": "escape.jpg"}, "resolves outside the images root"),
     (SUGARCREPE, "replace_rel", 3, {"caption": ""}, "caption is empty"),
     (SUGARCREPE, "replace_rel", 0, {"negative_caption": None}, "negative_caption is missing"),
     (SUGARCREPE, "swap_att", 0, {"caption": 7}, "caption is int"),
@@ -293,6 +295,8 @@ def test_a_bad_entry_is_named_by_file_and_entry_and_nothing_is_published(
     reason: str,
 ) -> None:
     sc, pp, coco = write_fixture(tmp_path / "data")
+    _png(tmp_path / "outside.jpg")
+    (coco / "escape.jpg").symlink_to(tmp_path / "outside.jpg")  # a link out of the root
     path = (sc if bench == SUGARCREPE else pp) / f"{category}.json"
     data = json.loads(path.read_text())
     entry = data[str(index)] if bench == SUGARCREPE else data[index]

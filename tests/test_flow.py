@@ -264,6 +264,12 @@ def test_full_tiny_pipeline_produces_the_six_row_table(tmp_path: Path) -> None:
         # The parent carries every row's headline, so whole runs compare in MLflow.
         assert parent.data.metrics[f"{row}/p1.overall"] == overall
         assert f"{row}/p1.classification" in parent.data.metrics
+        # The world's compositional set: the SC column is the row's SugarCrepe mean.
+        sc = by_name[row][0].data.metrics["evaluate.sugarcrepe.itt.mean"]
+        assert float(line.split()[table[0].split().index("SC")]) == pytest.approx(sc, abs=5e-4)
+        assert parent.data.metrics[f"{row}/sugarcrepe.itt.mean"] == sc
+        assert f"{row}/sugarcrepe_pp.tot_strict.mean" in parent.data.metrics
+        assert "evaluate.sugarcrepe_pp.itt.swap_att" in by_name[row][0].data.metrics
     mine_saha = by_name["saha-hierarchical"][0].data.metrics["mine.planted_fn_rate.saha"]
     assert parent.data.metrics["saha-hierarchical/planted_fn_rate"] == mine_saha
     assert "zeroshot-plain/planted_fn_rate" not in parent.data.metrics  # no mining there

@@ -166,8 +166,10 @@ def test_the_parent_run_s_headline_carries_the_category_columns_where_defined(
     if with_categories:
         metrics |= {"p1_same_category.overall": 0.3, "category_accuracy.overall": 0.9}
     metrics["p1_same_category.ShapeRef"] = 0.2  # per subset: on the row run only
+    compositional = {"sugarcrepe.itt.mean": 0.6, "sugarcrepe_pp.tot_strict.mean": 0.2}
+    metrics |= compositional | {"sugarcrepe.itt.swap_att": 0.5}  # per category: row run only
     got = scores(EvalReport(folder=tmp_path, metrics=metrics))
-    expected = {"p1.overall", "p1_strict.overall", "tie_rate.overall"}
+    expected = {"p1.overall", "p1_strict.overall", "tie_rate.overall", *compositional}
     if with_categories:
         expected |= {"p1_same_category.overall", "category_accuracy.overall"}
     assert set(got) == expected
