@@ -20,9 +20,12 @@ each run's `table.json` and the mining diagnostics, and prints:
   construction within clusters; planted pairs in two clusters of one step still meet in
   the global batch, and the removed pairs train nowhere, so the oracle row bounds a perfect
   in-cluster filter, not a perfect loss);
+- which orderings of docs/method.md hold on every seed, on average, or not;
+- per row, the compositional columns of the world's SugarCrepe / SugarCrepe++ set (SC,
+  SC++itt, SC++tot: docs/method.md section 8) with chance, and whether SaHa beats in-batch
+  and hierarchical beats plain on SugarCrepe.
 
 Each workdir holds one configuration: the newest report and mine outputs are read.
-- which orderings of docs/method.md hold on every seed, on average, or not.
 
     .venv/bin/python bench/paper_table.py [--seeds 0,1,2] [--workdir bench/.paper_table]
         [--preset tiny] [--no-oracle] [--json bench/.paper_table/summary.json]
@@ -42,8 +45,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from embedder.compositional import CHANCE
 from embedder.config import TableRow, load_config
-from embedder.report import COLUMNS, SHORT
+from embedder.report import COLUMNS, COMPOSITIONAL_COLUMNS, SHORT
 
 ROOT = Path(__file__).resolve().parent.parent
 ORACLE = TableRow(name="saha-oracle", template="hierarchical", negatives="saha_oracle")
@@ -55,6 +59,39 @@ ORDERINGS = [
     ("a perfect FN filter lifts SaHa (oracle bound)", "saha-oracle", "saha-hierarchical"),
 ]
 FN_STRATEGIES = ("saha", "topk", "topk_margin", "in_batch", "saha_oracle")
+# The orderings asked of SugarCrepe's image-to-text accuracy (the SC column).
+COMPOSITIONAL_ORDERINGS = [
+    ("hierarchical > plain (zero-shot, SugarCrepe)", "zeroshot-hierarchical", "zeroshot-plain"),
+    ("SaHa > in-batch (SugarCrepe)", "saha-hierarchical", "inbatch-hierarchical"),
+]
+
+
+def compositional_means(row: dict[str, Any]) -> dict[str, float]:
+    """The SC, SC++itt and SC++tot means of one table.json row (NaN for a benchmark the
+    row's eval set lacks)."""
+    found = row.get("compositional", {})
+    return {
+        header: found[bench]["mean"][score] if bench in found else float("nan")
+        for header, bench, score in COMPOSITIONAL_COLUMNS
+    }
+
+
+def ordering(diff: np.ndarray) -> tuple[str, str]:
+    """The verdict on per-seed differences (better - worse) and its line: held on every
+    seed, on average only, or not; the seeds it held on, each difference, mean +- SE."""
+    held = int((diff > 0).sum())
+    verdict = (
+        "holds on every seed"
+        if held == len(diff)
+        else "holds on average only"
+        if diff.mean() > 0
+        else "does not hold"
+    )
+    per_seed = ", ".join(f"{d:+.3f}" for d in diff)
+    se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    return verdict, (
+        f"{verdict} ({held}/{len(diff)} seeds; {per_seed}; mean {diff.mean():+.3f} +- {se:.3f})"
+    )
 
 
 def rows_setting(preset: str, extra: list[str], oracle: bool) -> list[str]:
@@ -195,21 +232,29 @@ def main() -> None:
         if better not in values or worse not in values:
             continue
         diff = values[better]["overall"] - values[worse]["overall"]
-        held = int((diff > 0).sum())
-        verdict = (
-            "holds on every seed"
-            if held == len(diff)
-            else "holds on average only"
-            if diff.mean() > 0
-            else "does not hold"
-        )
-        per_seed = ", ".join(f"{d:+.3f}" for d in diff)
-        se = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else 0.0
-        print(
-            f"  {label}: {verdict} ({held}/{len(diff)} seeds; {per_seed}; "
-            f"mean {diff.mean():+.3f} +- {se:.3f})"
-        )
+        verdict, line = ordering(diff)
+        print(f"  {label}: {line}")
         out["orderings"][label] = {"verdict": verdict, "per_seed": diff.tolist()}
+    comp = {row: [compositional_means(t["rows"][row]) for t in tables.values()] for row in rows}
+    headers = [h for h, _, _ in COMPOSITIONAL_COLUMNS]
+    if any(not np.isnan(c[h]) for per_seed in comp.values() for c in per_seed for h in headers):
+        print("\nCompositional (the world's SugarCrepe / SugarCrepe++ set; mean +- SE):")
+        print(f"{'row':{width}s}" + "".join(f"{h:>14s}" for h in headers))
+        chances = {h: CHANCE[b][s] for h, b, s in COMPOSITIONAL_COLUMNS}
+        print(f"{'(chance)':{width}s}" + "".join(f"{chances[h]:14.3f}" for h in headers))
+        for row in rows:
+            for h in headers:
+                values[row][h] = np.array([c[h] for c in comp[row]])
+            print(f"{row:{width}s}" + "".join(f"{mean_se(values[row][h]):>14s}" for h in headers))
+            out["rows"][row].update({h: values[row][h].tolist() for h in headers})
+        for label, better, worse in COMPOSITIONAL_ORDERINGS:
+            if better in values and worse in values and "SC" in values[better]:
+                verdict, line = ordering(values[better]["SC"] - values[worse]["SC"])
+                print(f"  {label}: {line}")
+                out["orderings"][label] = {
+                    "verdict": verdict,
+                    "per_seed": (values[better]["SC"] - values[worse]["SC"]).tolist(),
+                }
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

@@ -30,6 +30,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from flows.user_errors import BUSY_MACHINE, BusyMachine
 
 APP = "prefect.server.api.server:create_app"
@@ -200,8 +202,10 @@ def temporary_prefect_server(log_file: Path) -> Iterator[str]:
     """Start Prefect's API server for this run and yield its API URL, Prefect's settings
     pointing at it meanwhile (PREFECT_API_URL; PREFECT_UI_URL empty, as no UI serves it, so
     nothing links to a page that will not exist); the environment says the same to child
-    processes. On exit, however it comes (an error, Ctrl-C, SIGTERM), the logs and events
-    still queued are sent and the server is stopped."""
+    processes. Servers of one workdir (one `log_file`) start one at a time, under the file
+    lock `<log_file>.start.lock`; BusyMachine when the lock or the server takes longer than
+    Prefect's ephemeral start-up timeout. On exit, however it comes (an error, Ctrl-C,
+    SIGTERM), the logs and events still queued are sent and the server is stopped."""
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
@@ -211,7 +215,15 @@ def temporary_prefect_server(log_file: Path) -> Iterator[str]:
 
     log_file.parent.mkdir(parents=True, exist_ok=True)
     timeout_s = float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
-    proc, api_url = _start_healthy(log_file, timeout_s)
+    # Runs of one workdir share its database. A server's start-up writes to it (Prefect
+    # registers its block types), and two starting at once race there: the slower one dies
+    # on "UNIQUE constraint failed: block_type.slug". So they start one after the other; once
+    # a server answers, it only reads and writes what its own run does.
+    try:
+        with FileLock(log_file.with_name(log_file.name + ".start.lock")).acquire(timeout_s):
+            proc, api_url = _start_healthy(log_file, timeout_s)
+    except Timeout:
+        raise BusyMachine(BUSY_MACHINE) from None
     try:
         with (
             _environ({"PREFECT_API_URL": api_url, "PREFECT_UI_URL": ""}),

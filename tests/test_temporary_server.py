@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -132,6 +133,49 @@ def test_a_server_too_slow_to_start_is_the_busy_machine_message_and_is_stopped(
     monkeypatch.setattr(cli, "cmd_stages", slow_start)
     assert cli.main(["stages", "--workdir", str(tmp_path)]) == 3
     assert capsys.readouterr().err.strip() == f"gen2embed: {BUSY_MACHINE}"
+
+
+def test_runs_of_one_workdir_start_their_servers_one_at_a_time(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Servers starting together on one database race on its block types (UNIQUE constraint
+    failed: block_type.slug): they start under one lock, and each comes up."""
+    import threading
+
+    spans: list[tuple[float, float]] = []
+    real = temporary_server._start_healthy
+
+    def timed(log_file: Path, timeout_s: float) -> tuple[object, str]:
+        began = time.monotonic()
+        got = real(log_file, timeout_s)
+        spans.append((began, time.monotonic()))
+        return got
+
+    monkeypatch.setattr(temporary_server, "_start_healthy", timed)
+    urls: list[str] = []
+    failures: list[BaseException] = []
+    release = threading.Event()
+
+    def run() -> None:
+        try:
+            with temporary_prefect_server(tmp_path / "logs" / "prefect-server.log") as url:
+                urls.append(url)
+                release.wait(120)
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while len(urls) + len(failures) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    release.set()
+    for t in threads:
+        t.join(60)
+    assert failures == [] and len(set(urls)) == 3
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), "starts overlapped"
 
 
 def test_only_public_prefect_names_are_used() -> None:
