@@ -171,6 +171,20 @@ class IngestConfig(_Section):
                 "ingest.compositional_images is set but neither ingest.sugarcrepe_dir nor "
                 "ingest.sugarcrepe_pp_dir is: there is no compositional table for it to apply to"
             )
+        if benchmarks and self.source in ("mmeb", "jsonl") and self.eval_dir is None:
+            raise ValueError(
+                f"ingest.{benchmarks[0]} is set but ingest.eval_dir is not: the evaluate stage "
+                "scores SugarCrepe beside MMEB's eval table, and without one it does not run"
+            )
+        if (
+            len(benchmarks) == 2
+            and Path(self.sugarcrepe_dir or "").resolve()
+            == Path(self.sugarcrepe_pp_dir or "").resolve()
+        ):
+            raise ValueError(
+                "ingest.sugarcrepe_dir and ingest.sugarcrepe_pp_dir name one folder; each "
+                "benchmark ships its own (SugarCrepe's data/ and SugarCrepe++'s data/)"
+            )
         return self
 
     def _every_setting_applies(self) -> None:
@@ -355,7 +369,9 @@ class EvaluateConfig(_Section):
     template: Template = Field(
         "hierarchical", description="Prompt template of the eval inputs (set per table row)."
     )
-    max_queries: int | None = Field(None, ge=1, description="Cap per eval subset (None: all).")
+    max_queries: int | None = Field(
+        None, ge=1, description="Cap per eval subset and per SugarCrepe category (None: all)."
+    )
     image_mode: Literal["fixed", "eval", "native"] = Field(
         "eval",
         description="eval: aspect <= 2:1, long side <= 992, short side >= 336 (the paper); "

@@ -27,10 +27,16 @@ from tasks.stage import DatasetRef, Stage
 
 def ingested_tables(tables: Tables) -> list[DatasetRef]:
     rows = tables.rows
-    return [
+    refs = [
         DatasetRef("pairs", tables.pairs, tables.fingerprint, rows.get("pairs", 0), "train"),
         DatasetRef("eval", tables.eval, tables.fingerprint, rows.get("eval", 0), "eval"),
     ]
+    if tables.compositional_images is not None:
+        count = rows.get("compositional", 0)
+        refs.append(
+            DatasetRef("compositional", tables.compositional, tables.fingerprint, count, "eval")
+        )
+    return refs
 
 
 def scores(report: EvalReport) -> dict[str, float]:

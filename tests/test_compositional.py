@@ -218,6 +218,9 @@ def _config(world: Path, sc: Path | None, pp: Path | None, coco: Path, **kw: Any
         train_dir=world / "train",
         train_images=world / "train_images",
         train_subsets=["ShapeClass"],
+        eval_dir=world / "eval",
+        eval_images=world / "eval_images",
+        eval_subsets=["ShapeClass"],
         sugarcrepe_dir=sc,
         sugarcrepe_pp_dir=pp,
         compositional_images=coco,
@@ -281,6 +284,21 @@ BAD_ENTRIES = [
     (SUGARCREPE_PP, "replace_obj", 2, {"caption2": None}, "caption2 is missing"),
     (SUGARCREPE_PP, "swap_att", 1, {"caption2": "   "}, "caption2 is empty"),
     (SUGARCREPE_PP, "replace_att", 0, {"filename": ""}, "filename is empty"),
+    # One text, one vector: an exact tie MMEB's convention would count as correct.
+    (
+        SUGARCREPE,
+        "swap_att",
+        2,
+        {"negative_caption": "A photo number 2 for swap_att."},
+        "equals caption",
+    ),
+    (
+        SUGARCREPE_PP,
+        "swap_obj",
+        0,
+        {"negative_caption": "Number 0, photographed, for swap_obj."},
+        "equals caption2",
+    ),
 ]
 
 
@@ -318,20 +336,32 @@ def test_a_bad_entry_is_named_by_file_and_entry_and_nothing_is_published(
 
 
 @pytest.mark.parametrize(
-    ("content", "error"),
+    ("bench", "content", "error"),
     [
-        (b"{not json", "is not a JSON file"),
-        (b'"a string"', "found str"),
-        (b"[1, 2]", "not a JSON object"),
+        (SUGARCREPE, b"{not json", "is not a JSON file"),
+        (SUGARCREPE, b'"a string"', "holds a str"),
+        (SUGARCREPE, b'[{"filename": "000000000000.jpg"}]', "is it the other benchmark's file"),
+        (SUGARCREPE_PP, b'{"0": {"filename": "x.jpg"}}', "is it the other benchmark's file"),
+        (SUGARCREPE, b'{"0": {"caption": "a"}, "0": {"caption": "b"}}', "'0' appears twice"),
+        (SUGARCREPE_PP, b'[{"caption": "a", "caption": "b"}]', "'caption' appears twice"),
+        (SUGARCREPE_PP, b"[1, 2]", "not a JSON object"),
     ],
 )
 def test_a_file_that_is_not_the_layout_is_one_clear_error(
-    world_dir: Path, tmp_path: Path, content: bytes, error: str
+    world_dir: Path, tmp_path: Path, bench: str, content: bytes, error: str
 ) -> None:
     sc, pp, coco = write_fixture(tmp_path / "data")
-    (sc / "swap_obj.json").write_bytes(content)
+    ((sc if bench == SUGARCREPE else pp) / "swap_obj.json").write_bytes(content)
     with pytest.raises((SourceError, BadRowsError), match=error):
         _run(_config(world_dir, sc, pp, coco), tmp_path / "out")
+
+
+def test_a_byte_order_mark_is_read(world_dir: Path, tmp_path: Path) -> None:
+    sc, pp, coco = write_fixture(tmp_path / "data")
+    path = sc / "swap_obj.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    out = _run(_config(world_dir, sc, pp, coco), tmp_path / "out")
+    assert out.rows["compositional"] == 4 * 12
 
 
 def test_a_folder_without_the_benchmark_files_is_refused(world_dir: Path, tmp_path: Path) -> None:
@@ -465,7 +495,12 @@ def test_without_a_compositional_table_the_report_has_none(
 
 # ------------------------------------------------------------------ settings and fingerprint
 
-PAPER = ["ingest.train_dir=/d/train", "ingest.train_images=/d/img"]
+PAPER = [
+    "ingest.train_dir=/d/train",
+    "ingest.train_images=/d/img",
+    "ingest.eval_dir=/d/eval",
+    "ingest.eval_images=/d/eval_img",
+]
 
 
 @pytest.mark.parametrize(
@@ -474,6 +509,14 @@ PAPER = ["ingest.train_dir=/d/train", "ingest.train_images=/d/img"]
         (["ingest.sugarcrepe_dir=/d/sc"], "ingest.compositional_images is not"),
         (["ingest.sugarcrepe_pp_dir=/d/pp"], "ingest.compositional_images is not"),
         (["ingest.compositional_images=/d/coco"], "neither ingest.sugarcrepe_dir"),
+        (
+            [
+                "ingest.sugarcrepe_dir=/d/x",
+                "ingest.sugarcrepe_pp_dir=/d/x/",
+                "ingest.compositional_images=/c",
+            ],
+            "name one folder",
+        ),
     ],
 )
 def test_settings_that_cannot_apply_are_errors_naming_both_keys(
@@ -486,6 +529,10 @@ def test_settings_that_cannot_apply_are_errors_naming_both_keys(
     # The world has its own set: pointing it at SugarCrepe's files does nothing, so it is refused.
     with pytest.raises(ConfigError, match=r"sugarcrepe_dir does nothing with ingest.source=world"):
         load_config("tiny", overrides=["ingest.sugarcrepe_dir=/d/sc"])
+    # Scored by evaluate, beside an eval table: without one, nothing would score them.
+    no_eval = [*PAPER[:2], "ingest.sugarcrepe_dir=/d/sc", "ingest.compositional_images=/c"]
+    with pytest.raises(ConfigError, match=r"sugarcrepe_dir is set but ingest.eval_dir is not"):
+        load_config("qwen2vl-2b", overrides=no_eval)
 
 
 def test_off_by_default_in_the_paper_presets_on_in_the_world() -> None:
@@ -582,3 +629,20 @@ def test_the_table_shows_the_compositional_columns_only_with_a_compositional_tab
     assert any(line.startswith("SC: SugarCrepe image-to-text") for line in lines)
     plain = table_lines(rows[:1], [_report({})])
     assert "SC" not in plain[0].split() and not any(line.startswith("SC:") for line in plain)
+
+
+def test_a_world_without_its_compositional_set_gives_no_table(tmp_path: Path) -> None:
+    from embedder.config import WorldConfig
+    from embedder.datasets.ingest import resolve_sources
+    from embedder.outputs import World
+    from embedder.world import build_world
+    from tests.conftest import SMALL_WORLD
+
+    world = World(folder=tmp_path / "world")
+    build_world(WorldConfig(**{**SMALL_WORLD, "compositional_rows": 0}), world.folder)
+    assert not (world.folder / "compositional").exists()
+    resolved = resolve_sources(IngestConfig(), world)
+    assert (resolved.sugarcrepe_dir, resolved.compositional_images) == (None, None)
+    out = _run(resolved, tmp_path / "ingest")
+    assert out.compositional_images is None and not out.compositional.exists()
+    assert "compositional" not in out.rows

@@ -278,7 +278,11 @@ def test_full_tiny_pipeline_produces_the_six_row_table(tmp_path: Path) -> None:
         d.dataset.name: (d.dataset.profile, d.tags[0].value)
         for d in client.get_run(parent.info.run_id).inputs.dataset_inputs
     }
-    assert inputs == {"pairs": ('{"num_rows": 200}', "train"), "eval": (ANY, "eval")}
+    assert inputs == {
+        "pairs": ('{"num_rows": 200}', "train"),
+        "eval": (ANY, "eval"),
+        "compositional": ('{"num_rows": 36}', "eval"),  # the world's set: 12 categories x 3
+    }
     for png in ("bars-overall.png", "bars-classification.png", "loss.png"):
         assert (report_dir / png).stat().st_size > 0
     logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}

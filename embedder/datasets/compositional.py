@@ -6,8 +6,8 @@ Layouts (docs/method.md section 8), one JSON file per category in a benchmark's 
   {"filename", "caption", "negative_caption"};
 - SugarCrepe++: `<category>.json` for replace_att, replace_obj, replace_rel, swap_att,
   swap_obj; a list of {"id", "filename", "caption", "caption2", "negative_caption"}.
-`filename` is relative to one images root (COCO val2017 for both). Either top-level shape
-is read for either benchmark (an entry is named by its key, else its "id", else its index).
+`filename` is relative to one images root (COCO val2017 for both). An entry is named by its
+key (SugarCrepe) or its "id" (SugarCrepe++; else its position) in messages.
 
 Each entry becomes one row of COMPOSITIONAL_SCHEMA through ingest's rules: texts must be
 proper, non-empty strings; the image must stay inside the root, exist and decode; a bad
@@ -85,26 +85,31 @@ def read_json(
     """Chunks of up to `batch_rows` entries of one category file, in file order, with
     COLUMNS (`required` is accepted for ingest's reader signature; every field is read).
     A field an entry lacks is None (a row problem for the converter); an entry that is not
-    a JSON object is a row error.
+    a JSON object is a row error. A UTF-8 byte-order mark is allowed.
 
-    Raises SourceError (a UserError) for a file that is not JSON, or whose top level is
-    neither an object nor a list."""
+    Raises SourceError (a UserError) for a file that is not JSON, that repeats a key (JSON
+    readers keep the last one: an entry would vanish), or whose top level is not its
+    benchmark's layout (an object for SugarCrepe, a list for SugarCrepe++: the other
+    benchmark's folder given for this one)."""
     del required
     benchmark, category = _benchmark_of(source.subset)
     path = source.files[0]
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise sources.SourceError(f"{path} is not a JSON file: {exc}") from None
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, _RepeatedKeyError) as exc:
+        raise sources.SourceError(f"{path} is not a JSON file of its layout: {exc}") from None
+    layout = dict if benchmark == "sugarcrepe" else list
+    if not isinstance(data, layout):
+        raise sources.SourceError(
+            f"{path}: {TITLES[benchmark]}'s layout is a JSON "
+            f"{'object of entries' if layout is dict else 'list of entries'}, this file holds "
+            f"a {type(data).__name__}; is it the other benchmark's file? (ingest.sugarcrepe_dir "
+            "is SugarCrepe's data/ folder, ingest.sugarcrepe_pp_dir SugarCrepe++'s)"
+        )
     if isinstance(data, dict):
         entries = list(data.items())
-    elif isinstance(data, list):
-        entries = [(_entry_name(e, i), e) for i, e in enumerate(data)]
     else:
-        raise sources.SourceError(
-            f"{path}: expected a JSON object of entries (SugarCrepe) or a list of them "
-            f"(SugarCrepe++), found {type(data).__name__}"
-        )
+        entries = [(_entry_name(e, i), e) for i, e in enumerate(data)]
     for start in range(0, len(entries), batch_rows):
         part = entries[start : start + batch_rows]
         columns: dict[str, list[Any]] = {c: [] for c in COLUMNS}
@@ -128,9 +133,24 @@ def read_json(
         )
 
 
+class _RepeatedKeyError(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: an object, refused when it names a key twice."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKeyError(f"the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
 def _entry_name(entry: Any, index: int) -> str:
-    if isinstance(entry, dict) and isinstance(entry.get("id"), str | int):
-        return str(entry["id"])
+    ident = entry.get("id") if isinstance(entry, dict) else None
+    if isinstance(ident, str | int) and not isinstance(ident, bool):
+        return str(ident)
     return str(index)
 
 
@@ -162,6 +182,12 @@ def convert(
     path = row["filename"]
     if isinstance(path, str) and path and images.get(path):
         problems.append(f"filename: {images[path]}")
+    if not problems:
+        # One text, one vector: the scores tie exactly, which MMEB's convention would count
+        # as correct whatever the model.
+        same = [n for n in fields[1:-1] if row[n].strip() == row["negative_caption"].strip()]
+        if same:
+            problems.append(f"negative_caption equals {same[0]}: the row cannot be scored")
     if problems:
         return rid, None, "; ".join(problems)
     return (

@@ -560,9 +560,14 @@ def ingest(config: IngestConfig, world: World | None, out: Path) -> Tables:
             "ingest.on_bad_rows=skip to leave these rows out."
         )
     if empty and config.on_bad_rows == "error":
+        how = (
+            "Fix or remove their category files"
+            if all(e.startswith(f"{COMPOSITIONAL.name}:") for e in empty)
+            else "Remove them from the source (or list the others in ingest.train_subsets / "
+            "ingest.eval_subsets; a compositional category: fix or remove its file)"
+        )
         raise BadRowsError(
-            f"empty subset(s) {', '.join(empty)}: no usable rows. Remove them from the source "
-            "(or list the others in ingest.train_subsets / ingest.eval_subsets), or set "
+            f"empty subset(s) {', '.join(empty)}: no usable rows. {how}, or set "
             "ingest.on_bad_rows=skip to carry on without them."
         )
     for table, written in rows.items():
