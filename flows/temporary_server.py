@@ -30,6 +30,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 from filelock import FileLock, Timeout
 
 from flows.user_errors import BUSY_MACHINE, BusyMachine
@@ -130,6 +131,20 @@ def _healthy(api_url: str) -> bool:
         return False
 
 
+def _listens(proc: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether `proc` itself listens on `port`. Two runs (of any workdirs) may be handed one
+    free port at once; the first server to bind it answers both runs' health checks, and the
+    other run must not take it for its own (its server then fails to bind, and it tries
+    another port)."""
+    try:
+        connections = psutil.Process(proc.pid).net_connections(kind="tcp")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return any(
+        c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in connections
+    )
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM to the server's process group, SIGKILL after STOP_GRACE_S; also when
     interrupted while waiting."""
@@ -160,7 +175,7 @@ def _start_healthy(log_file: Path, timeout_s: float) -> tuple[subprocess.Popen[b
         logged = log_file.stat().st_size if log_file.exists() else 0
         proc = _start(port, log_file)
         try:
-            while not _healthy(api_url):
+            while not (_healthy(api_url) and _listens(proc, port)):
                 code = proc.poll()
                 if code is not None:
                     if code == STARTUP_FAILURE and _port_taken(port):

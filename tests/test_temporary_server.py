@@ -178,6 +178,38 @@ def test_runs_of_one_workdir_start_their_servers_one_at_a_time(
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), "starts overlapped"
 
 
+def test_a_health_answer_from_another_process_on_the_port_is_not_taken_for_ours(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs may be handed one free port at once: the other run's server, up first,
+    answers the health check on it. The run waits for its own server, which cannot bind the
+    port, and starts it on another."""
+    import http.server
+    import threading
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    taken = other.server_address[1]
+    ports = iter([taken])
+    real = temporary_server.free_port
+    monkeypatch.setattr(temporary_server, "free_port", lambda: next(ports, None) or real())
+    try:
+        with temporary_prefect_server(tmp_path / "prefect-server.log") as url:
+            assert f":{taken}/" not in url
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                assert response.status == 200
+    finally:
+        other.shutdown()
+
+
 def test_only_public_prefect_names_are_used() -> None:
     """No patching of Prefect internals, no private settings (PREFECT__...)."""
     source = Path(temporary_server.__file__).read_text()
