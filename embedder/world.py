@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
 from embedder.artifacts import json_text
+from embedder.compositional import CATEGORIES as BENCHMARK_CATEGORIES
 from embedder.config import WorldConfig
 from embedder.outputs import World
 
@@ -718,8 +719,6 @@ def _write_compositional(config: WorldConfig, out: Path) -> int:
     COCO val2017 stand-in). A category both benchmarks have shares its rows: the same image,
     caption and negative, SugarCrepe++ adding the second caption, as the real SugarCrepe++ was
     built from SugarCrepe's. Returns the number of images written."""
-    from embedder.compositional import CATEGORIES as BENCHMARK_CATEGORIES
-
     images = out / "images"
     images.mkdir(parents=True)
     files: dict[str, dict[str, Any]] = {b: {} for b in BENCHMARK_CATEGORIES}

@@ -418,19 +418,9 @@ def test_the_authors_prompts_character_for_character_and_as_documented() -> None
 
 def _world_tables(world_dir: Path, out: Path) -> Tables:
     root = world_dir / "compositional"
-    cfg = IngestConfig(
-        source="mmeb",
-        train_dir=world_dir / "train",
-        train_images=world_dir / "train_images",
-        eval_dir=world_dir / "eval",
-        eval_images=world_dir / "eval_images",
-        train_subsets=["ShapeClass"],
-        eval_subsets=["ShapeClass"],
-        sugarcrepe_dir=root / "sugarcrepe",
-        sugarcrepe_pp_dir=root / "sugarcrepe_pp",
-        compositional_images=root / "images",
+    return _run(
+        _config(world_dir, root / "sugarcrepe", root / "sugarcrepe_pp", root / "images"), out
     )
-    return _run(cfg, out)
 
 
 def test_evaluation_scores_each_row_from_its_own_vectors_embedding_shared_items_once(
